@@ -1,0 +1,45 @@
+"""Shared fixtures: the built-in preset models (loaded once) and the Hugging Face greedy oracle."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+from disagg_worker.models.loader import LoadedModel, load_model
+
+torch.set_num_threads(2)
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+_MODELS: dict[str, LoadedModel] = {}
+
+
+def get_model(name: str) -> LoadedModel:
+    if name not in _MODELS:
+        _MODELS[name] = load_model(name, device="cpu", dtype="float32")
+    return _MODELS[name]
+
+
+@pytest.fixture(scope="session")
+def llama() -> LoadedModel:
+    return get_model("tiny-llama")
+
+
+def hf_greedy(lm: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs: object) -> list[int]:
+    """The oracle: ``model.generate(do_sample=False)`` on one unpadded prompt, new tokens only."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def oracle() -> Callable[..., list[int]]:
+    return hf_greedy
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 1024, prefix: list[int] | None = None
+                   ) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [(prefix or []) + [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

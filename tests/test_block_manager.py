@@ -1,0 +1,239 @@
+"""Block manager and scheduler without a model: unit cases plus a hypothesis state machine.
+
+The invariants (no block freed twice, ref counts equal holders, free list consistent, cache index
+consistent, usage back to zero once everything ends) are checked after every single operation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from disagg_worker.engine.block_manager import BlockManager
+from disagg_worker.engine.prefix_hash import block_hashes, shared_prefix_blocks
+from disagg_worker.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from disagg_worker.engine.scheduler import Scheduler, SchedulerConfig
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int = 8, **kw: object) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), **kw)
+
+
+def test_allocate_and_free_return_usage_to_zero() -> None:
+    bm = BlockManager(8, 4)
+    r = make_request("a", list(range(10)))
+    assert bm.allocate_slots(r, 10)
+    assert len(r.block_ids) == 3 and bm.usage == pytest.approx(3 / 8)
+    bm.free(r)
+    assert bm.usage == 0 and bm.num_free_blocks == 8
+    bm.check_invariants([])
+
+
+def test_allocation_is_all_or_nothing() -> None:
+    bm = BlockManager(2, 4)
+    r = make_request("a", list(range(12)))
+    assert not bm.allocate_slots(r, 12)
+    assert r.block_ids == [] and bm.num_free_blocks == 2
+
+
+def test_double_free_is_detected() -> None:
+    bm = BlockManager(4, 4)
+    r = make_request("a", list(range(4)))
+    bm.allocate_slots(r, 4)
+    ids = list(r.block_ids)
+    bm.free(r)
+    r.block_ids = ids
+    with pytest.raises(AssertionError, match="freed twice"):
+        bm.free(r)
+
+
+def test_prefix_hit_reuses_full_blocks_and_never_the_last_token() -> None:
+    bm = BlockManager(16, 4)
+    a = make_request("a", list(range(12)))
+    bm.allocate_slots(a, 12)
+    a.num_computed_tokens = 12
+    bm.cache_full_blocks(a)
+    bm.free(a)
+    same = make_request("b", list(range(12)))
+    assert len(bm.find_cached_prefix(same)) == 2  # 11 reusable tokens -> 2 full blocks
+    longer = make_request("c", [*range(12), 99])
+    hits = bm.find_cached_prefix(longer)
+    assert len(hits) == 3
+    assert bm.allocate_slots(longer, 1, hits)
+    assert longer.block_ids[:3] == hits and bm.blocks[hits[0]].ref_count == 1
+    bm.check_invariants([longer])
+
+
+def test_hash_collision_is_caught_by_token_check() -> None:
+    bm = BlockManager(8, 4)
+    a = make_request("a", [1, 2, 3, 4, 5])
+    bm.allocate_slots(a, 5)
+    a.num_computed_tokens = 5
+    bm.cache_full_blocks(a)
+    bm.blocks[a.block_ids[0]].token_ids = (9, 9, 9, 9)  # simulate two token runs under one name
+    assert bm.find_cached_prefix(make_request("b", [1, 2, 3, 4, 5])) == []
+
+
+def test_lru_eviction_prefers_unhashed_then_oldest() -> None:
+    bm = BlockManager(4, 2)
+    a = make_request("a", [1, 2, 3, 4])
+    bm.allocate_slots(a, 4)
+    a.num_computed_tokens = 4
+    bm.cache_full_blocks(a)
+    bm.free(a)  # two cached blocks, two never-used blocks
+    b = make_request("b", [7, 8, 9, 10])
+    bm.allocate_slots(b, 4)  # takes the two unhashed blocks first: a's prefix survives
+    assert len(bm.find_cached_prefix(make_request("c", [1, 2, 3, 4, 5]))) == 2
+    c = make_request("d", [5, 6, 5, 6])
+    bm.allocate_slots(c, 2)  # now one cached block must be evicted (the tail of a, freed first)
+    assert bm.num_evictions == 1
+    bm.check_invariants([b, c])
+
+
+def test_router_side_prefix_overlap_matches_block_names() -> None:
+    tokens = list(range(40))
+    names = block_hashes(tokens, 16)
+    assert len(names) == 2
+    assert shared_prefix_blocks(block_hashes(tokens[:16] + [0] * 16, 16), set(names)) == 1
+    assert shared_prefix_blocks(names, set()) == 0
+
+
+def test_scheduler_respects_budget_and_chunks_long_prompts() -> None:
+    bm = BlockManager(64, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10, max_model_len=100), bm)
+    s.add_request(make_request("a", list(range(25))))
+    s.add_request(make_request("b", list(range(3))))
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 10)]
+    assert not out.scheduled[0].samples
+    s.update_from_output(out, {})
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 10)]
+
+
+def test_preemption_frees_the_newest_low_priority_request() -> None:
+    bm = BlockManager(4, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), bm)
+    a = make_request("a", list(range(7)), max_tokens=20)
+    b = make_request("b", list(range(7)), max_tokens=20, priority=1)
+    s.add_request(a)
+    s.add_request(b)
+    out = s.schedule()
+    s.update_from_output(out, {"a": 1, "b": 1})
+    preempted: list[Request] = []
+    for _ in range(6):
+        out = s.schedule()
+        preempted += out.preempted
+        for r in out.preempted:
+            assert r.status is RequestStatus.WAITING and r.block_ids == []
+        s.update_from_output(out, {x.request.request_id: 1 for x in out.scheduled if x.samples})
+        bm.check_invariants(s.live_requests())
+    assert preempted and all(r is b for r in preempted)
+    assert a.num_preemptions == 0
+
+
+def test_finish_and_held_kv_release() -> None:
+    bm = BlockManager(8, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), bm)
+    r = make_request("p", list(range(9)), max_tokens=1, hold_kv_on_finish=True)
+    s.add_request(r)
+    out = s.schedule()
+    finished = s.update_from_output(out, {"p": 5})
+    assert finished == [r] and r.finish_reason is FinishReason.LENGTH
+    assert "p" in s.held and bm.usage > 0
+    s.release_held("p")
+    assert bm.usage == 0
+
+
+VOCAB = [1, 2, 3]  # a tiny alphabet makes shared prefixes (and cache hits) common
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random adds, steps, aborts, imports and releases against the real scheduler and block manager."""
+
+    @initialize(num_blocks=st.integers(4, 40), block_size=st.sampled_from([1, 2, 4]),
+                budget=st.integers(1, 24), max_seqs=st.integers(1, 6), seed=st.integers(0, 1000))
+    def setup(self, num_blocks: int, block_size: int, budget: int, max_seqs: int, seed: int) -> None:
+        self.bm = BlockManager(num_blocks, block_size)
+        self.s = Scheduler(SchedulerConfig(max_seqs, budget, max_model_len=10_000), self.bm)
+        self.rng = random.Random(seed)
+        self.requests: dict[str, Request] = {}
+        self.n = 0
+
+    def _new(self, hold: bool = False) -> Request | None:
+        prompt_len = self.rng.randint(1, 12)
+        max_tokens = self.rng.randint(1, 8)
+        if self.bm.blocks_for_tokens(prompt_len + max_tokens - 1) > self.bm.num_blocks:
+            return None  # the engine refuses such a request up front
+        self.n += 1
+        r = make_request(f"r{self.n}", [self.rng.choice(VOCAB) for _ in range(prompt_len)], max_tokens,
+                         priority=self.rng.choice([0, 1]), hold_kv_on_finish=hold)
+        self.requests[r.request_id] = r
+        return r
+
+    @rule(hold=st.booleans())
+    def add(self, hold: bool) -> None:
+        r = self._new(hold)
+        if r is not None:
+            self.s.add_request(r)
+
+    @rule()
+    def step(self) -> None:
+        out = self.s.schedule()
+        assert out.num_batched_tokens <= self.s.config.max_num_batched_tokens
+        assert self.s.num_running <= self.s.config.max_num_seqs
+        for x in out.scheduled:
+            assert len(x.request.block_ids) * self.bm.block_size >= x.start + x.num_new_tokens
+        for r in out.preempted:
+            assert r.block_ids == [] and r.num_computed_tokens == 0
+        self.s.update_from_output(out, {x.request.request_id: self.rng.choice(VOCAB)
+                                        for x in out.scheduled if x.samples})
+
+    @precondition(lambda self: any(not r.is_finished for r in self.requests.values()))
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        live = sorted(rid for rid, r in self.requests.items() if not r.is_finished)
+        self.s.finish(self.requests[data.draw(st.sampled_from(live))], FinishReason.ABORT)
+
+    @rule(commit=st.booleans())
+    def remote_prefill(self, commit: bool) -> None:
+        r = self._new()
+        if r is None:
+            return
+        if self.s.reserve_for_import(r) is None:
+            self.s.add_request(r)  # no room for an import now: the decode worker prefills locally
+            return
+        if commit:
+            self.s.commit_import(r.request_id, self.rng.choice(VOCAB))
+        else:
+            self.s.fallback_to_local(r.request_id)
+
+    @precondition(lambda self: bool(self.s.held))
+    @rule()
+    def release(self) -> None:
+        self.s.release_held(next(iter(self.s.held)))
+
+    @invariant()
+    def blocks_are_consistent(self) -> None:
+        if hasattr(self, "bm"):
+            self.bm.check_invariants(self.s.live_requests())
+
+    def teardown(self) -> None:
+        if not hasattr(self, "bm"):
+            return
+        for _ in range(10_000):  # drain: everything must finish (no livelock), then usage is zero
+            for rid in list(self.s.held):  # the prefill server releases held KV after export
+                self.s.release_held(rid)
+            if not self.s.has_work():
+                break
+            self.step()
+        assert not self.s.has_work(), "requests left unfinished"
+        self.bm.check_invariants([])
+        assert self.bm.usage == 0 and self.bm.num_free_blocks == self.bm.num_blocks
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

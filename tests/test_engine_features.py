@@ -1,0 +1,192 @@
+"""Engine behaviour beyond greedy equality: stops, sampling, detokenization, bad input, abort, KV moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from disagg_worker.engine.detokenizer import IncrementalDetokenizer
+from disagg_worker.engine.engine import EngineConfig, LLMEngine
+from disagg_worker.engine.request import InvalidRequestError, SamplingParams
+from disagg_worker.engine.sampler import apply_temperature_top_k_top_p
+from disagg_worker.models.loader import LoadedModel
+
+from tests.conftest import hf_greedy, random_prompts
+
+
+@pytest.fixture
+def engine(llama: LoadedModel) -> LLMEngine:
+    return LLMEngine(EngineConfig(num_kv_blocks=256, max_model_len=512), llama)
+
+
+def drain(engine: LLMEngine) -> list:
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    return outs
+
+
+def test_streamed_text_equals_decode_of_tokens(engine: LLMEngine) -> None:
+    prompt = engine.tokenizer("The router picks a decode worker")["input_ids"]
+    engine.add_request("a", prompt, {"max_tokens": 40, "temperature": 0})
+    outs = [o for o in drain(engine) if o.request_id == "a"]
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert "".join(o.new_text for o in outs) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 40
+
+
+def test_stop_string_cuts_text_and_never_leaks_a_partial_stop(engine: LLMEngine, llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 20, 20, 4)[0]
+    full = engine.tokenizer.decode(hf_greedy(llama, prompt, 30), skip_special_tokens=True)
+    stop = full[12:16]
+    engine.add_request("s", prompt, {"max_tokens": 30, "temperature": 0, "stop": [stop, "never-seen"]})
+    outs = drain(engine)
+    text = "".join(o.new_text for o in outs)
+    assert text == full[:full.index(stop)]
+    assert outs[-1].finish_reason == "stop"
+    for i in range(1, len(outs)):  # no streamed prefix ever contains the stop string's start
+        assert stop not in "".join(o.new_text for o in outs[:i])
+
+
+def test_stop_token_ids_stop_after_emitting_the_token(engine: LLMEngine, llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 15, 15, 6)[0]
+    ref = hf_greedy(llama, prompt, 20)
+    engine.add_request("t", prompt, {"max_tokens": 20, "temperature": 0, "stop_token_ids": [ref[3]]})
+    tokens = [t for o in drain(engine) for t in o.new_token_ids]
+    assert tokens == ref[:ref.index(ref[3]) + 1]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 12, 12, 2)[0]
+    params = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 1234}
+
+    def sample(others: int) -> list[int]:
+        engine = LLMEngine(EngineConfig(num_kv_blocks=256), llama)
+        engine.add_request("x", prompt, params)
+        for i in range(others):
+            engine.add_request(f"o{i}", random_prompts(1, 5, 40, i)[0], {"max_tokens": 10, "temperature": 1.0})
+        return [t for o in drain(engine) if o.request_id == "x" for t in o.new_token_ids]
+
+    first = sample(0)
+    assert first == sample(5)
+    assert first != hf_greedy(llama, prompt, 16)  # sampling really happened
+
+
+def test_top_k_one_is_greedy(engine: LLMEngine, llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 10, 10, 8)[0]
+    engine.add_request("k", prompt, {"max_tokens": 12, "temperature": 1.5, "top_k": 1})
+    assert [t for o in drain(engine) for t in o.new_token_ids] == hf_greedy(llama, prompt, 12)
+
+
+def test_top_p_keeps_the_nucleus_only() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = apply_temperature_top_k_top_p(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize(("prompt", "params", "match"), [
+    ([], {"max_tokens": 4}, "prompt is empty"),
+    ([5] * 600, {"max_tokens": 4}, "maximum context length is 512"),
+    ([5] * 500, {"max_tokens": 100}, "asks for 600"),
+    ([5, 99999], {"max_tokens": 4}, "outside the vocabulary"),
+    ([5], {"max_tokens": 0}, "max_tokens"),
+    ([5], {"max_tokens": -3}, "max_tokens"),
+    ([5], {"temperature": -1}, "temperature"),
+    ([5], {"top_p": 1.5}, "top_p"),
+    ([5], {"top_k": -2}, "top_k"),
+    ([5], {"frobnicate": 1}, "frobnicate"),
+    ([5], {"stop": [""]}, "stop strings must not be empty"),
+])
+def test_bad_input_is_a_clear_error_for_that_request_only(engine: LLMEngine, prompt: list[int], params: dict,
+                                                           match: str) -> None:
+    engine.add_request("good", [5, 6, 7], {"max_tokens": 5, "temperature": 0})
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.add_request("bad", prompt, params)
+    outs = drain(engine)
+    assert [o.request_id for o in outs if o.finished] == ["good"]
+
+
+def test_request_larger_than_the_pool_is_refused_up_front(llama: LoadedModel) -> None:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=4), llama)
+    with pytest.raises(InvalidRequestError, match="KV blocks"):
+        engine.add_request("big", [5] * 30, {"max_tokens": 4})
+
+
+def test_duplicate_request_id_is_refused(engine: LLMEngine) -> None:
+    engine.add_request("dup", [5, 6], {"max_tokens": 3})
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("dup", [5, 6], {"max_tokens": 3})
+
+
+def test_abort_frees_blocks_and_ends_the_stream(engine: LLMEngine) -> None:
+    engine.add_request("a", [5] * 40, {"max_tokens": 50, "temperature": 0})
+    engine.add_request("b", [6] * 40, {"max_tokens": 5, "temperature": 0})
+    engine.step()
+    assert engine.abort("a")
+    outs = drain(engine)
+    aborted = [o for o in outs if o.request_id == "a"]
+    assert aborted and aborted[-1].finished and aborted[-1].finish_reason == "abort"
+    assert [o for o in outs if o.request_id == "b"][-1].finish_reason == "length"
+    assert engine.block_manager.usage == 0
+
+
+def test_failed_step_fails_its_requests_not_the_engine(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.add_request("x", [5, 6, 7], {"max_tokens": 3, "temperature": 0})
+    original = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("boom")))
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason == "error" and "boom" in out.error
+    monkeypatch.setattr(engine.runner, "execute", original)
+    engine.add_request("y", [5, 6, 7], {"max_tokens": 3, "temperature": 0})
+    assert drain(engine)[-1].finish_reason == "length"
+    assert engine.block_manager.usage == 0
+
+
+def test_detokenizer_handles_multibyte_characters(llama: LoadedModel) -> None:
+    tok = llama.tokenizer
+    text = "Grüße, 東京 — ok"
+    ids = tok(text)["input_ids"]
+    detok = IncrementalDetokenizer(tok, [5, 6])
+    for t in ids:
+        detok.add_token(t)
+    assert detok.take_new_text(finished=True) == text
+
+
+@pytest.mark.parametrize("cached_blocks", [0, 2])
+def test_kv_export_import_continues_exactly(llama: LoadedModel, cached_blocks: int) -> None:
+    """Prefill in one engine, move the KV blocks, decode in another: equal to HF generate."""
+    prompt = random_prompts(1, 70, 70, 31)[0]
+    prefill = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    if cached_blocks:  # the decode side already holds part of the prompt
+        decode.generate([prompt[:cached_blocks * 16 + 3]], {"max_tokens": 1, "temperature": 0})
+    params = {"max_tokens": 20, "temperature": 0}
+    cached = decode.reserve_for_import("r", prompt, params)
+    assert cached == cached_blocks * 16
+    prefill.add_request("r", prompt, {**params, "max_tokens": 1}, hold_kv=True)
+    first = [t for o in drain(prefill) for t in o.new_token_ids]
+    k, v = prefill.export_kv("r", first_block=cached // 16)
+    prefill.release("r")
+    assert prefill.block_manager.usage == 0
+    decode.import_kv("r", cached // 16, k, v)
+    out = decode.commit_import("r", first[0])
+    tokens = out.new_token_ids + [t for o in drain(decode) for t in o.new_token_ids]
+    assert tokens == hf_greedy(llama, prompt, 20)
+    assert decode.block_manager.usage == 0
+
+
+def test_import_fallback_prefills_locally(llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 50, 50, 12)[0]
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    assert decode.reserve_for_import("r", prompt, {"max_tokens": 10, "temperature": 0}) == 0
+    decode.fallback_to_local("r")
+    tokens = [t for o in drain(decode) for t in o.new_token_ids]
+    assert tokens == hf_greedy(llama, prompt, 10)
+
+
+def test_import_rejects_misshapen_kv(llama: LoadedModel) -> None:
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    decode.reserve_for_import("r", [5] * 40, {"max_tokens": 4})
+    with pytest.raises(ValueError, match="does not fit"):
+        decode.import_kv("r", 0, torch.zeros(4, 3, 16, 2, 31), torch.zeros(4, 3, 16, 2, 31))
+    with pytest.raises(ValueError, match="outside the importable range"):
+        decode.import_kv("r", 2, torch.zeros(4, 3, 16, 2, 32), torch.zeros(4, 3, 16, 2, 32))

@@ -1,0 +1,173 @@
+"""Run an ``LLMEngine`` on its own thread and expose it to asyncio servers.
+
+The engine stays single-threaded: every mutation (add, abort, KV import/export) is a command queued
+to the engine thread and run between steps. Outputs are handed back to the event loop once per
+step. A request's stream always ends: with a finished output, an error output, or an abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from disagg_worker.engine.engine import LLMEngine, RequestOutput
+from disagg_worker.engine.request import PRIORITY_HIGH, SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine thread is not running; the request was not taken."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.started_at = time.monotonic()
+        self.on_step: Callable[[list[RequestOutput], float], None] | None = None  # metrics hook (engine thread)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        for rid, q in list(self._streams.items()):
+            q.put_nowait(RequestOutput(rid, [], "", True, "error", error="the engine stopped"))
+        self._streams.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._run_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception:  # the engine itself fails requests it cannot run; this is a last resort
+                log.exception("engine step raised")
+                outputs = []
+            if self.on_step is not None:
+                try:
+                    self.on_step(outputs, time.perf_counter() - t0)
+                except Exception:
+                    log.exception("on_step hook failed")
+            if outputs:
+                self._deliver(outputs)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+
+    # ---- commands --------------------------------------------------------------------------
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between steps and return its result (or raise its error)."""
+        if not self.running:
+            raise EngineStoppedError("the engine is not running")
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        loop = self._loop
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(run)
+        self._wake.set()
+        return await fut
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict[str, Any],
+                       priority: int = PRIORITY_HIGH) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes; leaving early aborts it.
+
+        Raises ``InvalidRequestError`` before yielding anything if the request can never be served.
+        """
+        q = self.open_stream(request_id)
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, priority))
+        except BaseException:
+            self.close_stream(request_id)
+            raise
+        async for out in self.stream(request_id, q):
+            yield out
+
+    async def stream(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Yield a request's outputs from its queue until it finishes; abort it if the consumer leaves."""
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self.close_stream(request_id)
+            if not finished and self.running:
+                self._commands.put(lambda: self.engine.abort(request_id))
+                self._wake.set()
+
+    def busy_fraction(self, window_start_busy: float, window_start: float) -> float:
+        elapsed = time.monotonic() - window_start
+        return 0.0 if elapsed <= 0 else min(1.0, (self.engine.busy_seconds - window_start_busy) / elapsed)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,43 @@
+"""Optional compiled CPU kernels, built on first use with torch's C++ extension loader.
+
+If a compiler or ninja is missing, or ``DISAGG_CPU_KERNELS=0``, the engine runs the pure-torch path;
+both paths are tested against Hugging Face ``generate``. The build is cached per machine (under
+``TORCH_EXTENSIONS_DIR``) and guarded by torch's file lock, so concurrent workers build it once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffast-math"]
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("DISAGG_CPU_KERNELS", "1") not in ("0", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def load_cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None when it cannot be built here (the torch path is used then)."""
+    if not kernels_enabled():
+        return None
+    if shutil.which("ninja") is None:
+        # pip installs ninja's binary next to the interpreter; make it findable for the loader
+        import sys
+
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="disagg_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+    except Exception as exc:  # no compiler, no ninja, unsupported flags: fall back, loudly once
+        log.warning("CPU attention kernel unavailable (%s); using the torch path", exc)
+        return None

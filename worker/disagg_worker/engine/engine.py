@@ -1,0 +1,339 @@
+"""LLMEngine: the glue of scheduler, block manager, model runner, sampler and detokenizer.
+
+A step is schedule -> run -> postprocess. The engine is single-threaded and synchronous; servers
+drive it from one thread (see ``async_engine``). It also exposes what disaggregation needs: export the
+KV of a finished prefill, reserve blocks and import KV on the decode side, then continue decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from disagg_worker.engine.block_manager import BlockManager
+from disagg_worker.engine.detokenizer import IncrementalDetokenizer
+from disagg_worker.engine.model_runner import ModelRunner, kv_layout
+from disagg_worker.engine.request import (
+    PRIORITY_HIGH,
+    FinishReason,
+    InvalidRequestError,
+    Request,
+    RequestStatus,
+    SamplingParams,
+)
+from disagg_worker.engine.sampler import Sampler
+from disagg_worker.engine.scheduler import Scheduler, SchedulerConfig
+from disagg_worker.models.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 256 << 20
+CUDA_KV_FRACTION = 0.7
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # preset name, local HF dir, or cached hub id
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # wins over kv_cache_bytes
+    kv_cache_bytes: int | None = None  # default: 256 MiB on CPU, 70% of free memory on CUDA
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    cpu_kernels: bool = True  # compiled paged-attention kernel on CPU (falls back to torch if unbuildable)
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced since its previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_awaiting_kv: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_hit_ratio: float
+    num_preemptions: int
+    busy_seconds: float
+    steps: int
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detok: IncrementalDetokenizer | None
+    num_emitted: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype)
+        self.tokenizer = self.loaded.tokenizer
+        self.vocab_size = int(self.loaded.config.vocab_size)
+        self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
+        self.eos_token_ids = frozenset(self.loaded.eos_token_ids)
+        layout = kv_layout(self.loaded.model, config.block_size)
+        self.num_blocks = self._pool_blocks(layout.bytes_per_block)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.loaded.model, self.num_blocks, config.block_size, config.cpu_kernels)
+        self.sampler = Sampler(self.loaded.device)
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self.busy_seconds = 0.0
+        self.steps = 0
+        self.last_step_seconds = 0.0
+
+    def _pool_blocks(self, bytes_per_block: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            blocks = cfg.num_kv_blocks
+        else:
+            budget = cfg.kv_cache_bytes
+            if budget is None:
+                if self.loaded.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.loaded.device)
+                    budget = int(free * CUDA_KV_FRACTION)
+                else:
+                    budget = DEFAULT_CPU_KV_BYTES
+            blocks = budget // bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"KV pool too small: {bytes_per_block} bytes per block, got room for {blocks}")
+        return blocks
+
+    # ---- admission -------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty: it must contain at least one token")
+        bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; this model's maximum context length is {self.max_model_len} tokens")
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{n + params.max_tokens} ({n} in the prompt + {params.max_tokens} max_tokens)")
+        bad_stop = [t for t in params.stop_token_ids if not (0 <= t < self.vocab_size)]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids: {bad_stop[0]} is outside the vocabulary")
+        need = self.block_manager.blocks_for_tokens(n + params.max_tokens - 1)
+        if need > self.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs up to {need} KV blocks but this worker's pool holds {self.num_blocks}")
+
+    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
+                      priority: int, hold_kv: bool) -> Request:
+        if request_id in self._tracked:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(params, dict):
+            params = SamplingParams.parse(**params)
+        prompt = [int(t) for t in prompt_token_ids]
+        self.validate(prompt, params)
+        req = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids, priority=priority,
+                      hold_kv_on_finish=hold_kv)
+        detok = (IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None
+                 else None)
+        self._tracked[request_id] = _Tracked(req, detok)
+        return req
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
+                    priority: int = PRIORITY_HIGH, hold_kv: bool = False) -> Request:
+        """Queue a request. ``hold_kv`` keeps its blocks after it finishes (for KV export)."""
+        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv)
+        self.scheduler.add_request(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return False
+        req = tracked.request
+        if req.status is RequestStatus.FINISHED:
+            self.release(request_id)
+            return True
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self._pending_outputs.append(self._output(tracked, error=None))
+        self._forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending_outputs)
+
+    def get_request(self, request_id: str) -> Request | None:
+        tracked = self._tracked.get(request_id)
+        return tracked.request if tracked else None
+
+    # ---- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        t0 = time.perf_counter()
+        sampling = [s.request for s in sched.scheduled if s.samples]
+        try:
+            logits = self.runner.execute(sched)
+            tokens = self.sampler.sample(logits, sampling)
+        except Exception as exc:  # a failed forward fails this batch's requests, not the engine
+            log.exception("engine step failed; failing %d requests", len(sched.scheduled))
+            for s in sched.scheduled:
+                outputs.append(self._fail(s.request, f"engine step failed: {exc}"))
+            return outputs
+        finally:
+            self.last_step_seconds = time.perf_counter() - t0
+            self.busy_seconds += self.last_step_seconds
+            self.steps += 1
+        self.scheduler.update_from_output(sched, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+        for req in sampling:
+            outputs.append(self._postprocess(req))
+        return outputs
+
+    def _postprocess(self, req: Request) -> RequestOutput:
+        tracked = self._tracked[req.request_id]
+        if tracked.detok is not None and tracked.detok.add_token(req.output_token_ids[-1]):
+            self.scheduler.finish(req, FinishReason.STOP)
+        out = self._output(tracked)
+        if req.is_finished and req.request_id not in self.scheduler.held:
+            self._forget(req.request_id)
+        return out
+
+    def _output(self, tracked: _Tracked, error: str | None = None) -> RequestOutput:
+        req = tracked.request
+        new_ids = req.output_token_ids[tracked.num_emitted:]
+        tracked.num_emitted = len(req.output_token_ids)
+        text = tracked.detok.take_new_text(req.is_finished) if tracked.detok is not None else ""
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            new_text=text,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=req.num_output_tokens,
+            error=error,
+        )
+
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        self.scheduler.finish(req, FinishReason.ERROR)
+        out = self._output(self._tracked[req.request_id], error=message)
+        self._forget(req.request_id)
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self._tracked.pop(request_id, None)
+        self.sampler.forget(request_id)
+
+    # ---- offline convenience ---------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | dict | list[SamplingParams]
+                 ) -> list[Request]:
+        """Run ``prompts`` to completion through continuous batching; returns the finished requests."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.add_request(f"gen-{time.monotonic_ns()}-{i}", p, sp)
+                for i, (p, sp) in enumerate(zip(prompts, plist, strict=True))]
+        while self.has_unfinished():
+            self.step()
+        return reqs
+
+    # ---- disaggregation: prefill side ------------------------------------------------------
+    def held_blocks(self, request_id: str) -> list[int]:
+        req = self.scheduler.held[request_id]
+        return req.block_ids
+
+    def export_kv(self, request_id: str, first_block: int, num_blocks: int | None = None,
+                  layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of a finished, held request's blocks ``[first_block, first_block + num_blocks)``."""
+        req = self.scheduler.held.get(request_id)
+        if req is None:
+            raise KeyError(f"request {request_id!r} holds no exportable KV")
+        prompt_blocks = self.block_manager.blocks_for_tokens(req.num_prompt_tokens)
+        end = prompt_blocks if num_blocks is None else min(prompt_blocks, first_block + num_blocks)
+        return self.runner.kv.export_blocks(req.block_ids[first_block:end], layers)
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (after export, or when the export is abandoned)."""
+        self.scheduler.release_held(request_id)
+        self._forget(request_id)
+
+    # ---- disaggregation: decode side -------------------------------------------------------
+    def reserve_for_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
+                           priority: int = PRIORITY_HIGH) -> int | None:
+        """Validate and reserve blocks for a remotely prefilled request.
+
+        Returns how many leading prompt tokens are already cached here (import starts at that block),
+        or None if the pool is too full right now (the caller then prefills locally).
+        """
+        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv=False)
+        cached = self.scheduler.reserve_for_import(req)
+        if cached is None:
+            self._forget(request_id)
+        return cached
+
+    def import_kv(self, request_id: str, first_block: int, k: torch.Tensor, v: torch.Tensor,
+                  layer_start: int = 0) -> None:
+        """Install K/V ``[layers, n, block_size, kv_heads, head_dim]`` at the request's blocks from ``first_block``."""
+        req = self.scheduler.awaiting_kv[request_id]
+        n = k.shape[1]
+        prompt_blocks = self.block_manager.blocks_for_tokens(req.num_prompt_tokens)
+        if first_block * self.config.block_size < req.num_cached_tokens or first_block + n > prompt_blocks:
+            raise ValueError(f"blocks {first_block}..{first_block + n} are outside the importable range of "
+                             f"request {request_id!r}")
+        self.runner.kv.import_blocks(req.block_ids[first_block:first_block + n], k, v, layer_start)
+
+    def commit_import(self, request_id: str, first_token: int) -> RequestOutput:
+        """All KV installed: continue decoding from the remotely sampled first token."""
+        if not (0 <= first_token < self.vocab_size):
+            raise ValueError(f"first token {first_token} is outside the vocabulary")
+        req = self.scheduler.commit_import(request_id, first_token)
+        return self._postprocess(req)
+
+    def fallback_to_local(self, request_id: str) -> None:
+        """Give up on an import: the request is prefilled locally instead (nothing is lost)."""
+        if request_id in self.scheduler.awaiting_kv:
+            self.scheduler.fallback_to_local(request_id)
+
+    # ---- observability ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_awaiting_kv=len(self.scheduler.awaiting_kv),
+            kv_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            prefix_hit_ratio=bm.prefix_hit_ratio,
+            num_preemptions=self.scheduler.num_preemptions,
+            busy_seconds=self.busy_seconds,
+            steps=self.steps,
+        )

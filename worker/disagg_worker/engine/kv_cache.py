@@ -1,0 +1,70 @@
+"""The preallocated paged KV pool: one K and one V tensor of fixed-size blocks for every layer.
+
+Shape ``[layers, blocks, block_size, kv_heads, head_dim]``; a token's slot is
+``block_id * block_size + offset``. Export/import move whole blocks, which is what KV transfer ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def blocks_for_bytes(self, num_bytes: int) -> int:
+        return num_bytes // self.bytes_per_block
+
+
+class PagedKVCache:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        shape = (layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``[slots, kv_heads, head_dim]`` views of one layer (writes go through to the pool)."""
+        kvh, hd = self.layout.num_kv_heads, self.layout.head_dim
+        return self.k[layer].view(-1, kvh, hd), self.v[layer].view(-1, kvh, hd)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_flat, v_flat = self.layer_slots(layer)
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
+
+    def export_blocks(self, block_ids: list[int], layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V for ``block_ids``: ``[layers, len(block_ids), block_size, kv_heads, head_dim]``."""
+        layers = layers or range(self.layout.num_layers)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        sl = slice(layers.start, layers.stop)
+        return self.k[sl].index_select(1, idx), self.v[sl].index_select(1, idx)
+
+    def import_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor, layer_start: int = 0) -> None:
+        """Write K/V ``[layers, len(block_ids), block_size, kv_heads, head_dim]`` into ``block_ids``."""
+        expected = (len(block_ids), self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim)
+        if tuple(k.shape[1:]) != expected or k.shape != v.shape:
+            raise ValueError(f"KV chunk shape {tuple(k.shape)} does not fit blocks of shape {expected}")
+        if layer_start < 0 or layer_start + k.shape[0] > self.layout.num_layers:
+            raise ValueError(f"layers {layer_start}..{layer_start + k.shape[0]} out of range")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        sl = slice(layer_start, layer_start + k.shape[0])
+        self.k[sl].index_copy_(1, idx, k.to(device=self.k.device, dtype=self.k.dtype))
+        self.v[sl].index_copy_(1, idx, v.to(device=self.v.device, dtype=self.v.dtype))

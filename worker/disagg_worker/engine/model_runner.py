@@ -1,0 +1,132 @@
+"""The only engine code that touches model tensors: one forward pass over a step's flattened batch.
+
+It drives the Hugging Face model's own modules (embeddings, RMSNorm, projections, rotary embedding,
+MLP, LM head) layer by layer, replacing only attention with paged attention over ``PagedKVCache``.
+That keeps the arithmetic of every other op identical to ``transformers`` while letting one step mix
+prefill chunks and decode tokens of many requests without padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from disagg_worker.engine.attention import AttentionPlan, DecodeGroup, PrefillChunk, group_decodes, paged_attention
+from disagg_worker.engine.cpu_kernels import load_cpu_kernels
+from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
+from disagg_worker.engine.scheduler import SchedulerOutput
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Sliding-window size of each layer (None = full attention), as transformers defines it."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types[:n]]
+    return [window] * n
+
+
+def kv_layout(model: Any, block_size: int) -> KVLayout:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return KVLayout(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, head_dim, model.dtype)
+
+
+class ModelRunner:
+    def __init__(self, model: Any, num_blocks: int, block_size: int, use_cpu_kernels: bool = True) -> None:
+        self.model = model
+        self.device = model.device
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        cfg = model.config
+        self.layout = kv_layout(model, block_size)
+        self.num_heads = cfg.num_attention_heads
+        self.windows = layer_windows(cfg)
+        self.block_size = block_size
+        self.kv = PagedKVCache(self.layout, num_blocks, self.device)
+        self.kernel = load_cpu_kernels() if self.device.type == "cpu" and use_cpu_kernels else None
+
+    # ---- step inputs -----------------------------------------------------------------------
+    def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           AttentionPlan, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[int] = []
+        decode_tables: list[list[int]] = []
+        prefills: list[PrefillChunk] = []
+        dev = self.device
+        for s in out.scheduled:
+            req, start, n = s.request, s.start, s.num_new_tokens
+            row = len(ids)
+            ids.extend(req.all_token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = req.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            ctx = start + n
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_ctx.append(ctx)
+                decode_tables.append(table[: -(-ctx // bs)])
+            else:
+                blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
+                prefills.append(PrefillChunk(row, n, blocks, start, ctx))
+            if s.samples:
+                logits_rows.append(row + n - 1)
+
+        groups = []
+        for members in group_decodes(decode_ctx, single=self.kernel is not None):
+            width = max(len(decode_tables[i]) for i in members)
+            table = [decode_tables[i] + [0] * (width - len(decode_tables[i])) for i in members]
+            groups.append(DecodeGroup(
+                token_index=torch.tensor([decode_rows[i] for i in members], dtype=torch.long, device=dev),
+                block_table=torch.tensor(table, dtype=torch.long, device=dev),
+                context_lens=torch.tensor([decode_ctx[i] for i in members], dtype=torch.long, device=dev),
+                max_context=max(decode_ctx[i] for i in members),
+            ))
+        plan = AttentionPlan(groups, prefills, bs, self.kernel)
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                torch.tensor(slots, dtype=torch.long, device=dev), plan, logits_rows)
+
+    # ---- the forward pass ------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run the step; returns fp32 logits ``[num sampling requests, vocab]`` in scheduled order."""
+        ids, positions, slots, plan, logits_rows = self._build_inputs(out)
+        t = ids.shape[0]
+        kvh, hd = self.layout.num_kv_heads, self.layout.head_dim
+        hidden = self.inner.embed_tokens(ids)  # [T, H]
+        cos, sin = self.inner.rotary_emb(hidden, positions[None])
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(t, self.num_heads, hd)
+            k = attn.k_proj(x).view(t, kvh, hd)
+            v = attn.v_proj(x).view(t, kvh, hd)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.kv.write(li, slots, k, v)
+            k_slots, v_slots = self.kv.layer_slots(li)
+            o = paged_attention(q, k_slots, v_slots, plan, attn.scaling, self.windows[li])
+            hidden = residual + attn.o_proj(o.reshape(t, self.num_heads * hd))
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        if not logits_rows:
+            return torch.empty(0, self.model.config.vocab_size)
+        last = self.inner.norm(hidden[torch.tensor(logits_rows, device=self.device)])
+        return self.model.lm_head(last).float()

@@ -1,0 +1,140 @@
+"""Request state and sampling parameters: what the scheduler, block manager and engine share.
+
+No tensors here. A ``Request`` is the single source of truth for one generation: its tokens, how many
+of them have KV computed, its block table and its status ("computed tokens chase total tokens").
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class InvalidRequestError(ValueError):
+    """A request that can never be served as asked; it fails alone, with this message."""
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation settings (OpenAI-style names). ``temperature == 0`` means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, description="maximum number of tokens to generate")
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (value,)
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        if len(value) > 16:
+            raise ValueError("at most 16 stop strings")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def parse(cls, **kwargs: object) -> SamplingParams:
+        """Build from loose keyword arguments, turning validation failures into one clear error."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            raise InvalidRequestError(_describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid sampling parameters: " + "; ".join(parts)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    AWAITING_KV = "awaiting_kv"  # blocks reserved, remote KV being installed
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, stop token or stop string
+    LENGTH = "length"  # max_tokens or context length
+    ABORT = "abort"  # cancelled by the client
+    ERROR = "error"  # failed inside the engine
+
+
+# Lower value is served first. Kept as ints so queues sort cheaply.
+PRIORITY_HIGH = 0
+PRIORITY_LOW = 1
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    priority: int = PRIORITY_HIGH
+    arrival_time: float = field(default_factory=time.monotonic)
+    hold_kv_on_finish: bool = False  # keep blocks after finishing so the KV can be exported
+
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit when first scheduled
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of this request's full blocks
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens whose KV this request may ever hold (the last sampled token is never computed)."""
+        return self.num_prompt_tokens + self.params.max_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,59 @@
+"""Turn a step's logits into next tokens: greedy rows in one argmax, sampled rows with their own RNG.
+
+A request with a ``seed`` owns a ``torch.Generator`` seeded once, so its output is reproducible no
+matter which other requests share its batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disagg_worker.engine.request import Request, SamplingParams
+
+
+def apply_temperature_top_k_top_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Scale one row of logits and mask everything outside top-k / top-p (nucleus) with -inf."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token is always kept)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+        self._default = torch.Generator(device=device)
+        self._default.seed()
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        if req.params.seed is None:
+            return self._default
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.params.seed)
+            self._generators[req.request_id] = gen
+        return gen
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """``logits[i]`` belongs to ``requests[i]``; returns one token id per request."""
+        tokens = torch.argmax(logits, dim=-1).tolist() if len(requests) else []
+        for i, req in enumerate(requests):
+            if req.params.greedy:
+                continue
+            row = apply_temperature_top_k_top_p(logits[i], req.params)
+            probs = torch.softmax(row, dim=-1)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(req)).item())
+        return tokens

@@ -1,0 +1,262 @@
+"""Continuous-batching scheduler: decides, each step, how many tokens of which requests to compute.
+
+One rule covers prefill, chunked prefill, prefix hits, recompute after preemption and decode: a
+request's computed tokens chase its total tokens, within a per-step token budget. Running requests
+go first (in admission order); when blocks run out the lowest-priority, newest unscheduled request is
+preempted (its blocks freed, recomputed later). Waiting requests are admitted highest priority first
+while budget, sequence slots and blocks allow; the head of the queue that does not fit holds the
+rest back. No tensors: this is tested on ints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from disagg_worker.engine.block_manager import BlockManager
+from disagg_worker.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int  # tokens already computed: position of the first token computed this step
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so its logits are sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def stop_reason(req: Request, max_model_len: int) -> FinishReason | None:
+    """Why the request must stop after its latest token, if it must (stop strings are checked on text)."""
+    last = req.output_token_ids[-1]
+    if not req.params.ignore_eos and last in req.eos_token_ids:
+        return FinishReason.STOP
+    if last in req.params.stop_token_ids:
+        return FinishReason.STOP
+    if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self._waiting: dict[int, deque[Request]] = {}
+        self.running: list[Request] = []
+        self.awaiting_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished, blocks kept for KV export
+        self.num_preemptions = 0
+
+    # ---- queues ----------------------------------------------------------------------------
+    def waiting(self) -> Iterator[Request]:
+        for prio in sorted(self._waiting):
+            yield from self._waiting[prio]
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    def live_requests(self) -> Iterator[Request]:
+        """Every request that holds blocks."""
+        yield from self.running
+        yield from self.awaiting_kv.values()
+        yield from self.held.values()
+
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self._waiting.setdefault(req.priority, deque()).append(req)
+
+    def _peek_waiting(self) -> Request | None:
+        for prio in sorted(self._waiting):
+            if self._waiting[prio]:
+                return self._waiting[prio][0]
+        return None
+
+    def _pop_waiting(self, req: Request) -> None:
+        self._waiting[req.priority].popleft()
+
+    # ---- the step decision -----------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.bm.allocate_slots(req, num_new):
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+
+        # A preemption means memory is short: admit nobody new this step.
+        while not preempted and budget > 0 and self._num_slots_taken() < self.config.max_num_seqs:
+            req = self._peek_waiting()
+            if req is None:
+                break
+            hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
+            num_computed = len(hit) * self.bm.block_size
+            num_new = min(req.num_tokens - num_computed, budget)
+            if not self.bm.allocate_slots(req, num_new, hit):
+                break
+            self._pop_waiting(req)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = num_computed
+                self.bm.record_lookup(req.num_prompt_tokens, num_computed)
+            req.num_computed_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(ScheduledRequest(req, num_computed, num_new))
+            budget -= num_new
+        return SchedulerOutput(scheduled, preempted)
+
+    def _num_slots_taken(self) -> int:
+        # requests receiving remote KV join the running batch when committed: they count already
+        return len(self.running) + len(self.awaiting_kv)
+
+    def _pick_victim(self, first_unscheduled: int) -> Request:
+        candidates = self.running[first_unscheduled:]
+        return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self._waiting.setdefault(req.priority, deque()).appendleft(req)
+
+    # ---- after the model ran ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish stopped requests; returns the finished."""
+        finished = []
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.bm.cache_full_blocks(req)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_output(token)
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            reason = stop_reason(req, self.config.max_model_len)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End a request wherever it is; its blocks are freed unless it holds them for export."""
+        if req.is_finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self._waiting[req.priority].remove(req)
+        elif req.status is RequestStatus.AWAITING_KV:
+            del self.awaiting_kv[req.request_id]
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req.hold_kv_on_finish and reason is not FinishReason.ABORT and reason is not FinishReason.ERROR:
+            self.held[req.request_id] = req
+        else:
+            self.bm.free(req)
+
+    def release_held(self, request_id: str) -> None:
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.bm.free(req)
+
+    # ---- remote prefill (decode side) ------------------------------------------------------
+    def reserve_for_import(self, req: Request) -> int | None:
+        """Reserve blocks for ``req``'s whole prompt, reusing any cached prefix.
+
+        Returns the number of leading prompt tokens already cached (the KV to import starts there),
+        or None when there are not enough free blocks or batch slots right now.
+        """
+        if self._num_slots_taken() >= self.config.max_num_seqs:
+            return None
+        hit = self.bm.find_cached_prefix(req)
+        num_cached = len(hit) * self.bm.block_size
+        if not self.bm.allocate_slots(req, req.num_prompt_tokens - num_cached, hit):
+            return None
+        req.num_cached_tokens = num_cached
+        req.first_scheduled_time = time.monotonic()
+        self.bm.record_lookup(req.num_prompt_tokens, num_cached)
+        req.status = RequestStatus.AWAITING_KV
+        self.awaiting_kv[req.request_id] = req
+        return num_cached
+
+    def commit_import(self, request_id: str, first_token: int) -> Request:
+        """The prompt's KV is installed: run the request from its first (remotely sampled) token."""
+        req = self.awaiting_kv.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.bm.cache_full_blocks(req)
+        req.append_output(first_token)
+        req.first_token_time = time.monotonic()
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        reason = stop_reason(req, self.config.max_model_len)
+        if reason is not None:
+            self.finish(req, reason)
+        return req
+
+    def fallback_to_local(self, request_id: str) -> Request:
+        """An import failed: drop the reserved blocks and queue the request for local prefill."""
+        req = self.awaiting_kv.pop(request_id)
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        self.add_request(req)
+        # it was already waiting its turn: serve it before newer arrivals
+        q = self._waiting[req.priority]
+        q.remove(req)
+        q.appendleft(req)
+        return req

@@ -1,0 +1,113 @@
+"""Resolve a model reference (built-in preset, local HF directory, or cached hub id) to a loaded model.
+
+disagg never downloads at run time: a reference that is neither a preset, a directory nor already in
+the local Hugging Face cache fails at once with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from disagg_worker.models.presets import DEFAULT_PRESET, PRESETS, build_model, build_tokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ModelLoadError(RuntimeError):
+    """The model reference cannot be resolved or is not supported."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    device: Any
+    dtype: Any
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _check_architecture(config: Any, ref: str) -> None:
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"model {ref!r} has architecture {config.model_type!r}; disagg runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (decoder-only, rotary, RMSNorm)"
+        )
+
+
+def _load_pretrained(ref: str, local_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype="auto", local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
+    return model, tokenizer
+
+
+def load_model(ref: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``ref``: a preset name, a local HF model directory, or a hub id already in the local cache."""
+
+    ref = ref or DEFAULT_PRESET
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if ref in PRESETS:
+        model, tokenizer = build_model(PRESETS[ref]), build_tokenizer()
+    elif Path(ref).is_dir():
+        if not (Path(ref) / "config.json").exists():
+            raise ModelLoadError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model")
+        model, tokenizer = _load_pretrained(ref, local_only=True)
+    else:
+        # Never touch the network: a hub id works only if it is already in the local HF cache.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            model, tokenizer = _load_pretrained(ref, local_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"model {ref!r} is not a built-in preset ({', '.join(PRESETS)}), not a local directory, "
+                "and not in the local Hugging Face cache; disagg does not download models at run time: "
+                "download it beforehand and pass its directory"
+            ) from exc
+    _check_architecture(model.config, ref)
+    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    return LoadedModel(name=ref, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)

@@ -1,0 +1,185 @@
+"""The serving policy: split policy, cache, autoscale, QoS and KV transfer settings (seed 001).
+
+One schema serves every reader: the router and workers load it from a YAML/JSON file (rendered by
+the operator into a ConfigMap, or given to ``disagg up --policy``); the operator validates the
+``DisaggDeployment`` spec with it. Fields are camelCase; seed 001's snake_case example config loads
+unchanged (both spellings are accepted). Unknown fields and bad values fail with the field's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class PolicyError(ValueError):
+    """The policy is invalid; the message names each offending field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelRef(_Model):
+    name: str = Field("tiny-llama", min_length=1, description="built-in preset, or a label for a real model")
+    path: str | None = Field(None, description="local Hugging Face model directory; wins over name")
+
+    @property
+    def ref(self) -> str:
+        return self.path or self.name
+
+
+class SplitPolicy(_Model):
+    prompt_length_threshold: int = Field(256, ge=0, description="offload prefill when uncached prompt is longer")
+    prefix_cache_weight: float = Field(10.0, ge=0)
+    queue_length_weight: float = Field(1.5, ge=0)
+    decode_load_weight: float = Field(0.5, ge=0)
+    enable_hotspot_prevention: bool = True
+    hotspot_load_factor: float = Field(
+        1.5, ge=1.0, description="a worker loaded above this multiple of the pool mean takes no new cache-affine work")
+    prefill_queue_max: int = Field(8, ge=0, description="offload only while the prefill queue is shorter than this")
+
+
+class CachePolicy(_Model):
+    reuse_prefix: bool = True
+    min_cache_hit_ratio: float = Field(0.75, ge=0.0, le=1.0,
+                                       description="prefix overlap below this fraction of the prompt is ignored")
+    block_size: int = Field(16, ge=1, le=1024)
+
+
+class Thresholds(_Model):
+    queue_length: float | None = Field(None, ge=0)
+    gpu_utilization: float | None = Field(None, ge=0, le=100, description="percent")
+    kv_cache_usage: float | None = Field(None, ge=0, le=100, description="percent")
+
+    def items(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump(by_alias=False).items() if v is not None}
+
+
+class RoleAutoscale(_Model):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    scale_up: Thresholds = Thresholds()
+    scale_down: Thresholds = Thresholds()
+    scale_up_stabilization_seconds: float = Field(30, ge=0)
+    scale_down_stabilization_seconds: float = Field(300, ge=0)
+    cooldown_seconds: float = Field(60, ge=0)
+    max_step: int = Field(2, ge=1, description="most replicas added or removed by one decision")
+
+    @model_validator(mode="after")
+    def _check(self) -> RoleAutoscale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})")
+        up, down = self.scale_up.items(), self.scale_down.items()
+        for key in up.keys() & down.keys():
+            if down[key] >= up[key]:
+                raise ValueError(f"scaleDown.{to_camel(key)} ({down[key]}) must be below scaleUp.{to_camel(key)} "
+                                 f"({up[key]})")
+        return self
+
+
+class Autoscale(_Model):
+    mode: Literal["builtin", "hpa", "keda", "off"] = "builtin"
+    interval_seconds: float = Field(15, gt=0)
+    metrics_source: Literal["pods", "prometheus"] = "pods"
+    prometheus_url: str | None = None
+    drain_timeout_seconds: float = Field(120, ge=0)
+    prefill: RoleAutoscale = RoleAutoscale(
+        min_replicas=4, max_replicas=12,
+        scale_up=Thresholds(queue_length=8, gpu_utilization=80),
+        scale_down=Thresholds(queue_length=2, gpu_utilization=40))
+    decode: RoleAutoscale = RoleAutoscale(
+        min_replicas=8, max_replicas=24,
+        scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
+        scale_down=Thresholds(queue_length=4, kv_cache_usage=30))
+
+    @model_validator(mode="after")
+    def _check(self) -> Autoscale:
+        if self.metrics_source == "prometheus" and not self.prometheus_url:
+            raise ValueError("metricsSource prometheus needs prometheusUrl")
+        return self
+
+
+class QoS(_Model):
+    enable_early_rejection: bool = True
+    low_priority_threshold_ms: float = Field(500, ge=0)
+    reject_on_slo_violation: bool = True
+    ttft_slo_ms: float = Field(200, gt=0)
+    tpot_slo_ms: float = Field(50, gt=0)
+    default_priority: Literal["high", "low"] = "high"
+    retry_after_seconds: int = Field(1, ge=0)
+
+
+class KVTransfer(_Model):
+    backend: Literal["grpc", "tcp", "nixl", "mooncake"] = "grpc"
+    chunk_bytes: int = Field(4 << 20, ge=4096, le=64 << 20)
+    max_inflight_chunks: int = Field(4, ge=1, le=64, description="bounded memory: chunks buffered per transfer")
+    timeout_seconds: float = Field(30, gt=0)
+    verify_checksums: bool = True
+
+
+class Policy(_Model):
+    """Everything the data plane reads; the operator renders exactly this into the ConfigMap."""
+
+    model: ModelRef = ModelRef()
+    split_policy: SplitPolicy = SplitPolicy()
+    cache: CachePolicy = CachePolicy()
+    autoscale: Autoscale = Autoscale()
+    qos: QoS = QoS()
+    kv_transfer: KVTransfer = KVTransfer()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_as_string(cls, data: Any) -> Any:
+        # seed 001 writes "model": "llama-70b"; the CRD writes model: {name, path}
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"name": data["model"]}}
+        return data
+
+    def to_camel_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(to_camel(str(p)) if isinstance(p, str) else f"[{p}]" for p in err["loc"]) or "policy"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_policy(data: dict[str, Any] | None) -> Policy:
+    try:
+        return Policy.model_validate(data or {})
+    except ValidationError as exc:
+        raise PolicyError(f"invalid policy: {describe(exc)}") from None
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """Read a policy file (YAML or JSON); None gives the defaults."""
+    if path is None:
+        return Policy()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise PolicyError(f"policy file {path} must hold a mapping, not {type(data).__name__}")
+    # A whole DisaggDeployment or its spec may be given: take the policy part of it.
+    if isinstance(data, dict) and "spec" in data and isinstance(data["spec"], dict):
+        data = data["spec"]
+    return parse_policy(extract_policy(data or {}))
+
+
+POD_FIELDS = ("image", "prefill", "decode", "router", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
+              "monitoring", "podLabels", "podAnnotations")
+
+
+def extract_policy(spec: dict[str, Any]) -> dict[str, Any]:
+    """The policy part of a DisaggDeployment spec (everything but how pods run)."""
+    return {k: v for k, v in spec.items() if k not in POD_FIELDS}
