@@ -190,3 +190,13 @@ def test_import_rejects_misshapen_kv(llama: LoadedModel) -> None:
         decode.import_kv("r", 0, torch.zeros(4, 3, 16, 2, 31), torch.zeros(4, 3, 16, 2, 31))
     with pytest.raises(ValueError, match="outside the importable range"):
         decode.import_kv("r", 2, torch.zeros(4, 3, 16, 2, 32), torch.zeros(4, 3, 16, 2, 32))
+
+
+def test_trailing_incomplete_character_is_flushed_like_decode(llama: LoadedModel) -> None:
+    tok = llama.tokenizer
+    ids = tok("ok 東")["input_ids"]
+    partial = ids[:-1] if len(tok.convert_ids_to_tokens(ids[-1:])[0]) else ids
+    detok = IncrementalDetokenizer(tok, [5])
+    for t in partial:
+        detok.add_token(t)
+    assert detok.take_new_text(finished=True) == tok.decode(partial)

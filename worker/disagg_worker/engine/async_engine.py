@@ -142,6 +142,13 @@ class AsyncEngine:
         async for out in self.stream(request_id, q):
             yield out
 
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort a request from the event loop without waiting (e.g. when its client went away)."""
+        self.close_stream(request_id)
+        if self.running:
+            self._commands.put(lambda: self.engine.abort(request_id))
+            self._wake.set()
+
     async def stream(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """Yield a request's outputs from its queue until it finishes; abort it if the consumer leaves."""
         finished = False
@@ -154,9 +161,8 @@ class AsyncEngine:
                     return
         finally:
             self.close_stream(request_id)
-            if not finished and self.running:
-                self._commands.put(lambda: self.engine.abort(request_id))
-                self._wake.set()
+            if not finished:
+                self.abort_nowait(request_id)
 
     def busy_fraction(self, window_start_busy: float, window_start: float) -> float:
         elapsed = time.monotonic() - window_start

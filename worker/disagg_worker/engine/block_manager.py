@@ -13,7 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from disagg_worker.engine.prefix_hash import block_hashes
-from disagg_worker.engine.request import Request
+from disagg_worker.engine.request import Request, SamplingParams
+
+_PROBE_PARAMS = SamplingParams()
 
 
 @dataclass
@@ -80,6 +82,11 @@ class BlockManager:
                 break  # a hash collision: never reuse KV of different tokens
             hits.append(bid)
         return hits
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``token_ids`` a new request would reuse (a read-only estimate)."""
+        probe = Request("probe", list(token_ids), _PROBE_PARAMS)
+        return len(self.find_cached_prefix(probe)) * self.block_size
 
     def num_new_blocks_needed(self, request: Request, num_new_tokens: int, hit_blocks: Sequence[int] = ()) -> int:
         total = request.num_computed_tokens + len(hit_blocks) * self.block_size + num_new_tokens

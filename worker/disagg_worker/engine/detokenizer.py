@@ -25,6 +25,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._tokens)
         self.text = ""
         self._emitted = 0
+        self.stopped = False
 
     def add_token(self, token_id: int) -> bool:
         """Append one generated token; returns True when a stop string completed (text is cut before it)."""
@@ -50,7 +51,17 @@ class IncrementalDetokenizer:
         if not hits:
             return False
         self.text = self.text[:min(hits)]
+        self.stopped = True
         return True
+
+    def flush(self) -> None:
+        """At the end, emit what was held back for an incomplete character (as ``decode`` would show it)."""
+        if self.stopped or self._read_offset >= len(self._tokens):
+            return
+        prefix = self.tokenizer.convert_tokens_to_string(self._tokens[self._prefix_offset:self._read_offset])
+        full = self.tokenizer.convert_tokens_to_string(self._tokens[self._prefix_offset:])
+        self.text += full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
 
     def _held_back(self) -> int:
         """Length of the longest text suffix that is a proper prefix of some stop string."""
@@ -64,6 +75,8 @@ class IncrementalDetokenizer:
 
     def take_new_text(self, finished: bool) -> str:
         """Text not yet handed out; while running, a possible stop-string prefix stays back."""
+        if finished:
+            self.flush()
         end = len(self.text) if finished else len(self.text) - self._held_back()
         end = max(end, self._emitted)
         out = self.text[self._emitted:end]

@@ -63,6 +63,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 @dataclass
@@ -242,6 +245,9 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             num_output_tokens=req.num_output_tokens,
             error=error,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
         )
 
     def _fail(self, req: Request, message: str) -> RequestOutput:

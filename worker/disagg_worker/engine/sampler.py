@@ -1,7 +1,8 @@
 """Turn a step's logits into next tokens: greedy rows in one argmax, sampled rows with their own RNG.
 
-A request with a ``seed`` owns a ``torch.Generator`` seeded once, so its output is reproducible no
-matter which other requests share its batches.
+A request with a ``seed`` draws each token from a generator seeded by (seed, token index), so its
+output is reproducible whatever it is batched with, and identical whether its first token was sampled
+by a prefill worker and the rest by a decode worker, or all on one worker.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from disagg_worker.engine.request import Request, SamplingParams
+
+_TOKEN_STRIDE = 1_000_003  # a prime: (seed, index) pairs map to distinct generator seeds
 
 
 def apply_temperature_top_k_top_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -43,8 +46,8 @@ class Sampler:
         gen = self._generators.get(req.request_id)
         if gen is None:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(req.params.seed)
             self._generators[req.request_id] = gen
+        gen.manual_seed((req.params.seed * _TOKEN_STRIDE + req.num_output_tokens) % (1 << 63))
         return gen
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:

@@ -111,3 +111,22 @@ def load_model(ref: str | None = None, device: str = "auto", dtype: str = "auto"
     _check_architecture(model.config, ref)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     return LoadedModel(name=ref, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
+
+
+def load_tokenizer(ref: str | None = None) -> tuple[Any, int]:
+    """The tokenizer and context length of a model, without loading its weights (for the router)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from disagg_worker.models.presets import build_config
+
+    ref = ref or DEFAULT_PRESET
+    if ref in PRESETS:
+        return build_tokenizer(), int(build_config(PRESETS[ref]).max_position_embeddings)
+    if not Path(ref).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=True)
+        config = AutoConfig.from_pretrained(ref, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {ref!r} from local files: {exc}") from exc
+    return tokenizer, int(config.max_position_embeddings)

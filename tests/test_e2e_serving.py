@@ -1,0 +1,182 @@
+"""End to end with real processes on 127.0.0.1: router + prefill + decode workers (``LocalCluster``).
+
+Greedy output through the router equals HF ``generate`` token for token via remote prefill + KV
+transfer, via local prefill, and on a prefix-cache hit; streaming and non-streaming; the official
+``openai`` client works unchanged; bad input gets OpenAI-format errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from disagg_worker.launcher import LocalCluster
+from tests.conftest import get_model, hf_greedy, random_prompts
+
+pytestmark = pytest.mark.e2e
+SMALL_POOL = ["--kv-cache-blocks", "1024"]
+
+
+def write_policy(path: Path, **sections: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def worker_metrics(cluster: LocalCluster, name: str) -> str:
+    url = cluster.get(name).ready_url.replace("/ready", "/metrics")
+    return httpx.get(url, timeout=5).text
+
+
+def metric_value(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    policy = write_policy(tmp / "policy.yaml", splitPolicy={"promptLengthThreshold": 48})
+    c = LocalCluster(policy=policy, port=_free(), log_dir=tmp / "logs", worker_args=SMALL_POOL)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _free() -> int:
+    from disagg_worker.launcher import free_port
+
+    return free_port()
+
+
+def complete(cluster: LocalCluster, prompt: list[int] | str, n: int, **extra: object) -> dict:
+    r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120,
+                   json={"model": "tiny-llama", "prompt": prompt, "max_tokens": n, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def text_of(tokens: list[int]) -> str:
+    return get_model("tiny-llama").tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_remote_prefill_with_kv_transfer_matches_hf(cluster: LocalCluster) -> None:
+    before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="remote"')
+    prompt = random_prompts(1, 200, 200, 41)[0]
+    body = complete(cluster, prompt, 24)
+    assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 24))
+    after = worker_metrics(cluster, "decode-0")
+    assert metric_value(after, "disagg_prefill_decisions_total", 'outcome="remote"') == before + 1
+    assert metric_value(after, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
+
+
+def test_local_prefill_matches_hf(cluster: LocalCluster) -> None:
+    before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="local"')
+    prompt = random_prompts(1, 20, 20, 42)[0]
+    body = complete(cluster, prompt, 30)
+    assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 30))
+    after = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="local"')
+    assert after == before + 1
+
+
+def test_prefix_cache_hit_matches_hf(cluster: LocalCluster) -> None:
+    base = random_prompts(1, 160, 160, 43)[0]
+    complete(cluster, base, 2)
+    prompt = [*base, 7, 8, 9]
+    body = complete(cluster, prompt, 20)
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 144
+    assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 20))
+
+
+def test_streaming_equals_non_streaming_and_concurrency(cluster: LocalCluster) -> None:
+    prompts = random_prompts(8, 5, 150, 44)
+
+    async def stream_one(client: httpx.AsyncClient, prompt: list[int]) -> tuple[str, dict]:
+        parts, usage = [], {}
+        async with client.stream("POST", f"{cluster.base_url}/v1/completions", json={
+                "model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage = data["usage"]
+                for c in data["choices"]:
+                    parts.append(c["text"])
+        return "".join(parts), usage
+
+    async def run() -> list[tuple[str, dict]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(stream_one(client, p) for p in prompts))
+
+    results = asyncio.run(run())
+    lm = get_model("tiny-llama")
+    for p, (text, usage) in zip(prompts, results, strict=True):
+        assert text == text_of(hf_greedy(lm, p, 16))
+        assert usage["completion_tokens"] == 16
+
+
+def test_official_openai_client(cluster: LocalCluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny-llama"]
+    lm = get_model("tiny-llama")
+    messages = [{"role": "user", "content": "Tell me about disaggregated serving."}]
+    chat = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0)
+    prompt = lm.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    expected = text_of(hf_greedy(lm, prompt, 12))
+    assert chat.choices[0].message.content == expected
+    assert chat.usage.completion_tokens == 12
+    stream = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    done = client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=8, temperature=0,
+                                     extra_body={"priority": "low"})
+    assert done.choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny-llama", prompt="x", max_tokens=5000)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": [], "max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, None),
+    ({"prompt": "hi", "temperature": -1}, None),
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "logprobs": 3}, "logprobs"),
+    ({"prompt": [5, 99999], "max_tokens": 2}, None),
+    ({"max_tokens": 2}, "prompt"),
+])
+def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
+    r = httpx.post(f"{cluster.base_url}/v1/completions", json={"model": "tiny-llama", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert err["param"] == param
+    assert httpx.post(f"{cluster.base_url}/v1/completions", timeout=30, json={
+        "model": "tiny-llama", "prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:
+    text = httpx.get(f"{cluster.base_url}/metrics", timeout=5).text
+    for name in ("disagg_routing_decisions_total", "disagg_router_ttft_seconds_bucket", "disagg_slo_attainment_ratio"):
+        assert name in text
+    worker = worker_metrics(cluster, "decode-0")
+    for name in ("disagg_requests_waiting", "disagg_kv_cache_usage_ratio", "disagg_prefix_cache_hit_ratio",
+                 "disagg_utilization_ratio", "disagg_ttft_seconds_bucket", "disagg_request_phase_seconds_bucket"):
+        assert name in worker

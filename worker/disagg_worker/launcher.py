@@ -1,0 +1,279 @@
+"""``disagg up``: a local cluster on 127.0.0.1, one router + N prefill + M decode worker processes.
+
+``--monolithic`` runs K role-``both`` workers instead (seed 000's comparison). Every process is a real
+``disagg worker`` / ``disagg router``; the launcher waits until each answers ``/ready``, prints the
+endpoint, and on Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period).
+``LocalCluster`` is also what the end-to-end tests and benchmarks use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def parse_affinity(items: list[str]) -> dict[str, list[int]]:
+    """``["prefill=0", "decode=1", "both=0,1"]`` -> ``{"prefill": [0], ...}``; ranges like ``0-3`` work."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        role, sep, cpus = item.partition("=")
+        if not sep or role not in ("prefill", "decode", "both", "router"):
+            raise ValueError(f"--cpu-affinity {item!r}: use ROLE=CPUS with ROLE prefill|decode|both|router")
+        ids: list[int] = []
+        for part in cpus.split(","):
+            lo, dash, hi = part.partition("-")
+            ids.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        out[role] = ids
+    return out
+
+
+@dataclass
+class Process:
+    name: str
+    cmd: list[str]
+    ready_url: str
+    cpus: list[int] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self, log_dir: Path | None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        if self.cpus:
+            env["OMP_NUM_THREADS"] = str(len(self.cpus))
+        out: int | IO[bytes] | None = None
+        if log_dir is not None:
+            self.log_path = log_dir / f"{self.name}.log"
+            self._log = self.log_path.open("wb")
+            out = self._log
+        cpus = self.cpus
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.popen = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                      stdin=subprocess.DEVNULL, preexec_fn=pin if cpus else None,
+                                      start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalCluster:
+    model: str | None = None
+    policy: str | None = None
+    num_prefill: int = 1
+    num_decode: int = 1
+    monolithic: bool = False
+    num_workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cpu_affinity: dict[str, list[int]] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
+    worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per process name
+    log_dir: Path | None = None
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "disagg_worker.cli", *args]
+
+    def _common(self) -> list[str]:
+        out = []
+        if self.model:
+            out += ["--model", self.model]
+        if self.policy:
+            out += ["--policy", self.policy]
+        return out
+
+    def _worker(self, name: str, role: str, prefill: list[str]) -> tuple[Process, str]:
+        port, http_port = free_port(self.host), free_port(self.host)
+        cmd = self._cli("worker", "--role", role, "--host", self.host, "--port", str(port), "--http-port",
+                        str(http_port), *self._common(), *self.worker_args)
+        cpus = self.cpu_affinity.get(role)
+        if cpus:
+            cmd += ["--threads", str(len(cpus))]
+        if prefill:
+            cmd += ["--prefill-workers", ",".join(prefill)]
+        proc = Process(name, cmd, f"http://{self.host}:{http_port}/ready", cpus, self.worker_env.get(name, {}))
+        return proc, f"{self.host}:{port}"
+
+    def start(self, timeout: float = 180.0) -> None:
+        # Build what every worker needs once, here, instead of N times concurrently in the children.
+        import disagg_worker.rpc  # noqa: F401 - generates the gRPC stubs if stale
+        from disagg_worker.engine.cpu_kernels import load_cpu_kernels
+
+        load_cpu_kernels()
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            prefill_addrs: list[str] = []
+            decode_addrs: list[str] = []
+            if self.monolithic:
+                for i in range(self.num_workers):
+                    proc, addr = self._worker(f"both-{i}", "both", [])
+                    self.processes.append(proc)
+                    decode_addrs.append(addr)
+            else:
+                for i in range(self.num_prefill):
+                    proc, addr = self._worker(f"prefill-{i}", "prefill", [])
+                    self.processes.append(proc)
+                    prefill_addrs.append(addr)
+                for i in range(self.num_decode):
+                    proc, addr = self._worker(f"decode-{i}", "decode", prefill_addrs)
+                    self.processes.append(proc)
+                    decode_addrs.append(addr)
+            self.prefill_addresses, self.decode_addresses = prefill_addrs, decode_addrs
+            for proc in self.processes:
+                proc.start(self.log_dir)
+            self._wait_ready(self.processes, timeout)
+            router_cmd = self._cli("router", "--host", self.host, "--port", str(self.port),
+                                   "--decode-workers", ",".join(decode_addrs), *self._common())
+            if prefill_addrs:
+                router_cmd += ["--prefill-workers", ",".join(prefill_addrs)]
+            router = Process("router", router_cmd, f"{self.base_url}/ready", self.cpu_affinity.get("router"))
+            self.processes.append(router)
+            router.start(self.log_dir)
+            self._wait_ready([router], timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, procs: list[Process], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(procs)
+        with httpx.Client(timeout=2.0) as client:
+            while pending:
+                for proc in list(pending):
+                    if not proc.alive:
+                        raise ClusterError(f"{proc.name} exited during start-up (code "
+                                           f"{proc.popen.returncode if proc.popen else '?'}):\n{proc.log_tail()}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if client.get(proc.ready_url).status_code == 200:
+                            pending.remove(proc)
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(p.name for p in pending)
+                    raise ClusterError(f"not ready after {timeout:.0f}s: {names}")
+                if pending:
+                    time.sleep(0.2)
+
+    def get(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def stop(self, grace: float = 15.0) -> None:
+        for proc in reversed(self.processes):  # router first, so no new work reaches the workers
+            proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes:
+            if proc.popen is not None:
+                try:
+                    proc.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.signal(signal.SIGKILL)
+                    proc.popen.wait(5)
+            proc.close()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="disagg up", description=__doc__)
+    ap.add_argument("--model", default=None, help="preset or local HF dir (default: the policy's, tiny-llama)")
+    ap.add_argument("--policy", default=None, help="policy YAML (camelCase or seed 001's snake_case)")
+    ap.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    ap.add_argument("--decode", type=int, default=1, help="decode workers")
+    ap.add_argument("--monolithic", action="store_true", help="run role-both workers only")
+    ap.add_argument("--workers", type=int, default=1, help="workers in --monolithic mode")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="router port")
+    ap.add_argument("--cpu-affinity", action="append", default=[], metavar="ROLE=CPUS",
+                    help="pin a role's workers, e.g. prefill=0 decode=1 both=0,1")
+    ap.add_argument("--worker-arg", action="append", default=[], help="extra argument for every worker")
+    ap.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args(argv)
+    cluster = LocalCluster(model=args.model, policy=args.policy, num_prefill=args.prefill, num_decode=args.decode,
+                           monolithic=args.monolithic, num_workers=args.workers, host=args.host, port=args.port,
+                           cpu_affinity=parse_affinity(args.cpu_affinity), worker_args=args.worker_arg,
+                           log_dir=args.log_dir)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        cluster.start(args.timeout)
+    except ClusterError as exc:
+        print(f"disagg up: {exc}", file=sys.stderr)
+        return 1
+    shape = (f"{args.workers} monolithic worker(s)" if args.monolithic
+             else f"{args.prefill} prefill + {args.decode} decode workers")
+    model = args.model or "the policy's model (default tiny-llama)"
+    print(f"disagg is up: {cluster.base_url}/v1 ({shape}, {model})", flush=True)
+    print(f"  try: curl {cluster.base_url}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{args.model or 'tiny-llama'}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+          flush=True)
+    print("  Ctrl-C stops everything.", flush=True)
+    reported: set[str] = set()
+    try:
+        while not stop:
+            time.sleep(0.5)
+            for proc in cluster.processes:
+                if not proc.alive and proc.name not in reported:
+                    reported.add(proc.name)
+                    print(f"disagg up: {proc.name} exited with code {proc.popen.returncode}", file=sys.stderr)
+    finally:
+        print("disagg up: stopping", flush=True)
+        cluster.stop()
+    return 0

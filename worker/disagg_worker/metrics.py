@@ -1,0 +1,61 @@
+"""Prometheus metrics of every disagg process (names start with ``disagg_``, units in the name).
+
+One module defines them all so the README table, the Grafana dashboard and the autoscaler read the
+same names. Gauges that mirror engine state are refreshed from ``EngineStats`` by the servers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                   7.5, 10.0, 20.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+BYTES_BUCKETS = tuple(float(1 << p) for p in range(10, 34, 2))
+
+# ---- worker (label role = prefill | decode | both) ----------------------------------------------
+REQUESTS_WAITING = Gauge("disagg_requests_waiting", "Requests queued in the engine, not yet running", ["role"])
+REQUESTS_RUNNING = Gauge("disagg_requests_running", "Requests in the continuous batch", ["role"])
+REQUESTS_AWAITING_KV = Gauge("disagg_requests_awaiting_kv", "Requests with blocks reserved for remote KV", ["role"])
+KV_CACHE_USAGE = Gauge("disagg_kv_cache_usage_ratio", "Fraction of KV blocks held by live requests", ["role"])
+PREFIX_HIT_RATIO = Gauge("disagg_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache / prompt tokens",
+                         ["role"])
+UTILIZATION = Gauge("disagg_utilization_ratio", "Busy fraction of the engine step loop (recent window)", ["role"])
+DRAINING = Gauge("disagg_draining", "1 while the worker takes no new requests", ["role"])
+PREEMPTIONS = Counter("disagg_preemptions_total", "Requests preempted for lack of KV blocks", ["role"])
+PROMPT_TOKENS = Counter("disagg_prompt_tokens_total", "Prompt tokens received", ["role"])
+GENERATION_TOKENS = Counter("disagg_generation_tokens_total", "Tokens generated", ["role"])
+STEP_SECONDS = Histogram("disagg_engine_step_seconds", "Duration of one engine step", ["role"],
+                         buckets=(*TPOT_BUCKETS, 2.0, 5.0))
+TTFT = Histogram("disagg_ttft_seconds", "Time to first token", ["role"], buckets=LATENCY_BUCKETS)
+TPOT = Histogram("disagg_tpot_seconds", "Mean time per output token after the first", ["role"], buckets=TPOT_BUCKETS)
+E2E = Histogram("disagg_e2e_seconds", "Request latency, arrival to last token", ["role"], buckets=LATENCY_BUCKETS)
+PHASE = Histogram("disagg_request_phase_seconds",
+                  "Per-request phase timings: queue, prefill, kv_transfer, first_decode", ["role", "phase"],
+                  buckets=LATENCY_BUCKETS)
+PREFILL_DECISIONS = Counter("disagg_prefill_decisions_total",
+                            "Where a decode worker ran a request's prefill: local, remote, fallback", ["outcome"])
+KV_TRANSFER_BYTES = Counter("disagg_kv_transfer_bytes_total", "KV bytes moved between workers", ["direction"])
+KV_TRANSFER_SECONDS = Histogram("disagg_kv_transfer_seconds", "Duration of one request's KV transfer",
+                                ["direction"], buckets=LATENCY_BUCKETS)
+KV_TRANSFER_FAILURES = Counter("disagg_kv_transfer_failures_total", "KV transfers that failed (decode fell back)",
+                               ["reason"])
+REQUESTS_FINISHED = Counter("disagg_requests_finished_total", "Requests finished by reason", ["role", "reason"])
+
+# ---- router ----------------------------------------------------------------------------------
+ROUTER_REQUESTS = Counter("disagg_router_requests_total", "HTTP requests by endpoint and status",
+                          ["endpoint", "status"])
+ROUTING_DECISIONS = Counter("disagg_routing_decisions_total",
+                            "Decode worker choices by outcome: prefix_affinity, least_loaded, retry", ["outcome"])
+REJECTIONS = Counter("disagg_rejections_total", "Requests rejected by admission control", ["reason", "priority"])
+SLO_VIOLATIONS = Counter("disagg_slo_violations_total", "Requests that missed an SLO", ["slo", "priority"])
+SLO_REQUESTS = Counter("disagg_slo_requests_total", "Requests measured against the SLOs", ["priority"])
+SLO_ATTAINMENT = Gauge("disagg_slo_attainment_ratio", "Fraction of requests meeting the SLO (since start)",
+                       ["slo", "priority"])
+ROUTER_TTFT = Histogram("disagg_router_ttft_seconds", "TTFT seen by the router", ["priority"],
+                        buckets=LATENCY_BUCKETS)
+ROUTER_TPOT = Histogram("disagg_router_tpot_seconds", "TPOT seen by the router", ["priority"], buckets=TPOT_BUCKETS)
+ROUTER_E2E = Histogram("disagg_router_e2e_seconds", "End-to-end latency seen by the router", ["priority"],
+                       buckets=LATENCY_BUCKETS)
+ESTIMATED_TTFT = Gauge("disagg_estimated_ttft_seconds", "Admission control's current TTFT estimate")
+WORKERS_HEALTHY = Gauge("disagg_workers_healthy", "Workers answering load reports", ["role"])

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible router: admission, decode-worker choice, token streaming."""

@@ -1,0 +1,225 @@
+"""The router's HTTP surface: OpenAI ``/v1/completions``, ``/v1/chat/completions`` (SSE or JSON),
+``/v1/models``, and ``/health``, ``/ready``, ``/metrics``. Errors use OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from disagg_worker import metrics as m
+from disagg_worker.router.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from disagg_worker.router.service import RouterService, StreamResult
+
+log = logging.getLogger(__name__)
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _usage(r: StreamResult) -> dict[str, Any]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
+            "total_tokens": r.prompt_tokens + r.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
+
+
+def build_app(service: RouterService) -> FastAPI:
+    app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        m.ROUTER_REQUESTS.labels(request.url.path, str(exc.status)).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+        m.ROUTER_REQUESTS.labels(request.url.path, "400").inc()
+        return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", param=param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        m.ROUTER_REQUESTS.labels(request.url.path, "500").inc()
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        ok = service.ready()
+        return JSONResponse({"ready": ok, "decode_workers": len(service.decode_pool.healthy()),
+                             "prefill_workers": len(service.prefill_pool.healthy())}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        m.WORKERS_HEALTHY.labels("decode").set(len(service.decode_pool.healthy()))
+        m.WORKERS_HEALTHY.labels("prefill").set(len(service.prefill_pool.healthy()))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": service.model_name, "object": "model", "created": 0, "owned_by": "disagg",
+             "max_model_len": service.max_model_len}]})
+
+    def check_model(name: str) -> None:
+        if name != service.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {service.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def priority_of(body: Any) -> str:
+        return body.priority or service.policy.qos.default_priority
+
+    def prompt_ids_of(prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [service.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if all(isinstance(t, int) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return [service.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]
+        return [list(p) for p in prompt]
+
+    def max_tokens_of(body: Any, prompt_len: int, default: int | None) -> int:
+        value = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if value is None:
+            return default if default is not None else max(1, service.max_model_len - prompt_len)
+        return value
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        body.check_supported()
+        prompts = prompt_ids_of(body.prompt)
+        params = [service.validate(p, body.sampling(max_tokens_of(body, len(p), 16))) for p in prompts]
+        return await respond(request, "text_completion", prompts, params, priority_of(body), body.stream,
+                             body.include_usage, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        body.check_supported()
+        messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        try:
+            ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except Exception as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        prompt = list(ids)
+        params = service.validate(prompt, body.sampling(max_tokens_of(body, len(prompt), None)))
+        return await respond(request, "chat.completion", [prompt], [params], priority_of(body), body.stream,
+                             body.include_usage, chat=True)
+
+    async def respond(request: Request, kind: str, prompts: list[list[int]], params: list[Any], priority: str,
+                      stream: bool, include_usage: bool, chat: bool) -> Response:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        results = [StreamResult() for _ in prompts]
+        streams = [service.generate(p, sp, priority, r) for p, sp, r in zip(prompts, params, results, strict=True)]
+        # Pull the first message of every choice before answering, so admission and routing errors
+        # become proper HTTP errors (429/503/400) rather than a broken stream.
+        firsts = []
+        try:
+            for s in streams:
+                firsts.append(await anext(s, None))
+        except APIError:
+            for s in streams:
+                await s.aclose()
+            raise
+        if not stream:
+            texts = []
+            for first, s in zip(firsts, streams, strict=True):
+                parts = [first.text] if first is not None else []
+                async for msg in s:
+                    parts.append(msg.text)
+                texts.append("".join(parts))
+            m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
+            total = StreamResult(prompt_tokens=sum(r.prompt_tokens for r in results),
+                                 cached_tokens=sum(r.cached_tokens for r in results),
+                                 output_tokens=sum(r.output_tokens for r in results))
+            choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                         "finish_reason": r.finish_reason} if chat else
+                        {"index": i, "text": t, "logprobs": None, "finish_reason": r.finish_reason})
+                       for i, (t, r) in enumerate(zip(texts, results, strict=True))]
+            return JSONResponse({"id": rid, "object": kind, "created": created, "model": service.model_name,
+                                 "choices": choices, "usage": _usage(total)})
+        m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
+        return StreamingResponse(sse_events(rid, created, firsts, streams, results, chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def sse_events(rid: str, created: int, firsts: list[Any], streams: list[AsyncIterator[Any]],
+                         results: list[StreamResult], chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                    {"content": text} if text else {})
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return _sse({"id": rid, "object": kind, "created": created, "model": service.model_name,
+                         "choices": [choice]})
+
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(i: int, first: Any, s: AsyncIterator[Any]) -> None:
+            try:
+                if first is not None:
+                    await queue.put((i, first))
+                async for msg in s:
+                    await queue.put((i, msg))
+                await queue.put((i, None))
+            except APIError as exc:
+                await queue.put((i, exc))
+            except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+                await queue.put((i, APIError(500, f"internal error: {exc}", "server_error")))
+
+        tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams, strict=True))]
+        try:
+            if chat:
+                yield chunk(0, None, None, role=True)
+            open_streams = len(tasks)
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, APIError):
+                    yield _sse(error_body(item.message, item.type, item.param, item.code))
+                    open_streams -= 1
+                    continue
+                if item.text or item.finished:
+                    yield chunk(i, item.text, item.finish_reason or None if item.finished else None)
+            if include_usage:
+                total = StreamResult(prompt_tokens=sum(r.prompt_tokens for r in results),
+                                     cached_tokens=sum(r.cached_tokens for r in results),
+                                     output_tokens=sum(r.output_tokens for r in results))
+                yield _sse({"id": rid, "object": kind, "created": created, "model": service.model_name,
+                            "choices": [], "usage": _usage(total)})
+            yield _sse("[DONE]")
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                await s.aclose()
+
+    return app

@@ -1,0 +1,66 @@
+"""``disagg router``: the OpenAI-compatible front door (default port 8000)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from disagg_worker.models.loader import ModelLoadError, load_tokenizer
+from disagg_worker.policy import PolicyError, load_policy
+from disagg_worker.router.app import build_app
+from disagg_worker.router.service import RouterService
+from disagg_worker.server.peers import PeerPool
+
+log = logging.getLogger("disagg.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="disagg router", description=__doc__)
+    ap.add_argument("--model", default=None, help="preset name or local HF dir (for the tokenizer)")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model)")
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--decode-workers", required=True, help="comma list host:port (names may resolve to many)")
+    ap.add_argument("--prefill-workers", default=None, help="comma list host:port, for the TTFT estimate")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+async def serve(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    ref = args.model or policy.model.ref
+    tokenizer, max_model_len = await asyncio.to_thread(load_tokenizer, ref)
+    name = args.served_model_name or (Path(ref).name if Path(ref).is_dir() else ref)
+    decode_pool = PeerPool("decode", args.decode_workers, include_prefix_hashes=policy.cache.reuse_prefix)
+    prefill_pool = PeerPool("prefill", args.prefill_workers)
+    await decode_pool.start()
+    await prefill_pool.start()
+    service = RouterService(policy, tokenizer, name, max_model_len, decode_pool, prefill_pool)
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    log.info("router on http://%s:%d/v1 serving %s (%d decode, %d prefill workers known)", args.host, args.port,
+             name, len(decode_pool.peers), len(prefill_pool.peers))
+    try:
+        await server.serve()
+    finally:
+        await decode_pool.stop()
+        await prefill_pool.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s router[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except (PolicyError, ModelLoadError, ValueError) as exc:
+        print(f"disagg router: {exc}", file=sys.stderr)
+        return 2

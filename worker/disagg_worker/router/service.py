@@ -1,0 +1,185 @@
+"""The router's request path, independent of HTTP: admit, pick a decode worker, stream its tokens.
+
+Admission (``admit_request``) uses a live TTFT estimate from the workers' load reports; the decode
+worker is chosen by seed 001's multi-factor score. A worker that cannot take the request before any
+token was produced (unreachable, draining) is skipped and the next best is tried; a worker that fails
+after tokens were streamed ends the request with an explicit error. SLO attainment is tracked per
+priority.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from disagg_worker import metrics as m
+from disagg_worker.engine.prefix_hash import block_hashes
+from disagg_worker.engine.request import InvalidRequestError, SamplingParams
+from disagg_worker.policy import Policy
+from disagg_worker.router.openai_schema import APIError
+from disagg_worker.routing import admit_request, estimate_ttft, pick_decode_worker
+from disagg_worker.rpc import pb
+from disagg_worker.server.peers import PeerPool
+from disagg_worker.server.runtime import params_to_proto
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class StreamResult:
+    """What the caller learns as tokens arrive (filled in place while streaming)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    worker: str = ""
+    remote_prefill: bool = False
+
+
+class SloTracker:
+    def __init__(self, policy: Policy) -> None:
+        self.qos = policy.qos
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def record(self, priority: str, ttft: float | None, tpot: float | None) -> None:
+        c = self.counts.setdefault(priority, {"n": 0, "ttft_ok": 0, "tpot_ok": 0, "both_ok": 0})
+        c["n"] += 1
+        m.SLO_REQUESTS.labels(priority).inc()
+        ttft_ok = ttft is not None and ttft * 1000 <= self.qos.ttft_slo_ms
+        tpot_ok = tpot is None or tpot * 1000 <= self.qos.tpot_slo_ms
+        c["ttft_ok"] += ttft_ok
+        c["tpot_ok"] += tpot_ok
+        c["both_ok"] += ttft_ok and tpot_ok
+        if not ttft_ok:
+            m.SLO_VIOLATIONS.labels("ttft", priority).inc()
+        if not tpot_ok:
+            m.SLO_VIOLATIONS.labels("tpot", priority).inc()
+        for slo, key in (("ttft", "ttft_ok"), ("tpot", "tpot_ok"), ("both", "both_ok")):
+            m.SLO_ATTAINMENT.labels(slo, priority).set(c[key] / c["n"])
+
+
+class RouterService:
+    def __init__(self, policy: Policy, tokenizer: Any, model_name: str, max_model_len: int,
+                 decode_pool: PeerPool, prefill_pool: PeerPool) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.decode_pool = decode_pool
+        self.prefill_pool = prefill_pool
+        self.slo = SloTracker(policy)
+        self.block_size = policy.cache.block_size
+
+    # ---- admission -------------------------------------------------------------------------
+    def estimated_ttft(self, decode_load: Any) -> float:
+        prefill = [p.load for p in self.prefill_pool.healthy()]
+        prefill_queue = prefill_time = 0.0
+        if prefill:
+            prefill_queue = sum(w.queue_length + w.num_running for w in prefill) / len(prefill)
+            times = [w.avg_prefill_seconds for w in prefill if w.avg_prefill_seconds > 0]
+            prefill_time = sum(times) / len(times) if times else 0.0
+        backlog = decode_load.queue_length
+        per_request = max(decode_load.avg_prefill_seconds, decode_load.avg_decode_step_seconds)
+        return estimate_ttft(prefill_queue, prefill_time, backlog, per_request)
+
+    def ready(self) -> bool:
+        return bool(self.decode_pool.healthy())
+
+    # ---- the request path ------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> SamplingParams:
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        try:
+            params = SamplingParams.parse(**sampling)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc)) from None
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                                f"asks for {len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt + "
+                                f"{params.max_tokens} max_tokens)", param="max_tokens",
+                           code="context_length_exceeded")
+        return params
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
+                       result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
+        """Yield the chosen worker's responses; raises APIError for anything the client must see."""
+        t0 = time.monotonic()
+        hashes = block_hashes(prompt_ids, self.block_size)
+        request_id = uuid.uuid4().hex
+        tried: set[str] = set()
+        first_token_at: float | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            peers = {p.endpoint: p for p in self.decode_pool.healthy() if p.endpoint not in tried}
+            choice = pick_decode_worker([p.load for p in peers.values()], hashes, len(prompt_ids),
+                                        self.policy.split_policy, self.policy.cache)
+            if choice is None:
+                raise APIError(503, "no decode worker is available", type_="service_unavailable",
+                               code="no_workers")
+            if attempt == 0:
+                est = self.estimated_ttft(choice.worker)
+                m.ESTIMATED_TTFT.set(est)
+                admission = admit_request(priority, est, self.policy.qos)
+                if not admission.admitted:
+                    m.REJECTIONS.labels(admission.reason, priority).inc()
+                    retry = str(self.policy.qos.retry_after_seconds)
+                    raise APIError(429, f"server overloaded: estimated time to first token {est * 1000:.0f} ms "
+                                        f"is over the limit for {priority}-priority requests; retry later",
+                                   type_="rate_limit_error", code=admission.reason, headers={"Retry-After": retry})
+            m.ROUTING_DECISIONS.labels("retry" if attempt else choice.outcome).inc()
+            peer = peers[choice.worker.endpoint]
+            peer.load.pending += 1
+            result.worker = peer.endpoint
+            req = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                     params=params_to_proto(params),
+                                     priority=pb.PRIORITY_LOW if priority == "low" else pb.PRIORITY_HIGH,
+                                     prefill_mode="auto")
+            call = peer.decode.Generate(req)
+            try:
+                async for msg in call:
+                    if msg.error:
+                        raise APIError(500, f"the decode worker failed the request: {msg.error}",
+                                       type_="server_error")
+                    if msg.token_ids and first_token_at is None:
+                        first_token_at = time.monotonic()
+                        result.remote_prefill = msg.remote_prefill
+                    result.prompt_tokens, result.cached_tokens = msg.prompt_tokens, msg.cached_tokens
+                    result.output_tokens = msg.output_tokens
+                    if msg.finished:
+                        result.finish_reason = msg.finish_reason
+                    yield msg
+                break
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise APIError(400, exc.details() or "invalid request") from None
+                if first_token_at is None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    log.warning("decode worker %s unavailable (%s); trying another", peer.endpoint, exc.details())
+                    tried.add(peer.endpoint)
+                    self.decode_pool.mark_unhealthy(peer.endpoint)
+                    continue
+                raise APIError(502, f"the decode worker {peer.endpoint} failed mid-request: "
+                                    f"{code.name}: {exc.details()}", type_="server_error",
+                               code="worker_failed") from None
+            finally:
+                call.cancel()
+        else:
+            raise APIError(503, "every decode worker tried was unavailable", type_="service_unavailable",
+                           code="no_workers")
+        end = time.monotonic()
+        ttft = None if first_token_at is None else first_token_at - t0
+        tpot = ((end - first_token_at) / (result.output_tokens - 1)
+                if first_token_at is not None and result.output_tokens > 1 else None)
+        if ttft is not None:
+            m.ROUTER_TTFT.labels(priority).observe(ttft)
+        if tpot is not None:
+            m.ROUTER_TPOT.labels(priority).observe(tpot)
+        m.ROUTER_E2E.labels(priority).observe(end - t0)
+        self.slo.record(priority, ttft, tpot)

@@ -1,0 +1,123 @@
+"""Seed 001's decisions as pure functions: where to prefill, which decode worker, whether to admit.
+
+- ``should_offload_prefill`` runs on a decode worker: offload when the uncached part of the prompt is
+  long and the prefill pool has room.
+- ``pick_decode_worker`` runs on the router: a multi-factor score of prefix-cache overlap, queue
+  length and decode load, with hotspot prevention.
+- ``estimate_ttft`` / ``admit_request``: QoS early rejection of low-priority work when the estimated
+  time to first token would break the SLO.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from disagg_worker.engine.prefix_hash import shared_prefix_blocks
+from disagg_worker.policy import CachePolicy, QoS, SplitPolicy
+
+
+def should_offload_prefill(prompt_length: int, prefix_cached_length: int, prefill_queue_size: int | None,
+                           policy: SplitPolicy) -> bool:
+    """True: ask a prefill worker. ``prefill_queue_size`` None means no prefill worker is reachable."""
+    if prefill_queue_size is None:
+        return False
+    long_prefill = (prompt_length - prefix_cached_length) > policy.prompt_length_threshold
+    prefill_available = prefill_queue_size < policy.prefill_queue_max
+    return long_prefill and prefill_available
+
+
+@dataclass
+class WorkerLoad:
+    """The router's view of one decode worker, from its latest load report."""
+
+    endpoint: str
+    num_waiting: int = 0
+    num_running: int = 0
+    num_awaiting_kv: int = 0
+    kv_usage: float = 0.0
+    block_size: int = 16
+    prefix_hashes: frozenset[bytes] = field(default_factory=frozenset)
+    avg_prefill_seconds: float = 0.0
+    avg_decode_step_seconds: float = 0.0
+    prefill_tokens_per_second: float = 0.0
+    pending: int = 0  # requests routed here since its last report
+    healthy: bool = True
+    draining: bool = False
+
+    @property
+    def queue_length(self) -> int:
+        return self.num_waiting + self.num_awaiting_kv + self.pending
+
+    @property
+    def load(self) -> int:
+        return self.queue_length + self.num_running
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker: WorkerLoad
+    outcome: str  # "prefix_affinity" | "least_loaded"
+    cached_blocks: int
+    score: float
+
+
+def cache_overlap_ratio(cached_blocks: int, block_size: int, prompt_length: int, cache: CachePolicy) -> float:
+    """Fraction of the prompt the worker holds; 0 below ``minCacheHitRatio`` or with reuse off."""
+    if not cache.reuse_prefix or prompt_length <= 0:
+        return 0.0
+    ratio = min(1.0, cached_blocks * block_size / prompt_length)
+    return ratio if ratio >= cache.min_cache_hit_ratio else 0.0
+
+
+def pick_decode_worker(workers: Sequence[WorkerLoad], prompt_hashes: Sequence[bytes], prompt_length: int,
+                       split: SplitPolicy, cache: CachePolicy, rng: random.Random | None = None) -> Choice | None:
+    """Highest score wins: prefixCacheWeight x overlap - queueLengthWeight x queue - decodeLoadWeight x running.
+
+    With hotspot prevention, a worker loaded above ``hotspotLoadFactor`` x the pool mean gets no credit
+    for its cache, so one popular prefix cannot pile every request onto one worker. Ties are broken at
+    random so equal workers share load.
+    """
+    candidates = [w for w in workers if w.healthy and not w.draining]
+    if not candidates:
+        return None
+    mean_load = sum(w.load for w in candidates) / len(candidates)
+    best: list[tuple[float, WorkerLoad, int, float]] = []
+    for w in candidates:
+        cached = shared_prefix_blocks(prompt_hashes, w.prefix_hashes) if w.prefix_hashes else 0
+        overlap = cache_overlap_ratio(cached, w.block_size, prompt_length, cache)
+        hot = split.enable_hotspot_prevention and w.load > split.hotspot_load_factor * mean_load + 1
+        affinity = 0.0 if hot else split.prefix_cache_weight * overlap
+        score = affinity - split.queue_length_weight * w.queue_length - split.decode_load_weight * w.num_running
+        entry = (score, w, cached, affinity)
+        if not best or score > best[0][0] + 1e-9:
+            best = [entry]
+        elif abs(score - best[0][0]) <= 1e-9:
+            best.append(entry)
+    score, worker, cached, affinity = (rng or random).choice(best)
+    return Choice(worker, "prefix_affinity" if affinity > 0 else "least_loaded", cached, score)
+
+
+def estimate_ttft(prefill_queue: float, avg_prefill_seconds: float, decode_backlog: float,
+                  avg_decode_seconds: float) -> float:
+    """Seed 001: prefill queue x mean prefill time + decode backlog x mean decode time (seconds)."""
+    return prefill_queue * avg_prefill_seconds + decode_backlog * avg_decode_seconds
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    reason: str = ""  # why a request was rejected: "ttft_estimate" | "slo_violation"
+
+
+def admit_request(priority: str, estimated_ttft_seconds: float, qos: QoS) -> Admission:
+    """Reject low-priority work early when the TTFT estimate is over the threshold; always admit high."""
+    if not qos.enable_early_rejection or priority == "high":
+        return Admission(True)
+    est_ms = estimated_ttft_seconds * 1000
+    if est_ms > qos.low_priority_threshold_ms:
+        return Admission(False, "ttft_estimate")
+    if qos.reject_on_slo_violation and est_ms > qos.ttft_slo_ms:
+        return Admission(False, "slo_violation")
+    return Admission(True)

@@ -1,0 +1,231 @@
+"""``Decode.Generate``: the decode-first request path (seed 001) on a decode (or ``both``) worker.
+
+1. Validate; refuse while draining.
+2. ``should_offload_prefill(prompt, cached prefix, prefill queue)``: local prefill inside the
+   continuous batch, or remote.
+3. Remote: reserve blocks (reusing the cached prefix), call a prefill worker, install the KV chunks it
+   streams (checksum, dtype, shape and coverage verified), and commit with its first token.
+4. Any failure in 3 (prefill worker gone, corrupt or misshapen chunk, deadline passed) drops the
+   reservation and prefills locally: the request is never lost.
+5. Stream tokens back until the request finishes; a cancelled call aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from disagg_worker import metrics as m
+from disagg_worker.engine.engine import RequestOutput
+from disagg_worker.engine.request import InvalidRequestError, SamplingParams
+from disagg_worker.routing import should_offload_prefill
+from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.server.peers import Peer, PeerPool
+from disagg_worker.server.prefill_service import layout_message
+from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, params_to_proto, priority_from_proto
+from disagg_worker.transfer.chunks import TransferError, checksum, dtype_from_name, tensor_from_bytes
+
+log = logging.getLogger(__name__)
+
+
+def output_message(out: RequestOutput) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        token_ids=out.new_token_ids, text=out.new_text, finished=out.finished, finish_reason=out.finish_reason or "",
+        prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
+        output_tokens=out.num_output_tokens, error=out.error or "")
+
+
+class DecodeServicer(pb_grpc.DecodeServicer):
+    def __init__(self, runtime: WorkerRuntime, prefill_pool: PeerPool) -> None:
+        self.rt = runtime
+        self.prefill_pool = prefill_pool
+
+    # ---- the offload decision --------------------------------------------------------------
+    def _pick_prefill_worker(self) -> Peer | None:
+        healthy = self.prefill_pool.healthy()
+        if not healthy:
+            return None
+        return min(healthy, key=lambda p: (p.load.queue_length + p.load.num_running, p.endpoint))
+
+    def _decide(self, mode: str, prompt: list[int]) -> tuple[Peer | None, int]:
+        """The prefill worker to use (None: local) and the prefix length cached here."""
+        cached = self.rt.engine.engine.block_manager.cached_prefix_tokens(prompt)
+        if mode == "local" or not self.prefill_pool:
+            return None, cached
+        peer = self._pick_prefill_worker()
+        if peer is None:
+            return None, cached
+        queue = peer.load.queue_length + peer.load.num_running
+        if mode == "remote" or should_offload_prefill(len(prompt), cached, queue, self.rt.policy.split_policy):
+            peer.load.pending += 1  # optimistic until its next load report
+            return peer, cached
+        return None, cached
+
+    # ---- the RPC ---------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        rt, eng = self.rt, self.rt.engine.engine
+        t0 = time.monotonic()
+        if rt.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining")
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = params_from_proto(request.params)
+            eng.validate(prompt, params)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        priority = priority_from_proto(request.priority)
+        m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
+        peer, _cached = self._decide(request.prefill_mode or "auto", prompt)
+
+        q = rt.engine.open_stream(rid)
+        first_msg = pb.GenerateResponse(remote_prefill=False)
+        first_output: RequestOutput | None = None
+        finished = False
+        try:
+            try:
+                if peer is not None:
+                    first_output, first_msg = await self._remote_prefill(peer, rid, prompt, params, priority, t0)
+                if first_output is None and not first_msg.fallback_reason:
+                    await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority))
+                    m.PREFILL_DECISIONS.labels("local").inc()
+            except InvalidRequestError as exc:
+                finished = True
+                rt.engine.close_stream(rid)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+            first_token_at: float | None = None
+            if first_output is not None:
+                msg = output_message(first_output)
+                msg.MergeFrom(first_msg)
+                first_token_at = time.monotonic()
+                finished = first_output.finished
+                yield msg
+                if finished:
+                    return
+            async for out in rt.engine.stream(rid, q):
+                finished = out.finished
+                msg = output_message(out)
+                if first_token_at is None and (out.new_token_ids or out.finished):
+                    msg.MergeFrom(first_msg)
+                    if out.first_token_time is not None:
+                        msg.timings.CopyFrom(pb.PhaseTimings(
+                            queue_seconds=(out.first_scheduled_time or t0) - t0,
+                            prefill_seconds=out.first_token_time - (out.first_scheduled_time or t0),
+                            first_token_seconds=out.first_token_time - t0))
+                        _observe_phases(rt.role, msg.timings)
+                    first_token_at = time.monotonic()
+                elif first_token_at is not None and out.new_token_ids and out.num_output_tokens == 1 + len(
+                        out.new_token_ids):
+                    m.PHASE.labels(rt.role, "first_decode").observe(time.monotonic() - first_token_at)
+                yield msg
+        finally:
+            if not finished:  # the caller went away (or we failed): free the request's blocks
+                rt.engine.abort_nowait(rid)
+
+    async def _remote_prefill(self, peer: Peer, rid: str, prompt: list[int], params: SamplingParams,
+                              priority: int, t0: float) -> tuple[RequestOutput | None, pb.GenerateResponse]:
+        """Returns (first output, header) on success; (None, header with fallback_reason) after falling back."""
+        rt, eng = self.rt, self.rt.engine.engine
+        cached = await rt.engine.call(lambda: eng.reserve_for_import(rid, prompt, params, priority))
+        if cached is None:  # no blocks or batch slots free right now for a reservation
+            return None, pb.GenerateResponse()
+        bs = eng.config.block_size
+        first_block = cached // bs
+        prompt_blocks = eng.block_manager.blocks_for_tokens(len(prompt))
+        lay = eng.runner.layout
+        req = pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
+                                first_block=first_block, layout=layout_message(rt),
+                                chunk_bytes=rt.policy.kv_transfer.chunk_bytes)
+        deadline = rt.policy.kv_transfer.timeout_seconds
+        call = peer.prefill.Prefill(req, timeout=deadline)
+        t_start = time.monotonic()
+        received = 0
+        covered = [0] * (prompt_blocks - first_block)  # layers received per block
+        done: pb.PrefillDone | None = None
+        t_first_chunk: float | None = None
+        try:
+            async for resp in call:
+                if resp.HasField("chunk"):
+                    t_first_chunk = t_first_chunk or time.monotonic()
+                    k, v, chunk = self._decode_chunk(resp.chunk, lay, rid)
+                    lo = chunk.first_block - first_block
+                    if lo < 0 or lo + chunk.num_blocks > len(covered):
+                        raise TransferError(f"chunk blocks {chunk.first_block}+{chunk.num_blocks} out of range")
+                    await rt.engine.call(
+                        lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))
+                    for i in range(lo, lo + chunk.num_blocks):
+                        covered[i] += chunk.num_layers
+                    received += len(chunk.k) + len(chunk.v)
+                elif resp.HasField("done"):
+                    done = resp.done
+            if done is None:
+                raise TransferError("prefill stream ended without a first token")
+            if any(c != lay.num_layers for c in covered):
+                raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
+            out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
+        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+            call.cancel()
+            reason = _failure_reason(exc)
+            log.warning("remote prefill of %s via %s failed (%s): prefilling locally", rid, peer.endpoint, reason)
+            m.KV_TRANSFER_FAILURES.labels(reason).inc()
+            m.PREFILL_DECISIONS.labels("fallback").inc()
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.prefill_pool.mark_unhealthy(peer.endpoint)
+            await rt.engine.call(lambda: eng.fallback_to_local(rid))
+            return None, pb.GenerateResponse(fallback_reason=reason)
+        except BaseException:
+            call.cancel()
+            raise
+        now = time.monotonic()
+        m.PREFILL_DECISIONS.labels("remote").inc()
+        m.KV_TRANSFER_BYTES.labels("received").inc(received)
+        transfer_s = now - (t_first_chunk or now)
+        m.KV_TRANSFER_SECONDS.labels("received").observe(now - t_start)
+        timings = pb.PhaseTimings(queue_seconds=done.queue_seconds, prefill_seconds=done.prefill_seconds,
+                                  kv_transfer_seconds=transfer_s, first_token_seconds=now - t0)
+        _observe_phases(rt.role, timings)
+        m.TTFT.labels(rt.role).observe(now - t0)
+        rt.avg_prefill_seconds.add(done.prefill_seconds)
+        return out, pb.GenerateResponse(remote_prefill=True, timings=timings)
+
+    @staticmethod
+    def _decode_chunk(chunk: pb.KvChunk, lay, rid: str) -> tuple:  # type: ignore[no-untyped-def]
+        if chunk.request_id != rid:
+            raise TransferError(f"chunk for {chunk.request_id!r} arrived on the transfer of {rid!r}")
+        if checksum(chunk.k, chunk.v) != chunk.checksum:
+            raise TransferError(f"checksum mismatch on chunk {chunk.seq}")
+        dtype = dtype_from_name(chunk.dtype)
+        if dtype != lay.dtype:
+            raise TransferError(f"chunk dtype {chunk.dtype} but the pool holds {lay.dtype}")
+        shape = (chunk.num_layers, chunk.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        if tuple(chunk.shape) != shape:
+            raise TransferError(f"chunk shape {tuple(chunk.shape)}, expected {shape}")
+        return tensor_from_bytes(chunk.k, dtype, shape), tensor_from_bytes(chunk.v, dtype, shape), chunk
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "deadline"
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return "unavailable"
+        return exc.code().name.lower()
+    if isinstance(exc, TransferError):
+        text = str(exc)
+        return "checksum" if "checksum" in text else "incomplete" if "incomplete" in text else "invalid_chunk"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "deadline"
+    return "error"
+
+
+def _observe_phases(role: str, t: pb.PhaseTimings) -> None:
+    m.PHASE.labels(role, "queue").observe(max(t.queue_seconds, 0.0))
+    m.PHASE.labels(role, "prefill").observe(max(t.prefill_seconds, 0.0))
+    m.PHASE.labels(role, "kv_transfer").observe(max(t.kv_transfer_seconds, 0.0))
+    m.PHASE.labels(role, "first_token").observe(max(t.first_token_seconds, 0.0))

@@ -1,0 +1,42 @@
+"""A worker's small HTTP side: Prometheus ``/metrics``, ``/health``, ``/ready`` and ``/drain``.
+
+``/health`` is liveness (the engine thread runs). ``/ready`` is readiness (model loaded, not draining).
+``POST /drain?wait=SECONDS`` stops new requests and, with ``wait``, blocks until the running ones are
+done: the decode pods' preStop hook, so a scale-down never cuts a stream.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from disagg_worker.server.runtime import WorkerRuntime
+
+
+def build_app(runtime: WorkerRuntime) -> FastAPI:
+    app = FastAPI(title="disagg worker", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        runtime.refresh_gauges()
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        ok = runtime.engine.running
+        return JSONResponse({"status": "ok" if ok else "engine stopped", "role": runtime.role},
+                            status_code=200 if ok else 503)
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        ok = runtime.engine.running and not runtime.draining
+        return JSONResponse({"ready": ok, "draining": runtime.draining, "role": runtime.role},
+                            status_code=200 if ok else 503)
+
+    @app.post("/drain")
+    async def drain(wait: float = 0.0) -> JSONResponse:
+        idle = await runtime.drain(max(0.0, wait))
+        return JSONResponse({"draining": True, "idle": idle, "active": runtime.num_active})
+
+    return app

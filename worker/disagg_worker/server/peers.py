@@ -1,0 +1,174 @@
+"""Discover workers and keep their load reports fresh.
+
+A pool is given ``host:port`` entries; each host is resolved again every few seconds, so a Kubernetes
+headless Service name (one A record per ready pod) tracks the pods as they come and go. Each
+endpoint gets one gRPC channel and is polled with ``Worker.GetLoad``; an endpoint that fails to answer
+is marked unhealthy (and skipped by routing) until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from disagg_worker.routing import WorkerLoad
+from disagg_worker.rpc import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def parse_endpoints(spec: str | list[str] | None) -> list[tuple[str, int]]:
+    """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``[("a", 1), ("b", 2)]``."""
+    if not spec:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in part.split(",")]
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"worker address {item!r} must be host:port")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address a name resolves to (sorted, as ``ip:port``); empty when it does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    addrs = sorted({f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos})
+    return addrs
+
+
+@dataclass
+class Peer:
+    endpoint: str
+    channel: grpc.aio.Channel
+    load: WorkerLoad
+    model: str = ""
+    max_model_len: int = 0
+    last_ok: float = 0.0
+
+    @property
+    def worker(self) -> pb_grpc.WorkerStub:
+        return pb_grpc.WorkerStub(self.channel)
+
+    @property
+    def decode(self) -> pb_grpc.DecodeStub:
+        return pb_grpc.DecodeStub(self.channel)
+
+    @property
+    def prefill(self) -> pb_grpc.PrefillStub:
+        return pb_grpc.PrefillStub(self.channel)
+
+
+class PeerPool:
+    def __init__(self, name: str, spec: str | list[str] | None, include_prefix_hashes: bool = False,
+                 poll_interval: float = 0.25, resolve_interval: float = 5.0, timeout: float = 2.0) -> None:
+        self.name = name
+        self.targets = parse_endpoints(spec)
+        self.include_prefix_hashes = include_prefix_hashes
+        self.poll_interval = poll_interval
+        self.resolve_interval = resolve_interval
+        self.timeout = timeout
+        self.peers: dict[str, Peer] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._last_resolve = 0.0
+        self.first_poll = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def healthy(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.load.healthy and not p.load.draining]
+
+    def get(self, endpoint: str) -> Peer | None:
+        return self.peers.get(endpoint)
+
+    def mark_unhealthy(self, endpoint: str) -> None:
+        peer = self.peers.get(endpoint)
+        if peer is not None:
+            peer.load.healthy = False
+
+    async def start(self) -> None:
+        if self.targets:
+            await self._refresh_endpoints()
+            await self.poll_once()
+            self._task = asyncio.create_task(self._loop(), name=f"peers-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for peer in self.peers.values():
+            await peer.channel.close()
+        self.peers.clear()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                if time.monotonic() - self._last_resolve > self.resolve_interval:
+                    await self._refresh_endpoints()
+                await self.poll_once()
+            except Exception:  # keep polling whatever one round did
+                log.exception("polling %s workers failed", self.name)
+
+    async def _refresh_endpoints(self) -> None:
+        self._last_resolve = time.monotonic()
+        found: set[str] = set()
+        for host, port in self.targets:
+            found.update(await asyncio.to_thread(resolve, host, port))
+        for endpoint in found - self.peers.keys():
+            channel = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+            self.peers[endpoint] = Peer(endpoint, channel, WorkerLoad(endpoint, healthy=False))
+        for endpoint in self.peers.keys() - found:
+            if found:  # a name that stops resolving altogether keeps its last endpoints (DNS hiccup)
+                peer = self.peers.pop(endpoint)
+                await peer.channel.close()
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(p) for p in list(self.peers.values())))
+        self.first_poll.set()
+
+    async def _poll(self, peer: Peer) -> None:
+        try:
+            report = await peer.worker.GetLoad(pb.LoadRequest(include_prefix_hashes=self.include_prefix_hashes),
+                                               timeout=self.timeout)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            if peer.load.healthy:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "timeout"
+                log.warning("%s worker %s stopped answering: %s", self.name, peer.endpoint, detail)
+            peer.load.healthy = False
+            return
+        load = peer.load
+        load.num_waiting, load.num_running = report.num_waiting, report.num_running
+        load.num_awaiting_kv, load.kv_usage = report.num_awaiting_kv, report.kv_usage
+        load.block_size = report.block_size or load.block_size
+        if self.include_prefix_hashes:
+            load.prefix_hashes = frozenset(report.prefix_hashes)
+        load.avg_prefill_seconds = report.avg_prefill_seconds
+        load.avg_decode_step_seconds = report.avg_decode_step_seconds
+        load.prefill_tokens_per_second = report.prefill_tokens_per_second
+        load.draining = report.draining
+        load.pending = 0
+        load.healthy = True
+        peer.model, peer.max_model_len, peer.last_ok = report.model, report.max_model_len, time.monotonic()

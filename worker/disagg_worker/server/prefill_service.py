@@ -1,0 +1,114 @@
+"""``Prefill.Prefill``: compute a prompt's KV, stream the uncached blocks back, return the first token.
+
+The request runs in this worker's continuous batch with ``max_tokens=1`` and its blocks held after it
+finishes. Chunks are exported one at a time just before they are sent, so a transfer holds at most a
+chunk in flight on this side; gRPC flow control pushes back when the decode side is slow. The held
+blocks are always released, whether the transfer completes, fails or is cancelled.
+
+Fault injection for tests (``DISAGG_FAULT``): ``corrupt_chunk`` flips a byte after checksumming,
+``slow_transfer:SECONDS`` sleeps before each chunk, ``die_mid_transfer`` exits after the first chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from disagg_worker import metrics as m
+from disagg_worker.engine.request import InvalidRequestError
+from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
+from disagg_worker.transfer.chunks import checksum, plan_chunks, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+
+def layout_message(runtime: WorkerRuntime) -> pb.KvLayout:
+    lay = runtime.engine.engine.runner.layout
+    return pb.KvLayout(num_layers=lay.num_layers, block_size=lay.block_size, num_kv_heads=lay.num_kv_heads,
+                       head_dim=lay.head_dim, dtype=str(lay.dtype).removeprefix("torch."))
+
+
+class PrefillServicer(pb_grpc.PrefillServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+        self.fault = os.environ.get("DISAGG_FAULT", "")
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.PrefillResponse]:
+        rt, eng = self.rt, self.rt.engine.engine
+        if rt.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is draining")
+        ours = layout_message(rt)
+        if request.layout != ours:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV layout mismatch: decode expects {request.layout}, this worker has {ours}")
+        rid = request.request_id
+        t0 = time.monotonic()
+        try:
+            params = params_from_proto(request.params).model_copy(update={"max_tokens": 1})
+            prompt = list(request.prompt_token_ids)
+            eng.validate(prompt, params)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
+        q = rt.engine.open_stream(rid)
+        try:
+            await rt.engine.call(lambda: eng.add_request(rid, prompt, params, hold_kv=True))
+        except InvalidRequestError as exc:
+            rt.engine.close_stream(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            first = None
+            async for out in rt.engine.stream(rid, q):
+                if out.error:
+                    await context.abort(grpc.StatusCode.INTERNAL, out.error)
+                if out.new_token_ids:
+                    first = out
+            if first is None:
+                await context.abort(grpc.StatusCode.INTERNAL, "prefill produced no token")
+            prefill_done = time.monotonic()
+            num_blocks = eng.block_manager.blocks_for_tokens(len(prompt)) - request.first_block
+            lay = eng.runner.layout
+            per_block_layer = lay.bytes_per_block // lay.num_layers
+            chunk_bytes = request.chunk_bytes or rt.policy.kv_transfer.chunk_bytes
+            specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
+            total = 0
+            for spec in specs:
+                if self.fault.startswith("slow_transfer"):
+                    await asyncio.sleep(float(self.fault.split(":")[1]))
+                k, v = await asyncio.to_thread(eng.export_kv, rid, spec.first_block, spec.num_blocks,
+                                               range(spec.layer_start, spec.layer_start + spec.num_layers))
+                kb, vb = bytes(tensor_bytes(k)), bytes(tensor_bytes(v))
+                chunk = pb.KvChunk(request_id=rid, seq=spec.seq, first_block=spec.first_block,
+                                   num_blocks=spec.num_blocks, layer_start=spec.layer_start,
+                                   num_layers=spec.num_layers, dtype=ours.dtype, shape=list(k.shape),
+                                   k=kb, v=vb, checksum=checksum(kb, vb))
+                if self.fault == "corrupt_chunk" and spec.seq == 0:
+                    chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
+                total += len(kb) + len(vb)
+                yield pb.PrefillResponse(chunk=chunk)
+                if self.fault == "die_mid_transfer":
+                    log.error("fault injection: exiting in the middle of a KV transfer")
+                    os._exit(17)
+            m.KV_TRANSFER_BYTES.labels("sent").inc(total)
+            m.KV_TRANSFER_SECONDS.labels("sent").observe(time.monotonic() - prefill_done)
+            queue_s = (first.first_scheduled_time or t0) - first.arrival_time
+            prefill_s = (first.first_token_time or prefill_done) - (first.first_scheduled_time or t0)
+            yield pb.PrefillResponse(done=pb.PrefillDone(
+                first_token=first.new_token_ids[0], num_chunks=len(specs), total_bytes=total,
+                prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
+        finally:
+            await _release(rt, rid)
+
+
+async def _release(rt: WorkerRuntime, rid: str) -> None:
+    try:
+        await asyncio.shield(rt.engine.call(lambda: rt.engine.engine.release(rid)))
+    except Exception:  # the engine stopped: nothing left to release
+        log.debug("release of %s skipped", rid)

@@ -1,0 +1,166 @@
+"""State one worker process shares between its gRPC services and its HTTP endpoint.
+
+Owns the engine thread, the role, the policy, draining, the recent-timing averages that load
+reports carry, and the refresh of the Prometheus gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from disagg_worker import metrics as m
+from disagg_worker.engine.async_engine import AsyncEngine
+from disagg_worker.engine.engine import RequestOutput
+from disagg_worker.engine.request import PRIORITY_HIGH, PRIORITY_LOW, InvalidRequestError, SamplingParams
+from disagg_worker.policy import Policy
+from disagg_worker.rpc import pb
+
+MAX_REPORTED_HASHES = 1 << 16
+
+
+@dataclass
+class Ewma:
+    alpha: float = 0.2
+    value: float = 0.0
+    seen: bool = False
+
+    def add(self, x: float) -> None:
+        self.value = x if not self.seen else self.alpha * x + (1 - self.alpha) * self.value
+        self.seen = True
+
+
+@dataclass
+class WorkerRuntime:
+    engine: AsyncEngine
+    role: str
+    policy: Policy
+    model_name: str
+    draining: bool = False
+    avg_prefill_seconds: Ewma = field(default_factory=Ewma)
+    avg_step_seconds: Ewma = field(default_factory=Ewma)
+    prefill_tokens_per_second: Ewma = field(default_factory=Ewma)
+    utilization: float = 0.0
+    _task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.engine.on_step = self._on_step
+        self._last_preemptions = 0
+
+    # ---- engine hooks (engine thread) ------------------------------------------------------
+    def _on_step(self, outputs: list[RequestOutput], seconds: float) -> None:
+        self.avg_step_seconds.add(seconds)
+        m.STEP_SECONDS.labels(self.role).observe(seconds)
+        for out in outputs:
+            if out.new_token_ids:
+                m.GENERATION_TOKENS.labels(self.role).inc(len(out.new_token_ids))
+            if out.first_token_time is not None and out.num_output_tokens == len(out.new_token_ids):
+                self.record_first_token(out)
+            if out.finished:
+                self.record_finished(out)
+
+    def record_first_token(self, out: RequestOutput) -> None:
+        if out.first_scheduled_time is None or out.first_token_time is None:
+            return
+        prefill = out.first_token_time - out.first_scheduled_time
+        self.avg_prefill_seconds.add(prefill)
+        uncached = out.num_prompt_tokens - out.num_cached_tokens
+        if prefill > 0 and uncached > 0:
+            self.prefill_tokens_per_second.add(uncached / prefill)
+        m.TTFT.labels(self.role).observe(out.first_token_time - out.arrival_time)
+
+    def record_finished(self, out: RequestOutput) -> None:
+        m.REQUESTS_FINISHED.labels(self.role, out.finish_reason or "unknown").inc()
+        if out.first_token_time is None:
+            return
+        end = time.monotonic()
+        m.E2E.labels(self.role).observe(end - out.arrival_time)
+        if out.num_output_tokens > 1:
+            m.TPOT.labels(self.role).observe((end - out.first_token_time) / (out.num_output_tokens - 1))
+
+    # ---- periodic --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_loop(), name="metrics-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _refresh_loop(self) -> None:
+        engine = self.engine.engine
+        last_busy, last_t = engine.busy_seconds, time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self.utilization = min(1.0, (engine.busy_seconds - last_busy) / max(now - last_t, 1e-6))
+            last_busy, last_t = engine.busy_seconds, now
+            self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        s = self.engine.engine.stats()
+        r = self.role
+        m.REQUESTS_WAITING.labels(r).set(s.num_waiting)
+        m.REQUESTS_RUNNING.labels(r).set(s.num_running)
+        m.REQUESTS_AWAITING_KV.labels(r).set(s.num_awaiting_kv)
+        m.KV_CACHE_USAGE.labels(r).set(s.kv_usage)
+        m.PREFIX_HIT_RATIO.labels(r).set(s.prefix_hit_ratio)
+        m.UTILIZATION.labels(r).set(self.utilization)
+        m.DRAINING.labels(r).set(1 if self.draining else 0)
+        m.PREEMPTIONS.labels(r).inc(s.num_preemptions - self._last_preemptions)
+        self._last_preemptions = s.num_preemptions
+
+    # ---- load report -----------------------------------------------------------------------
+    def load_report(self, include_hashes: bool) -> pb.LoadReport:
+        eng = self.engine.engine
+        s = eng.stats()
+        report = pb.LoadReport(
+            role=self.role, num_waiting=s.num_waiting, num_running=s.num_running,
+            num_awaiting_kv=s.num_awaiting_kv, kv_usage=s.kv_usage, utilization=self.utilization,
+            block_size=eng.config.block_size, num_free_blocks=s.num_free_blocks, num_blocks=s.num_blocks,
+            avg_prefill_seconds=self.avg_prefill_seconds.value, avg_decode_step_seconds=self.avg_step_seconds.value,
+            draining=self.draining, model=self.model_name, max_model_len=eng.max_model_len,
+            prefill_tokens_per_second=self.prefill_tokens_per_second.value,
+        )
+        if include_hashes:
+            report.prefix_hashes.extend(eng.block_manager.cached_hashes()[:MAX_REPORTED_HASHES])
+        return report
+
+    @property
+    def num_active(self) -> int:
+        s = self.engine.engine.stats()
+        return s.num_waiting + s.num_running + s.num_awaiting_kv
+
+    async def drain(self, wait_seconds: float) -> bool:
+        """Stop taking requests; with ``wait_seconds`` > 0 wait until running ones finish. True if idle."""
+        self.draining = True
+        self.refresh_gauges()
+        deadline = time.monotonic() + wait_seconds
+        while self.num_active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.num_active == 0
+
+
+def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams.parse(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos)
+
+
+def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                            stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def priority_from_proto(value: int) -> int:
+    return PRIORITY_LOW if value == pb.PRIORITY_LOW else PRIORITY_HIGH
+
+
+__all__ = ["InvalidRequestError", "WorkerRuntime", "params_from_proto", "params_to_proto", "priority_from_proto"]

@@ -1,0 +1,128 @@
+"""``disagg worker``: one prefill, decode or monolithic (``both``) worker process.
+
+gRPC on ``--port`` (Decode.Generate for decode/both, Prefill.Prefill for prefill, Worker.GetLoad for
+all); HTTP on ``--http-port`` (/metrics, /health, /ready, /drain). SIGTERM drains: no new requests,
+running ones finish (up to the policy's drain timeout), then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import grpc
+import uvicorn
+
+from disagg_worker.engine.async_engine import AsyncEngine
+from disagg_worker.engine.engine import EngineConfig, LLMEngine
+from disagg_worker.models.loader import ModelLoadError
+from disagg_worker.policy import PolicyError, load_policy
+from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.server.decode_service import DecodeServicer
+from disagg_worker.server.http import build_app
+from disagg_worker.server.peers import GRPC_OPTIONS, PeerPool
+from disagg_worker.server.prefill_service import PrefillServicer
+from disagg_worker.server.runtime import WorkerRuntime
+
+log = logging.getLogger("disagg.worker")
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+
+    async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+        return self.rt.load_report(request.include_prefix_hashes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="disagg worker", description=__doc__)
+    ap.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    ap.add_argument("--model", default=None, help="preset name, local HF dir, or cached hub id (default tiny-llama)")
+    ap.add_argument("--policy", default=None, help="policy YAML (camelCase, or seed 001's snake_case)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=50051, help="gRPC port")
+    ap.add_argument("--http-port", type=int, default=8081, help="metrics/health port")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-batch-tokens", type=int, default=512, help="token budget per engine step")
+    ap.add_argument("--max-batch-size", type=int, default=128, help="most requests in the continuous batch")
+    ap.add_argument("--kv-cache-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--prefill-workers", default=None,
+                    help="decode/both: comma list of prefill workers host:port (a name may resolve to many)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+async def serve(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    model_ref = args.model or policy.model.ref
+    config = EngineConfig(model=model_ref, device=args.device, dtype=args.dtype,
+                          block_size=policy.cache.block_size, num_kv_blocks=args.kv_cache_blocks,
+                          kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_batch_size,
+                          max_num_batched_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
+                          enable_prefix_caching=policy.cache.reuse_prefix and not args.no_prefix_caching)
+    engine = await asyncio.to_thread(LLMEngine, config)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    runtime = WorkerRuntime(async_engine, args.role, policy, model_ref)
+    runtime.start()
+    prefill_pool = PeerPool("prefill", args.prefill_workers if args.role != "prefill" else None)
+    await prefill_pool.start()
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(runtime), server)
+    if args.role in ("decode", "both"):
+        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool), server)
+    if args.role in ("prefill", "both"):
+        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {args.host}:{args.port}")
+    await server.start()
+    http = uvicorn.Server(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
+                                         log_level="warning", lifespan="off"))
+    http_task = asyncio.create_task(http.serve())
+    log.info("%s worker ready: model %s, gRPC %s:%d, HTTP %s:%d, %d KV blocks (%d MiB)%s", args.role, model_ref,
+             args.host, args.port, args.host, args.http_port, engine.num_blocks, engine.runner.kv.nbytes >> 20,
+             ", CPU attention kernel" if engine.runner.kernel is not None else "")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining before exit")
+    await runtime.drain(policy.autoscale.drain_timeout_seconds)
+    await server.stop(grace=2)
+    http.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(http_task, 5)
+    await prefill_pool.stop()
+    await runtime.stop()
+    await async_engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role}[{os.getpid()}] "
+                        "%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return asyncio.run(serve(args))
+    except (PolicyError, ModelLoadError, OSError, ValueError) as exc:
+        print(f"disagg worker: {exc}", file=sys.stderr)
+        return 2
