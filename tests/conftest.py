@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from disagg_worker.models.loader import LoadedModel, load_model
 
 torch.set_num_threads(2)

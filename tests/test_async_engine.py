@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.models.loader import LoadedModel
-
 from tests.conftest import hf_greedy, random_prompts
 
 

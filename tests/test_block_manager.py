@@ -9,13 +9,14 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from disagg_worker.engine.block_manager import BlockManager
 from disagg_worker.engine.prefix_hash import block_hashes, shared_prefix_blocks
 from disagg_worker.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from disagg_worker.engine.scheduler import Scheduler, SchedulerConfig
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 
 def make_request(rid: str, prompt: list[int], max_tokens: int = 8, **kw: object) -> Request:

@@ -22,15 +22,36 @@ from tests.test_e2e_serving import SMALL_POOL, complete, metric_value, text_of, 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize(("fault", "timeout_s", "reason"), [
-    ("corrupt_chunk", 30, "checksum"),
-    ("slow_transfer:4", 1, "deadline"),
-    ("die_mid_transfer", 30, None),
+def test_tcp_transport_matches_hf(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "p.yaml", splitPolicy={"promptLengthThreshold": 48},
+                          kvTransfer={"backend": "tcp", "chunkBytes": 65536})
+    cluster = LocalCluster(policy=policy, port=free_port(), log_dir=tmp_path / "logs", worker_args=SMALL_POOL)
+    cluster.start()
+    try:
+        lm = get_model("tiny-llama")
+        base = random_prompts(1, 300, 300, 53)[0]
+        for prompt in (base, [*base, 3, 4, 5]):  # the second one also hits the decode worker's prefix cache
+            body = complete(cluster, prompt, 16)
+            assert body["choices"][0]["text"] == text_of(hf_greedy(lm, prompt, 16))
+        metrics = worker_metrics(cluster, "decode-0")
+        assert metric_value(metrics, "disagg_prefill_decisions_total", 'outcome="remote"') >= 1
+        assert metric_value(metrics, "disagg_prefill_decisions_total", 'outcome="fallback"') == 0
+        assert metric_value(metrics, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(("backend", "fault", "timeout_s", "reason"), [
+    ("grpc", "corrupt_chunk", 30, "checksum"),
+    ("grpc", "slow_transfer:4", 1, "deadline"),
+    ("grpc", "die_mid_transfer", 30, None),
+    ("tcp", "corrupt_chunk", 30, "checksum"),
+    ("tcp", "die_mid_transfer", 30, None),
 ])
-def test_broken_kv_transfer_falls_back_to_local_prefill(tmp_path: Path, fault: str, timeout_s: float,
+def test_broken_kv_transfer_falls_back_to_local_prefill(tmp_path: Path, backend: str, fault: str, timeout_s: float,
                                                         reason: str | None) -> None:
     policy = write_policy(tmp_path / "p.yaml", splitPolicy={"promptLengthThreshold": 48},
-                          kvTransfer={"timeoutSeconds": timeout_s, "chunkBytes": 65536})
+                          kvTransfer={"timeoutSeconds": timeout_s, "chunkBytes": 65536, "backend": backend})
     cluster = LocalCluster(policy=policy, port=free_port(), log_dir=tmp_path / "logs", worker_args=SMALL_POOL,
                            worker_env={"prefill-0": {"DISAGG_FAULT": fault}})
     cluster.start()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from disagg_worker.engine.detokenizer import IncrementalDetokenizer
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.engine.request import InvalidRequestError, SamplingParams
 from disagg_worker.engine.sampler import apply_temperature_top_k_top_p
 from disagg_worker.models.loader import LoadedModel
-
 from tests.conftest import hf_greedy, random_prompts
 
 

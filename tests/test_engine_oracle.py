@@ -11,9 +11,9 @@ import functools
 
 import pytest
 import torch
+
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.models.loader import LoadedModel
-
 from tests.conftest import FAMILIES, get_model, hf_greedy, random_prompts
 
 
@@ -89,8 +89,9 @@ def test_second_wave_hits_the_prefix_cache(llama: LoadedModel) -> None:
 
 
 def test_sliding_window_attention_matches_hf() -> None:
-    from disagg_worker.models.presets import build_tokenizer
     from transformers import MistralConfig, MistralForCausalLM
+
+    from disagg_worker.models.presets import build_tokenizer
 
     torch.manual_seed(3)
     cfg = MistralConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from disagg_worker.models.loader import ModelLoadError, load_model
 from disagg_worker.models.presets import PRESETS, build_tokenizer, save_preset
 

@@ -111,11 +111,13 @@ class QoS(_Model):
     ttft_slo_ms: float = Field(200, gt=0)
     tpot_slo_ms: float = Field(50, gt=0)
     default_priority: Literal["high", "low"] = "high"
+    priority_scheduling: bool = Field(True, description="serve high before low in every queue; off = one class")
     retry_after_seconds: int = Field(1, ge=0)
 
 
 class KVTransfer(_Model):
-    backend: Literal["grpc", "tcp", "nixl", "mooncake"] = "grpc"
+    backend: Literal["grpc", "tcp"] = Field(
+        "grpc", description="grpc: chunks on the Prefill stream; tcp: raw-socket data plane (see transfer/tcp.py)")
     chunk_bytes: int = Field(4 << 20, ge=4096, le=64 << 20)
     max_inflight_chunks: int = Field(4, ge=1, le=64, description="bounded memory: chunks buffered per transfer")
     timeout_seconds: float = Field(30, gt=0)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -28,6 +29,7 @@ from disagg_worker.server.http import build_app
 from disagg_worker.server.peers import GRPC_OPTIONS, PeerPool
 from disagg_worker.server.prefill_service import PrefillServicer
 from disagg_worker.server.runtime import WorkerRuntime
+from disagg_worker.transfer.tcp import KvReceiver
 
 log = logging.getLogger("disagg.worker")
 
@@ -57,10 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--prefill-workers", default=None,
                     help="decode/both: comma list of prefill workers host:port (a name may resolve to many)")
+    ap.add_argument("--kv-port", type=int, default=0, help="tcp KV transport: receiver port (0 = any free port)")
+    ap.add_argument("--advertise-host", default=None,
+                    help="address prefill workers use to reach this worker's KV port (default: --host, or the "
+                         "host's IP when --host is 0.0.0.0)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--log-level", default="INFO")
     return ap
+
+
+def advertise_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    if args.host in ("0.0.0.0", "::", ""):
+        return socket.gethostbyname(socket.gethostname())  # the pod IP on Kubernetes
+    return args.host
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -81,8 +95,11 @@ async def serve(args: argparse.Namespace) -> int:
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(runtime), server)
+    kv_receiver = None
     if args.role in ("decode", "both"):
-        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool), server)
+        if policy.kv_transfer.backend == "tcp":
+            kv_receiver = KvReceiver(args.host, args.kv_port, advertise_host(args))
+        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool, kv_receiver), server)
     if args.role in ("prefill", "both"):
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -108,6 +125,8 @@ async def serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, 5)
     await prefill_pool.stop()
+    if kv_receiver is not None:
+        kv_receiver.close()
     await runtime.stop()
     await async_engine.stop()
     return 0

@@ -84,6 +84,8 @@ def build_app(service: RouterService) -> FastAPI:
                            param="model", code="model_not_found")
 
     def priority_of(body: Any) -> str:
+        if not service.policy.qos.priority_scheduling:
+            return "high"  # QoS off: every request is one class (admitted, served in arrival order)
         return body.priority or service.policy.qos.default_priority
 
     def prompt_ids_of(prompt: Any) -> list[list[int]]:
@@ -190,7 +192,7 @@ def build_app(service: RouterService) -> FastAPI:
                 await queue.put((i, None))
             except APIError as exc:
                 await queue.put((i, exc))
-            except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+            except Exception as exc:
                 await queue.put((i, APIError(500, f"internal error: {exc}", "server_error")))
 
         tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams, strict=True))]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,9 @@ from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.peers import Peer, PeerPool
 from disagg_worker.server.prefill_service import layout_message
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, params_to_proto, priority_from_proto
-from disagg_worker.transfer.chunks import TransferError, checksum, dtype_from_name, tensor_from_bytes
+from disagg_worker.transfer.chunks import TransferError
+from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
+from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,10 @@ def output_message(out: RequestOutput) -> pb.GenerateResponse:
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):
-    def __init__(self, runtime: WorkerRuntime, prefill_pool: PeerPool) -> None:
+    def __init__(self, runtime: WorkerRuntime, prefill_pool: PeerPool, kv_receiver: KvReceiver | None = None) -> None:
         self.rt = runtime
         self.prefill_pool = prefill_pool
+        self.kv_receiver = kv_receiver  # set when the policy's kvTransfer.backend is "tcp"
 
     # ---- the offload decision --------------------------------------------------------------
     def _pick_prefill_worker(self) -> Peer | None:
@@ -143,34 +147,47 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                                 first_block=first_block, layout=layout_message(rt),
                                 chunk_bytes=rt.policy.kv_transfer.chunk_bytes)
         deadline = rt.policy.kv_transfer.timeout_seconds
-        call = peer.prefill.Prefill(req, timeout=deadline)
         t_start = time.monotonic()
         received = 0
-        covered = [0] * (prompt_blocks - first_block)  # layers received per block
+        coverage = Coverage(first_block, prompt_blocks - first_block, lay.num_layers)
+        verify = rt.policy.kv_transfer.verify_checksums
         done: pb.PrefillDone | None = None
         t_first_chunk: float | None = None
+        side: PendingTransfer | None = None
+        token = ""
+        if self.kv_receiver is not None:
+            side = PendingTransfer(rid, lay, coverage, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls), verify,
+                                   asyncio.get_running_loop())
+            token = self.kv_receiver.register(side)
+            req.kv_endpoint, req.transfer_token = self.kv_receiver.endpoint, token
+        call = peer.prefill.Prefill(req, timeout=deadline)
         try:
             async for resp in call:
                 if resp.HasField("chunk"):
                     t_first_chunk = t_first_chunk or time.monotonic()
-                    k, v, chunk = self._decode_chunk(resp.chunk, lay, rid)
-                    lo = chunk.first_block - first_block
-                    if lo < 0 or lo + chunk.num_blocks > len(covered):
-                        raise TransferError(f"chunk blocks {chunk.first_block}+{chunk.num_blocks} out of range")
+                    chunk = resp.chunk
+                    k, v = decode_chunk(chunk, lay, rid, verify)
+                    coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
                     await rt.engine.call(
                         lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))
-                    for i in range(lo, lo + chunk.num_blocks):
-                        covered[i] += chunk.num_layers
                     received += len(chunk.k) + len(chunk.v)
                 elif resp.HasField("done"):
                     done = resp.done
             if done is None:
                 raise TransferError("prefill stream ended without a first token")
-            if any(c != lay.num_layers for c in covered):
+            if side is not None:
+                t_first_chunk = t_start
+                received = await asyncio.wait_for(side.finished, max(0.1, deadline - (time.monotonic() - t_start)))
+            if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
-        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError):
             call.cancel()
+            if side is not None and not side.finished.done():
+                with contextlib.suppress(Exception):  # let the data plane report its side of the failure
+                    await asyncio.wait_for(asyncio.shield(side.finished), 1.0)
+            if side is not None and side.finished.done() and side.finished.exception() is not None:
+                exc = side.finished.exception()  # the data plane's error explains the control stream's
             reason = _failure_reason(exc)
             log.warning("remote prefill of %s via %s failed (%s): prefilling locally", rid, peer.endpoint, reason)
             m.KV_TRANSFER_FAILURES.labels(reason).inc()
@@ -182,6 +199,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         except BaseException:
             call.cancel()
             raise
+        finally:
+            if token:
+                self.kv_receiver.unregister(token)  # type: ignore[union-attr]
         now = time.monotonic()
         m.PREFILL_DECISIONS.labels("remote").inc()
         m.KV_TRANSFER_BYTES.labels("received").inc(received)
@@ -193,20 +213,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         m.TTFT.labels(rt.role).observe(now - t0)
         rt.avg_prefill_seconds.add(done.prefill_seconds)
         return out, pb.GenerateResponse(remote_prefill=True, timings=timings)
-
-    @staticmethod
-    def _decode_chunk(chunk: pb.KvChunk, lay, rid: str) -> tuple:  # type: ignore[no-untyped-def]
-        if chunk.request_id != rid:
-            raise TransferError(f"chunk for {chunk.request_id!r} arrived on the transfer of {rid!r}")
-        if checksum(chunk.k, chunk.v) != chunk.checksum:
-            raise TransferError(f"checksum mismatch on chunk {chunk.seq}")
-        dtype = dtype_from_name(chunk.dtype)
-        if dtype != lay.dtype:
-            raise TransferError(f"chunk dtype {chunk.dtype} but the pool holds {lay.dtype}")
-        shape = (chunk.num_layers, chunk.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        if tuple(chunk.shape) != shape:
-            raise TransferError(f"chunk shape {tuple(chunk.shape)}, expected {shape}")
-        return tensor_from_bytes(chunk.k, dtype, shape), tensor_from_bytes(chunk.v, dtype, shape), chunk
 
 
 def _failure_reason(exc: BaseException) -> str:

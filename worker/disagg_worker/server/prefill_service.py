@@ -23,7 +23,9 @@ from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
-from disagg_worker.transfer.chunks import checksum, plan_chunks, tensor_bytes
+from disagg_worker.transfer.chunks import plan_chunks
+from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
+from disagg_worker.transfer.tcp import KvSenderConnection
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 def layout_message(runtime: WorkerRuntime) -> pb.KvLayout:
     lay = runtime.engine.engine.runner.layout
     return pb.KvLayout(num_layers=lay.num_layers, block_size=lay.block_size, num_kv_heads=lay.num_kv_heads,
-                       head_dim=lay.head_dim, dtype=str(lay.dtype).removeprefix("torch."))
+                       head_dim=lay.head_dim, dtype=dtype_name(lay.dtype))
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
@@ -79,23 +81,33 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             chunk_bytes = request.chunk_bytes or rt.policy.kv_transfer.chunk_bytes
             specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
             total = 0
-            for spec in specs:
-                if self.fault.startswith("slow_transfer"):
-                    await asyncio.sleep(float(self.fault.split(":")[1]))
-                k, v = await asyncio.to_thread(eng.export_kv, rid, spec.first_block, spec.num_blocks,
-                                               range(spec.layer_start, spec.layer_start + spec.num_layers))
-                kb, vb = bytes(tensor_bytes(k)), bytes(tensor_bytes(v))
-                chunk = pb.KvChunk(request_id=rid, seq=spec.seq, first_block=spec.first_block,
-                                   num_blocks=spec.num_blocks, layer_start=spec.layer_start,
-                                   num_layers=spec.num_layers, dtype=ours.dtype, shape=list(k.shape),
-                                   k=kb, v=vb, checksum=checksum(kb, vb))
-                if self.fault == "corrupt_chunk" and spec.seq == 0:
-                    chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
-                total += len(kb) + len(vb)
-                yield pb.PrefillResponse(chunk=chunk)
-                if self.fault == "die_mid_transfer":
-                    log.error("fault injection: exiting in the middle of a KV transfer")
-                    os._exit(17)
+            sender = None
+            if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
+                sender = await asyncio.to_thread(KvSenderConnection, request.kv_endpoint, request.transfer_token,
+                                                 rt.policy.kv_transfer.timeout_seconds)
+            try:
+                for spec in specs:
+                    if self.fault.startswith("slow_transfer"):
+                        await asyncio.sleep(float(self.fault.split(":")[1]))
+                    k, v = await asyncio.to_thread(eng.export_kv, rid, spec.first_block, spec.num_blocks,
+                                                   range(spec.layer_start, spec.layer_start + spec.num_layers))
+                    corrupt = self.fault == "corrupt_chunk" and spec.seq == 0
+                    if sender is not None:
+                        total += await asyncio.to_thread(sender.send, spec, k, v, corrupt)
+                    else:
+                        chunk = encode_chunk(rid, spec, k, v)
+                        if corrupt:
+                            chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
+                        total += len(chunk.k) + len(chunk.v)
+                        yield pb.PrefillResponse(chunk=chunk)
+                    if self.fault == "die_mid_transfer":
+                        log.error("fault injection: exiting in the middle of a KV transfer")
+                        os._exit(17)
+                if sender is not None:
+                    await asyncio.to_thread(sender.finish)
+            finally:
+                if sender is not None:
+                    sender.close()
             m.KV_TRANSFER_BYTES.labels("sent").inc(total)
             m.KV_TRANSFER_SECONDS.labels("sent").observe(time.monotonic() - prefill_done)
             queue_s = (first.first_scheduled_time or t0) - first.arrival_time

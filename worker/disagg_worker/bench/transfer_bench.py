@@ -1,0 +1,287 @@
+"""``disagg bench transfer``: KV transfer throughput vs a raw TCP socket and an in-memory copy.
+
+For each cache size, three ways to move the same bytes between two processes on this machine:
+- memcpy: a copy between two preallocated tensors in one process (the ceiling);
+- raw TCP: ``sendall`` from one process, ``recv_into`` a preallocated buffer in the other (the
+  transport's floor cost);
+- disagg "tcp" transport: the production raw-socket data plane (``KvSenderConnection`` frames into a
+  ``KvReceiver`` that verifies checksums and coverage and copies into the destination pool);
+- disagg "grpc" transport: the production chunk path (``plan_chunks`` + ``encode_chunk`` on a
+  ``Prefill`` response stream; ``decode_chunk`` with checksum, dtype and shape checks and a copy into
+  the destination pool on the receiving side), with and without checksum verification.
+Both disagg rows include exporting chunks from a KV pool on the sending side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from disagg_worker.bench.report import print_table, write_json
+from disagg_worker.engine.kv_cache import KVLayout
+
+LAYOUT = KVLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)  # tiny-llama
+
+
+def blocks_for_mib(mib: int) -> int:
+    return max(1, (mib << 20) // LAYOUT.bytes_per_block)
+
+
+def pool(num_blocks: int, fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (LAYOUT.num_layers, num_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    if fill:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+# ---- memcpy ----------------------------------------------------------------------------------
+def bench_memcpy(mib: int, repeats: int) -> list[float]:
+    n = blocks_for_mib(mib)
+    src, dst = pool(n, True), pool(n, False)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst[0].copy_(src[0])
+        dst[1].copy_(src[1])
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---- raw TCP ---------------------------------------------------------------------------------
+def _tcp_sender(port: int, nbytes: int, repeats: int) -> None:
+    buf = bytearray(nbytes)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        for _ in range(repeats):
+            s.recv(1)  # receiver is ready
+            s.sendall(buf)
+
+
+def bench_tcp(mib: int, repeats: int) -> list[float]:
+    nbytes = 2 * blocks_for_mib(mib) * LAYOUT.bytes_per_block // 2  # K and V together
+    ctx = mp.get_context("spawn")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = ctx.Process(target=_tcp_sender, args=(server.getsockname()[1], nbytes, repeats))
+        proc.start()
+        conn, _ = server.accept()
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        times = []
+        with conn:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                conn.sendall(b"g")
+                got = 0
+                while got < nbytes:
+                    r = conn.recv_into(view[got:], nbytes - got)
+                    if r == 0:
+                        raise ConnectionError("sender closed early")
+                    got += r
+                times.append(time.perf_counter() - t0)
+        proc.join(10)
+    return times
+
+
+# ---- gRPC KV transfer (production chunk path) ------------------------------------------------
+def _grpc_sender(port_queue: Any, num_blocks: int, chunk_bytes: int) -> None:
+    import grpc
+
+    from disagg_worker.rpc import pb, pb_grpc
+    from disagg_worker.server.peers import GRPC_OPTIONS
+    from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks
+    from disagg_worker.transfer.grpc_stream import encode_chunk
+
+    k_pool, v_pool = pool(num_blocks, True)
+    per_block_layer = LAYOUT.bytes_per_block // LAYOUT.num_layers
+
+    def export(spec: ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
+        blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
+        return k_pool[layers, blocks].contiguous(), v_pool[layers, blocks].contiguous()
+
+    class Sender(pb_grpc.PrefillServicer):
+        async def Prefill(self, request: Any, context: Any) -> Any:
+            specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, per_block_layer, request.chunk_bytes or chunk_bytes)
+            for spec in specs:
+                k, v = export(spec)
+                yield pb.PrefillResponse(chunk=encode_chunk(request.request_id, spec, k, v))
+            yield pb.PrefillResponse(done=pb.PrefillDone(first_token=0, num_chunks=len(specs)))
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_PrefillServicer_to_server(Sender(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_queue.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bench_grpc(mib: int, repeats: int, chunk_bytes: int, verify: bool) -> list[float]:
+    import grpc
+
+    from disagg_worker.rpc import pb, pb_grpc
+    from disagg_worker.server.peers import GRPC_OPTIONS
+    from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
+
+    n = blocks_for_mib(mib)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_grpc_sender, args=(q, n, chunk_bytes), daemon=True)
+    proc.start()
+    port = q.get(timeout=120)
+    k_dst, v_dst = pool(n, False)
+
+    async def run() -> list[float]:
+        times = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+            stub = pb_grpc.PrefillStub(channel)
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                cov = Coverage(0, n, LAYOUT.num_layers)
+                async for resp in stub.Prefill(pb.PrefillRequest(request_id=f"t{i}", chunk_bytes=chunk_bytes)):
+                    if not resp.HasField("chunk"):
+                        continue
+                    c = resp.chunk
+                    k, v = decode_chunk(c, LAYOUT, f"t{i}", verify)
+                    cov.add(c.first_block, c.num_blocks, c.layer_start, c.num_layers)
+                    sl = (slice(c.layer_start, c.layer_start + c.num_layers),
+                          slice(c.first_block, c.first_block + c.num_blocks))
+                    k_dst[sl].copy_(k)
+                    v_dst[sl].copy_(v)
+                assert cov.complete
+                times.append(time.perf_counter() - t0)
+        return times
+
+    try:
+        return asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_bytes: int) -> None:
+    from disagg_worker.transfer.chunks import plan_chunks
+    from disagg_worker.transfer.tcp import KvSenderConnection
+
+    k_pool, v_pool = pool(num_blocks, True)
+    specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
+    for token in tokens:
+        conn = KvSenderConnection(endpoint, token, 60)
+        for spec in specs:
+            layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
+            blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
+            conn.send(spec, k_pool[layers, blocks].contiguous(), v_pool[layers, blocks].contiguous())
+        conn.finish()
+        conn.close()
+
+
+def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]:
+    from disagg_worker.transfer.grpc_stream import Coverage
+    from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
+
+    n = blocks_for_mib(mib)
+    k_dst, v_dst = pool(n, False)
+
+    def install(first_block: int, layer_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        sl = (slice(layer_start, layer_start + k.shape[0]), slice(first_block, first_block + k.shape[1]))
+        k_dst[sl].copy_(k)
+        v_dst[sl].copy_(v)
+
+    async def run() -> list[float]:
+        receiver = KvReceiver("127.0.0.1")
+        loop = asyncio.get_running_loop()
+        transfers = [PendingTransfer(f"t{i}", LAYOUT, Coverage(0, n, LAYOUT.num_layers), install, True, loop)
+                     for i in range(repeats)]
+        tokens = [receiver.register(t) for t in transfers]
+        proc = mp.get_context("spawn").Process(target=_tcp_kv_sender, args=(receiver.endpoint, tokens, n, chunk_bytes))
+        proc.start()
+        times = []
+        try:
+            # the sender sends the transfers back to back: time each from the previous one's end
+            await transfers[0].finished
+            last = time.perf_counter()
+            for t in transfers[1:]:
+                await t.finished
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+        finally:
+            proc.join(30)
+            receiver.close()
+        return times
+
+    return asyncio.run(run())
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method]
+        ax.plot([r["size_mib"] for r in rows], [r["gb_per_s"] for r in rows], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV cache size (MiB)")
+    ax.set_ylabel("GB/s (median)")
+    ax.set_title("KV transfer throughput on 127.0.0.1")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__)
+    ap.add_argument("--sizes", default="16,64,256,512", help="KV cache sizes in MiB")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    console = Console()
+    methods = [("memcpy", lambda s: bench_memcpy(s, args.repeats)),
+               ("raw TCP", lambda s: bench_tcp(s, args.repeats)),
+               ("disagg tcp transport (verified)",
+                lambda s: bench_tcp_transport(s, args.repeats + 1, args.chunk_bytes)),
+               ("disagg gRPC (checksums verified)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, True)),
+               ("disagg gRPC (no verification)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, False))]
+    results: list[dict[str, Any]] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("transfers", total=len(sizes) * len(methods))
+        for size in sizes:
+            nbytes = 2 * blocks_for_mib(size) * LAYOUT.bytes_per_block // 2
+            for name, fn in methods:
+                progress.update(task, description=f"{name}, {size} MiB")
+                times = fn(size)
+                med = statistics.median(times)
+                results.append({"method": name, "size_mib": size, "bytes": nbytes, "seconds": times,
+                                "median_seconds": med, "gb_per_s": nbytes / med / 1e9})
+                progress.advance(task)
+    raw = {r["size_mib"]: r["gb_per_s"] for r in results if r["method"] == "raw TCP"}
+    for r in results:
+        r["vs_raw_tcp"] = r["gb_per_s"] / raw[r["size_mib"]]
+    print_table(f"KV transfer, 127.0.0.1, chunks of {args.chunk_bytes >> 20} MiB (median of {args.repeats})",
+                ["method", "size MiB", "GB/s", "x raw TCP"],
+                [[r["method"], r["size_mib"], r["gb_per_s"], r["vs_raw_tcp"]] for r in results], console)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / "transfer.png")
+    path = write_json(out, "transfer", {"chunk_bytes": args.chunk_bytes, "layout": str(LAYOUT), "results": results})
+    console.print(f"wrote {path} and {out / 'transfer.png'}")
+    return 0
