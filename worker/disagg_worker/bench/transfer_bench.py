@@ -104,10 +104,10 @@ def _grpc_sender(port_queue: Any, num_blocks: int, chunk_bytes: int) -> None:
     k_pool, v_pool = pool(num_blocks, True)
     per_block_layer = LAYOUT.bytes_per_block // LAYOUT.num_layers
 
+    staging = pool(num_blocks, False)
+
     def export(spec: ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
-        blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
-        return k_pool[layers, blocks].contiguous(), v_pool[layers, blocks].contiguous()
+        return export_into(k_pool, v_pool, spec, staging)
 
     class Sender(pb_grpc.PrefillServicer):
         async def Prefill(self, request: Any, context: Any) -> Any:
@@ -171,18 +171,31 @@ def bench_grpc(mib: int, repeats: int, chunk_bytes: int, verify: bool) -> list[f
         proc.join(10)
 
 
+def export_into(k_pool: torch.Tensor, v_pool: torch.Tensor, spec: Any, staging: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy one chunk's rectangle into reused staging buffers (as the prefill worker's export does)."""
+    layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
+    blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
+    src_k, src_v = k_pool[layers, blocks], v_pool[layers, blocks]
+    k = staging[0].view(-1)[:src_k.numel()].view(src_k.shape)
+    v = staging[1].view(-1)[:src_v.numel()].view(src_v.shape)
+    k.copy_(src_k)
+    v.copy_(src_v)
+    return k, v
+
+
 def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_bytes: int) -> None:
     from disagg_worker.transfer.chunks import plan_chunks
     from disagg_worker.transfer.tcp import KvSenderConnection
 
     k_pool, v_pool = pool(num_blocks, True)
     specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
+    staging = pool(max(s.num_blocks for s in specs), False)
     for token in tokens:
         conn = KvSenderConnection(endpoint, token, 60)
         for spec in specs:
-            layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
-            blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
-            conn.send(spec, k_pool[layers, blocks].contiguous(), v_pool[layers, blocks].contiguous())
+            k, v = export_into(k_pool, v_pool, spec, staging)
+            conn.send(spec, k, v)
         conn.finish()
         conn.close()
 
@@ -210,10 +223,10 @@ def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]
         times = []
         try:
             # the sender sends the transfers back to back: time each from the previous one's end
-            await transfers[0].finished
+            await asyncio.wait_for(transfers[0].finished, 300)  # a dead sender fails the run, never hangs it
             last = time.perf_counter()
             for t in transfers[1:]:
-                await t.finished
+                await asyncio.wait_for(t.finished, 300)
                 now = time.perf_counter()
                 times.append(now - last)
                 last = now

@@ -277,14 +277,15 @@ class LLMEngine:
         return req.block_ids
 
     def export_kv(self, request_id: str, first_block: int, num_blocks: int | None = None,
-                  layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  layers: range | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of a finished, held request's blocks ``[first_block, first_block + num_blocks)``."""
         req = self.scheduler.held.get(request_id)
         if req is None:
             raise KeyError(f"request {request_id!r} holds no exportable KV")
         prompt_blocks = self.block_manager.blocks_for_tokens(req.num_prompt_tokens)
         end = prompt_blocks if num_blocks is None else min(prompt_blocks, first_block + num_blocks)
-        return self.runner.kv.export_blocks(req.block_ids[first_block:end], layers)
+        return self.runner.kv.export_blocks(req.block_ids[first_block:end], layers, out)
 
     def release(self, request_id: str) -> None:
         """Free a held request's blocks (after export, or when the export is abandoned)."""

@@ -50,12 +50,26 @@ class PagedKVCache:
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
 
-    def export_blocks(self, block_ids: list[int], layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of K and V for ``block_ids``: ``[layers, len(block_ids), block_size, kv_heads, head_dim]``."""
+    def export_blocks(self, block_ids: list[int], layers: range | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V for ``block_ids``: ``[layers, len(block_ids), block_size, kv_heads, head_dim]``.
+
+        ``out`` (two staging buffers at least that large) avoids a fresh allocation per chunk; the
+        returned tensors are views into it.
+        """
         layers = layers or range(self.layout.num_layers)
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         sl = slice(layers.start, layers.stop)
-        return self.k[sl].index_select(1, idx), self.v[sl].index_select(1, idx)
+        if out is None:
+            return self.k[sl].index_select(1, idx), self.v[sl].index_select(1, idx)
+        shape = (len(layers), len(block_ids), *self.k.shape[2:])
+        n = 1
+        for d in shape:
+            n *= d
+        k_out, v_out = out[0].view(-1)[:n].view(shape), out[1].view(-1)[:n].view(shape)
+        torch.index_select(self.k[sl], 1, idx, out=k_out)
+        torch.index_select(self.v[sl], 1, idx, out=v_out)
+        return k_out, v_out
 
     def import_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor, layer_start: int = 0) -> None:
         """Write K/V ``[layers, len(block_ids), block_size, kv_heads, head_dim]`` into ``block_ids``."""

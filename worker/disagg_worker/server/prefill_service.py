@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
 from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
@@ -81,6 +82,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             chunk_bytes = request.chunk_bytes or rt.policy.kv_transfer.chunk_bytes
             specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
             total = 0
+            # one reused staging pair (K, V) sized to the largest chunk: no fresh buffer per chunk
+            k_bytes = max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
+            staging = (torch.empty(max(1, k_bytes // _elem(lay.dtype)), dtype=lay.dtype),
+                       torch.empty(max(1, k_bytes // _elem(lay.dtype)), dtype=lay.dtype))
             sender = None
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
                 sender = await asyncio.to_thread(KvSenderConnection, request.kv_endpoint, request.transfer_token,
@@ -90,7 +95,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     if self.fault.startswith("slow_transfer"):
                         await asyncio.sleep(float(self.fault.split(":")[1]))
                     k, v = await asyncio.to_thread(eng.export_kv, rid, spec.first_block, spec.num_blocks,
-                                                   range(spec.layer_start, spec.layer_start + spec.num_layers))
+                                                   range(spec.layer_start, spec.layer_start + spec.num_layers),
+                                                   staging)
                     corrupt = self.fault == "corrupt_chunk" and spec.seq == 0
                     if sender is not None:
                         total += await asyncio.to_thread(sender.send, spec, k, v, corrupt)
@@ -117,6 +123,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
         finally:
             await _release(rt, rid)
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 async def _release(rt: WorkerRuntime, rid: str) -> None:
