@@ -180,3 +180,13 @@ def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:
     for name in ("disagg_requests_waiting", "disagg_kv_cache_usage_ratio", "disagg_prefix_cache_hit_ratio",
                  "disagg_utilization_ratio", "disagg_ttft_seconds_bucket", "disagg_request_phase_seconds_bucket"):
         assert name in worker
+
+
+def test_workers_answer_the_standard_grpc_health_check(cluster: LocalCluster) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for addr in cluster.decode_addresses + cluster.prefill_addresses:
+        with grpc.insecure_channel(addr) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -18,6 +18,8 @@ import sys
 
 import grpc
 import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
@@ -102,6 +104,10 @@ async def serve(args: argparse.Namespace) -> int:
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool, kv_receiver), server)
     if args.role in ("prefill", "both"):
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
+    health = HealthServicer()  # grpc.health.v1, for Kubernetes gRPC probes and grpc_health_probe
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
+        health.set(service, health_pb2.HealthCheckResponse.SERVING)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {args.host}:{args.port}")
@@ -119,6 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining before exit")
+    health.enter_graceful_shutdown()
     await runtime.drain(policy.autoscale.drain_timeout_seconds)
     await server.stop(grace=2)
     http.should_exit = True

@@ -1,0 +1,156 @@
+"""The policy schema and seed 001's decisions as pure functions."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from disagg_worker.engine.prefix_hash import block_hashes
+from disagg_worker.policy import CachePolicy, PolicyError, QoS, SplitPolicy, load_policy, parse_policy
+from disagg_worker.routing import (
+    WorkerLoad,
+    admit_request,
+    cache_overlap_ratio,
+    estimate_ttft,
+    pick_decode_worker,
+    should_offload_prefill,
+)
+
+SEED_CONFIG = {
+    "model": "llama-70b",
+    "split_policy": {"prompt_length_threshold": 256, "prefix_cache_weight": 10.0, "queue_length_weight": 1.5,
+                     "decode_load_weight": 0.5, "enable_hotspot_prevention": True},
+    "cache": {"reuse_prefix": True, "min_cache_hit_ratio": 0.75},
+    "autoscale": {
+        "prefill": {"min_replicas": 4, "max_replicas": 12, "scale_up": {"queue_length": 8, "gpu_utilization": 80},
+                    "scale_down": {"queue_length": 2, "gpu_utilization": 40}},
+        "decode": {"min_replicas": 8, "max_replicas": 24, "scale_up": {"queue_length": 16, "kv_cache_usage": 75},
+                   "scale_down": {"queue_length": 4, "kv_cache_usage": 30}}},
+    "qos": {"enable_early_rejection": True, "low_priority_threshold_ms": 500, "reject_on_slo_violation": True},
+}
+
+
+def test_seed_001_config_loads_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(SEED_CONFIG, indent=2))
+    p = load_policy(path)
+    assert p.model.name == "llama-70b"
+    assert p.split_policy.prompt_length_threshold == 256 and p.cache.min_cache_hit_ratio == 0.75
+    assert p.autoscale.decode.scale_up.kv_cache_usage == 75 and p.autoscale.prefill.max_replicas == 12
+    assert p.qos.low_priority_threshold_ms == 500
+    assert parse_policy(p.to_camel_dict()) == p  # camelCase round trip
+
+
+def test_a_whole_disaggdeployment_is_accepted_as_a_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "dd.yaml"
+    path.write_text("apiVersion: disagg.dev/v1alpha1\nkind: DisaggDeployment\nspec:\n  image: x\n"
+                    "  decode: {replicas: 2}\n  splitPolicy: {promptLengthThreshold: 64}\n")
+    assert load_policy(path).split_policy.prompt_length_threshold == 64
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"splitPolicy": {"prefixCacheWeight": -1}}, "splitPolicy.prefixCacheWeight"),
+    ({"cache": {"minCacheHitRatio": 1.5}}, "cache.minCacheHitRatio"),
+    ({"autoscale": {"decode": {"minReplicas": 9, "maxReplicas": 2}}}, "minReplicas (9) must not exceed"),
+    ({"autoscale": {"prefill": {"scaleUp": {"queueLength": 2}, "scaleDown": {"queueLength": 4}}}},
+     "scaleDown.queueLength"),
+    ({"qos": {"ttftSloMs": 0}}, "qos.ttftSloMs"),
+    ({"qos": {"unknownKnob": 1}}, "qos.unknownKnob"),
+    ({"kvTransfer": {"backend": "carrier-pigeon"}}, "kvTransfer.backend"),
+])
+def test_invalid_values_name_the_field(data: dict, message: str) -> None:
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(data)
+
+
+def test_unreadable_policy_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(PolicyError, match="must hold a mapping"):
+        load_policy(tmp_path / "list.yaml")
+
+
+SPLIT = SplitPolicy()
+
+
+@pytest.mark.parametrize(("prompt", "cached", "queue", "expected"), [
+    (1000, 0, 0, True),
+    (1000, 900, 0, False),   # the uncached part is short
+    (200, 0, 0, False),      # short prompt
+    (1000, 0, 8, False),     # prefill pool saturated (prefillQueueMax 8)
+    (1000, 0, None, False),  # no prefill worker reachable
+    (257, 0, 7, True),
+])
+def test_should_offload_prefill(prompt: int, cached: int, queue: int | None, expected: bool) -> None:
+    assert should_offload_prefill(prompt, cached, queue, SPLIT) is expected
+
+
+def test_overlap_ratio_respects_min_cache_hit_ratio() -> None:
+    cache = CachePolicy(min_cache_hit_ratio=0.75)
+    assert cache_overlap_ratio(12, 16, 256, cache) == 0.75
+    assert cache_overlap_ratio(11, 16, 256, cache) == 0.0
+    assert cache_overlap_ratio(12, 16, 256, CachePolicy(reuse_prefix=False)) == 0.0
+
+
+def _workers(prompt: list[int], cached_on: str, loads: dict[str, int]) -> list[WorkerLoad]:
+    names = frozenset(block_hashes(prompt, 16))
+    return [WorkerLoad(e, num_running=r, prefix_hashes=names if e == cached_on else frozenset())
+            for e, r in loads.items()]
+
+
+def test_prefix_affinity_beats_a_small_load_difference() -> None:
+    prompt = list(range(320))
+    workers = _workers(prompt, "b", {"a": 0, "b": 4})
+    choice = pick_decode_worker(workers, block_hashes(prompt, 16), len(prompt), SPLIT, CachePolicy())
+    assert choice is not None and choice.worker.endpoint == "b" and choice.outcome == "prefix_affinity"
+
+
+def test_hotspot_prevention_stops_piling_onto_the_cached_worker() -> None:
+    prompt = list(range(320))
+    workers = _workers(prompt, "b", {"a": 0, "b": 12, "c": 0})
+    hashes = block_hashes(prompt, 16)
+    choice = pick_decode_worker(workers, hashes, len(prompt), SPLIT, CachePolicy(), random.Random(0))
+    assert choice is not None and choice.worker.endpoint in ("a", "c") and choice.outcome == "least_loaded"
+    no_guard = SplitPolicy(enable_hotspot_prevention=False, queue_length_weight=0, decode_load_weight=0.5)
+    choice = pick_decode_worker(workers, hashes, len(prompt), no_guard, CachePolicy())
+    assert choice is not None and choice.worker.endpoint == "b"
+
+
+def test_queue_length_and_health_decide_without_cache() -> None:
+    workers = [WorkerLoad("a", num_waiting=5), WorkerLoad("b", num_waiting=1), WorkerLoad("c", healthy=False),
+               WorkerLoad("d", draining=True)]
+    choice = pick_decode_worker(workers, [], 10, SPLIT, CachePolicy())
+    assert choice is not None and choice.worker.endpoint == "b"
+    assert pick_decode_worker([WorkerLoad("x", healthy=False)], [], 10, SPLIT, CachePolicy()) is None
+
+
+def test_pending_requests_spread_a_burst() -> None:
+    workers = [WorkerLoad("a"), WorkerLoad("b")]
+    picked = []
+    for _ in range(6):
+        c = pick_decode_worker(workers, [], 10, SPLIT, CachePolicy(), random.Random(1))
+        assert c is not None
+        c.worker.pending += 1
+        picked.append(c.worker.endpoint)
+    assert picked.count("a") == picked.count("b") == 3
+
+
+def test_estimate_ttft_is_seed_001s_formula() -> None:
+    assert estimate_ttft(4, 0.1, 10, 0.02) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(("priority", "est_ms", "qos", "admitted", "reason"), [
+    ("high", 10_000, QoS(), True, ""),
+    ("low", 100, QoS(), True, ""),
+    ("low", 600, QoS(), False, "ttft_estimate"),
+    ("low", 300, QoS(), False, "slo_violation"),        # above ttftSloMs 200, below 500
+    ("low", 300, QoS(reject_on_slo_violation=False), True, ""),
+    ("low", 10_000, QoS(enable_early_rejection=False), True, ""),
+])
+def test_admit_request(priority: str, est_ms: float, qos: QoS, admitted: bool, reason: str) -> None:
+    a = admit_request(priority, est_ms / 1000, qos)
+    assert a.admitted is admitted and a.reason == reason
