@@ -1,0 +1,189 @@
+"""The planner's scaling decision: a pure function of the metrics history, the role's autoscale
+policy, and the current replicas.
+
+``decide(history, policy, current_replicas, starting_pods, now, last_change)`` returns the desired
+replica count, a reason and a direction. Rules, in order:
+
+1. outside ``[minReplicas, maxReplicas]`` -> straight to the nearest bound;
+2. no fresh sample (metrics source down, no ready pod) -> hold: missing data never scales anything;
+3. within ``cooldownSeconds`` of the last change -> hold;
+4. scale **up** when ANY ``scaleUp`` threshold is exceeded by every sample of the last
+   ``scaleUpStabilizationSeconds`` (the window must be covered by samples taken after the last
+   change). The new count brings the sustained per-pod load down to a target (the middle of the
+   scale-down and scale-up thresholds), counting pods still starting as capacity already on its
+   way, at most ``maxStep`` more and at most ``maxReplicas``;
+5. scale **down** when ALL ``scaleDown`` thresholds hold for every sample of the last
+   ``scaleDownStabilizationSeconds`` and no pod is starting: remove as many pods (at most
+   ``maxStep``, never below ``minReplicas``) as keep the projected per-pod load of every metric at or
+   below its target, so that the next decision is not a scale-up (no flapping);
+6. otherwise hold.
+
+Samples are per-pod averages over the role's ready, warmed-up pods (``Sample``); pods that are not
+ready yet, or ready for less than the warm-up time, are not sampled and count as ``starting_pods``.
+Units are the policy's: ``queue_length`` requests per pod, ``gpu_utilization`` and
+``kv_cache_usage`` in percent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from disagg_worker.policy import RoleAutoscale
+
+METRICS = ("queue_length", "gpu_utilization", "kv_cache_usage")
+Direction = Literal["up", "down", "hold"]
+EPSILON = 1e-9
+STALE_AFTER_SECONDS = 60.0
+# Target per-pod load when only a scale-up threshold is set: this fraction of it.
+UP_ONLY_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Per-pod averages over ``pods`` ready, warmed-up pods at ``time`` (None: not measured)."""
+
+    time: float
+    pods: int
+    queue_length: float | None = None
+    gpu_utilization: float | None = None
+    kv_cache_usage: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        return getattr(self, metric)
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: str
+    direction: Direction
+
+    @property
+    def changed(self) -> bool:
+        return self.direction != "hold"
+
+
+def _label(metric: str) -> str:
+    return {"queue_length": "queueLength", "gpu_utilization": "gpuUtilization", "kv_cache_usage": "kvCacheUsage"}[
+        metric
+    ]
+
+
+def target(policy: RoleAutoscale, metric: str) -> float | None:
+    """The per-pod load a resize aims at: between the two thresholds (hysteresis on both sides)."""
+    up = policy.scale_up.items().get(metric)
+    down = policy.scale_down.items().get(metric)
+    if up is not None and down is not None:
+        return (up + down) / 2
+    if up is not None:
+        return up * UP_ONLY_TARGET
+    return down
+
+
+def _window(history: Sequence[Sample], now: float, seconds: float, last_change: float | None) -> list[Sample] | None:
+    """Samples of the last ``seconds``, or None when they do not cover the window (too little data,
+    or the window reaches back before the last change)."""
+    start = now - seconds
+    if last_change is not None and last_change > start + EPSILON:
+        return None
+    usable = [s for s in history if s.pods > 0 and s.time <= now + EPSILON]
+    if not usable:
+        return None
+    if seconds <= 0:
+        return [usable[-1]]
+    if usable[0].time > start + EPSILON:
+        return None  # the history does not reach back to the window's start
+    inside = [s for s in usable if s.time >= start - EPSILON]
+    if not inside:
+        return None
+    before = [s for s in usable if s.time < start - EPSILON]
+    # the sample in force at the window's start counts too (samples are taken every interval)
+    return ([before[-1]] if before and inside[0].time > start + EPSILON else []) + inside
+
+
+def _sustained(window: Sequence[Sample], metric: str, above: float | None = None, below: float | None = None) -> bool:
+    for sample in window:
+        value = sample.value(metric)
+        if value is None:
+            return False
+        if above is not None and not value > above:
+            return False
+        if below is not None and not value < below:
+            return False
+    return True
+
+
+def decide(
+    history: Sequence[Sample],
+    policy: RoleAutoscale,
+    current_replicas: int,
+    starting_pods: int,
+    now: float,
+    last_change: float | None,
+    *,
+    stale_after: float = STALE_AFTER_SECONDS,
+) -> Decision:
+    low, high = policy.min_replicas, policy.max_replicas
+    if current_replicas < low:
+        return Decision(low, f"below minReplicas ({low})", "up")
+    if current_replicas > high:
+        return Decision(high, f"above maxReplicas ({high})", "down")
+
+    fresh = [s for s in history if s.pods > 0 and now - stale_after - EPSILON <= s.time <= now + EPSILON]
+    if not fresh:
+        return Decision(current_replicas, "no metrics: holding", "hold")
+    if last_change is not None and now - last_change < policy.cooldown_seconds - EPSILON:
+        return Decision(current_replicas, "cooldown", "hold")
+    latest = fresh[-1]
+
+    # ---- up: any threshold, sustained
+    up_window = _window(history, now, policy.scale_up_stabilization_seconds, last_change)
+    crossed: list[str] = []
+    needed = 0
+    if up_window is not None:
+        for metric, threshold in policy.scale_up.items().items():
+            if _sustained(up_window, metric, above=threshold):
+                crossed.append(metric)
+                level = min(s.value(metric) or 0.0 for s in up_window)  # the sustained level
+                goal = target(policy, metric) or threshold
+                needed = max(needed, math.ceil(level * latest.pods / max(goal, EPSILON) - EPSILON))
+    if crossed:
+        reason = ", ".join(f"{_label(m)} above {policy.scale_up.items()[m]:g}" for m in crossed)
+        if current_replicas >= high:
+            return Decision(current_replicas, f"{reason}; at maxReplicas", "hold")
+        capacity = latest.pods + starting_pods
+        if starting_pods and needed <= capacity:
+            return Decision(current_replicas, f"{reason}; {starting_pods} pod(s) starting", "hold")
+        desired = min(high, current_replicas + policy.max_step, max(needed, current_replicas + 1))
+        return Decision(desired, reason, "up")
+
+    # ---- down: all thresholds, sustained
+    downs = policy.scale_down.items()
+    if not downs or starting_pods or current_replicas <= low:
+        return Decision(current_replicas, "within thresholds", "hold")
+    down_window = _window(history, now, policy.scale_down_stabilization_seconds, last_change)
+    if down_window is None or not all(_sustained(down_window, m, below=t) for m, t in downs.items()):
+        return Decision(current_replicas, "within thresholds", "hold")
+    pods = latest.pods
+    removable = 0
+    for k in range(1, policy.max_step + 1):
+        if current_replicas - k < low or pods - k < 1:
+            break
+        fits = True
+        for metric in METRICS:
+            goal = target(policy, metric)
+            if goal is None:
+                continue
+            level = max((s.value(metric) or 0.0) for s in down_window)  # the worst case of the window
+            if level * pods / (pods - k) > goal + EPSILON:
+                fits = False
+        if not fits:
+            break
+        removable = k
+    if removable == 0:
+        return Decision(current_replicas, "below scaleDown thresholds, but one pod less would overload", "hold")
+    reason = ", ".join(f"{_label(m)} below {t:g}" for m, t in downs.items())
+    return Decision(current_replicas - removable, reason, "down")

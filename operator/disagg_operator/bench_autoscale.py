@@ -1,0 +1,597 @@
+"""``disagg bench autoscale``: replay a bursty, diurnal arrival trace through a simulated
+prefill/decode cluster and compare static-min, static-max and the planner (``autoscale.decide``).
+
+The simulator is discrete-time (``--dt`` seconds) and pure Python. Its service times come from the
+real engine: ``--service-times FILE`` (JSON, see ``ServiceTimes``), or, without it, they are
+measured by running ``disagg_worker.engine`` on the built-in tiny model on CPU (prefill seconds per
+token at a few prompt lengths, decode seconds per step at a few batch sizes).
+
+Model: a prefill pod serves its FIFO queue one prompt at a time (``prompt x seconds-per-token``),
+the first token is ready when the prompt is done (TTFT); the request then joins the least-loaded
+decode pod, which runs a continuous batch of at most ``--max-batch`` requests, one token per request
+per step, each step taking ``decode_step(batch)``. A new pod serves after ``--startup`` seconds; a
+removed pod first drains (takes no new work, finishes what it has). Every ``intervalSeconds`` the
+planner samples per-pod averages (queue length, busy %, KV %) and calls ``decide``.
+
+Reported per policy: SLO attainment (TTFT <= SLO and TPOT <= SLO), replica-seconds, scale reversals
+(a change of direction), and p50/p99 TTFT and TPOT. Targets (reported, not asserted): >= 99 %
+attainment at <= 0.6x the replica-seconds of static-max, <= 1 reversal per 10 simulated minutes.
+Writes ``results.json``, ``service_times.json`` and ``autoscale.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from disagg_operator.autoscale import Sample, decide
+from disagg_worker.policy import RoleAutoscale, Thresholds
+
+DEFAULT_OUT = Path("benchmarks/out/autoscale")
+
+
+# ---- service times ----------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceTimes:
+    """Measured costs: prefill seconds per prompt token (by prompt length) and decode seconds per
+    step (by batch size). JSON keys are strings: {"prefill_seconds_per_token": {"256": 1e-4}, ...}."""
+
+    prefill_seconds_per_token: dict[int, float]
+    decode_step_seconds: dict[int, float]
+    source: str = "file"
+
+    @classmethod
+    def load(cls, path: Path) -> ServiceTimes:
+        data = json.loads(Path(path).read_text())
+        return cls(
+            {int(k): float(v) for k, v in data["prefill_seconds_per_token"].items()},
+            {int(k): float(v) for k, v in data["decode_step_seconds"].items()},
+            data.get("source", str(path)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefill_seconds_per_token": {str(k): v for k, v in sorted(self.prefill_seconds_per_token.items())},
+            "decode_step_seconds": {str(k): v for k, v in sorted(self.decode_step_seconds.items())},
+            "source": self.source,
+        }
+
+    @staticmethod
+    def _interp(table: dict[int, float], x: float) -> float:
+        keys = sorted(table)
+        if x <= keys[0]:
+            return table[keys[0]]
+        if x >= keys[-1]:
+            if len(keys) == 1:
+                return table[keys[0]]
+            a, b = keys[-2], keys[-1]  # extrapolate linearly
+            return table[b] + (table[b] - table[a]) * (x - b) / (b - a)
+        i = bisect.bisect_left(keys, x)
+        a, b = keys[i - 1], keys[i]
+        return table[a] + (table[b] - table[a]) * (x - a) / (b - a)
+
+    def prefill_seconds(self, tokens: int) -> float:
+        return tokens * self._interp(self.prefill_seconds_per_token, tokens)
+
+    def decode_step(self, batch: int) -> float:
+        return max(1e-6, self._interp(self.decode_step_seconds, max(1, batch)))
+
+
+def measure_service_times(
+    prompt_lengths: tuple[int, ...] = (64, 256, 512), batch_sizes: tuple[int, ...] = (1, 4, 8, 16), repeats: int = 3
+) -> ServiceTimes:
+    """Run the real engine (tiny-llama, CPU, fp32) and time prefill and decode steps."""
+    from disagg_worker.engine.engine import EngineConfig, LLMEngine  # heavy: torch
+
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device="cpu", dtype="float32"))
+    rng = random.Random(0)
+    ids = iter(range(1_000_000))
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(10, 1000) for _ in range(n)]
+
+    def run_all() -> None:
+        while eng.has_unfinished():
+            eng.step()
+
+    eng.add_request(f"warm-{next(ids)}", prompt(32), {"max_tokens": 4, "temperature": 0})
+    run_all()
+    # the minimum over repeats: the least disturbed by whatever else runs on the machine
+    prefill: dict[int, float] = {}
+    for n in prompt_lengths:
+        times = []
+        for _ in range(repeats):
+            eng.add_request(f"p-{next(ids)}", prompt(n), {"max_tokens": 1, "temperature": 0})
+            t0 = time.perf_counter()
+            run_all()
+            times.append((time.perf_counter() - t0) / n)
+        prefill[n] = min(times)
+    decode: dict[int, float] = {}
+    for b in batch_sizes:
+        medians = []
+        for _ in range(max(1, repeats - 1)):
+            rids = [f"d-{next(ids)}" for _ in range(b)]
+            for rid in rids:
+                eng.add_request(rid, prompt(16), {"max_tokens": 32, "temperature": 0})
+            seen: set[str] = set()
+            steps: list[float] = []
+            while eng.has_unfinished():
+                t0 = time.perf_counter()
+                outs = eng.step()
+                dt = time.perf_counter() - t0
+                if len(seen) == b:  # every request is past its prefill: a pure decode step at batch b
+                    steps.append(dt)
+                seen.update(o.request_id for o in outs if o.request_id in rids)
+            if steps:
+                medians.append(statistics.median(steps))
+        decode[b] = min(medians) if medians else 0.0
+    return ServiceTimes(prefill, decode, source="measured: disagg_worker.engine tiny-llama cpu float32")
+
+
+# ---- workload ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    arrival: float
+    prompt: int
+    output: int
+    first_token: float | None = None
+    finished: float | None = None
+    generated: float = 0.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    duration: float
+    peak_rate: float
+    trough_rate: float
+    bursts: tuple[tuple[float, float, float], ...]  # (start, length, extra rate)
+    prompt_range: tuple[int, int] = (64, 512)
+    output_range: tuple[int, int] = (16, 128)
+
+    def rate(self, t: float) -> float:
+        diurnal = (
+            self.trough_rate + (self.peak_rate - self.trough_rate) * (1 - math.cos(2 * math.pi * t / self.duration)) / 2
+        )
+        return diurnal + sum(extra for start, length, extra in self.bursts if start <= t < start + length)
+
+    def mean_prompt(self) -> float:
+        return sum(self.prompt_range) / 2
+
+    def mean_output(self) -> float:
+        return sum(self.output_range) / 2
+
+    def trace(self, seed: int = 0) -> list[Request]:
+        """Poisson arrivals at ``rate(t)`` (thinning), uniform prompt / output lengths."""
+        rng = random.Random(seed)
+        top = max(self.rate(t) for t in range(int(self.duration) + 1))
+        out, t = [], 0.0
+        while True:
+            t += rng.expovariate(top)
+            if t >= self.duration:
+                return out
+            if rng.random() < self.rate(t) / top:
+                out.append(Request(t, rng.randint(*self.prompt_range), rng.randint(*self.output_range)))
+
+
+# ---- the simulated cluster --------------------------------------------------------------------
+
+
+@dataclass
+class Pod:
+    ready_at: float
+    draining: bool = False
+    queue: deque[Request] = field(default_factory=deque)  # prefill: waiting; decode: waiting for a slot
+    running: list[Request] = field(default_factory=list)  # decode batch
+    busy_left: float = 0.0  # prefill: seconds left on the current prompt
+    busy_time: float = 0.0  # busy seconds since the last sample
+
+    def ready(self, now: float) -> bool:
+        return now >= self.ready_at
+
+    def load(self) -> int:
+        return len(self.queue) + len(self.running) + (1 if self.busy_left > 0 else 0)
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    requests: list[Request]
+    replica_seconds: float
+    decisions: list[tuple[float, str, str, int, int]]  # time, role, direction, from, to
+    timeline: list[tuple[float, int, int, float]]  # time, prefill pods, decode pods, arrival rate
+
+
+class Cluster:
+    def __init__(
+        self, st: ServiceTimes, prefill: int, decode: int, *, max_batch: int, kv_tokens: float, startup: float
+    ):
+        self.st, self.max_batch, self.kv_tokens, self.startup = st, max_batch, kv_tokens, startup
+        self.pools: dict[str, list[Pod]] = {
+            "prefill": [Pod(0.0) for _ in range(prefill)],
+            "decode": [Pod(0.0) for _ in range(decode)],
+        }
+        self.replica_seconds = 0.0
+
+    def serving(self, role: str, now: float) -> list[Pod]:
+        return [p for p in self.pools[role] if p.ready(now) and not p.draining]
+
+    def submit(self, req: Request, now: float) -> None:
+        pods = self.serving("prefill", now) or [p for p in self.pools["prefill"] if not p.draining]
+        min(pods, key=Pod.load).queue.append(req)
+
+    def _to_decode(self, req: Request, now: float) -> None:
+        pods = self.serving("decode", now) or [p for p in self.pools["decode"] if not p.draining]
+        min(pods, key=Pod.load).queue.append(req)
+
+    def step(self, now: float, dt: float) -> None:
+        self.replica_seconds += dt * sum(len(pods) for pods in self.pools.values())
+        for pod in self.pools["prefill"]:
+            if not pod.ready(now):
+                continue
+            left = dt
+            while left > 0:
+                if pod.busy_left <= 0:
+                    if not pod.queue:
+                        break
+                    pod.busy_left = self.st.prefill_seconds(pod.queue[0].prompt)
+                used = min(left, pod.busy_left)
+                pod.busy_left -= used
+                pod.busy_time += used
+                left -= used
+                if pod.busy_left <= 1e-12:
+                    req = pod.queue.popleft()
+                    req.first_token = now + (dt - left)
+                    req.generated = 1
+                    pod.busy_left = 0.0
+                    self._to_decode(req, now)
+        for pod in self.pools["decode"]:
+            if not pod.ready(now):
+                continue
+            while pod.queue and len(pod.running) < self.max_batch:
+                pod.running.append(pod.queue.popleft())
+            if not pod.running:
+                continue
+            tokens = dt / self.st.decode_step(len(pod.running))
+            pod.busy_time += dt
+            still = []
+            for req in pod.running:
+                req.generated += tokens
+                if req.generated >= req.output:
+                    req.finished = now + dt
+                else:
+                    still.append(req)
+            pod.running = still
+        for role in self.pools:  # drained pods leave
+            self.pools[role] = [p for p in self.pools[role] if not (p.draining and p.load() == 0)]
+
+    def sample(self, role: str, now: float, interval: float) -> tuple[Sample, int]:
+        pods = [p for p in self.pools[role] if not p.draining]
+        ready = [p for p in pods if p.ready(now)]
+        starting = len(pods) - len(ready)
+        if not ready:
+            return Sample(now, 0), starting
+        n = len(ready)
+        queue = sum(len(p.queue) for p in ready) / n
+        busy = sum(min(1.0, p.busy_time / interval) for p in ready) / n * 100
+        kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in ready) / n * 100
+        for p in self.pools[role]:
+            p.busy_time = 0.0
+        return Sample(now, n, queue_length=queue, gpu_utilization=busy, kv_cache_usage=min(100.0, kv)), starting
+
+    def resize(self, role: str, desired: int, now: float) -> None:
+        pods = [p for p in self.pools[role] if not p.draining]
+        if desired > len(pods):
+            self.pools[role] += [Pod(now + self.startup) for _ in range(desired - len(pods))]
+            return
+        # remove the pods holding the least state first (starting ones, then the least loaded)
+        for pod in sorted(pods, key=lambda p: (p.ready(now), p.load()))[: len(pods) - desired]:
+            pod.draining = True
+            if role == "prefill" or not pod.ready(now):
+                for req in list(pod.queue):  # hand queued work to the others
+                    pod.queue.remove(req)
+                    (self.submit if role == "prefill" else self._to_decode)(req, now)
+            else:
+                waiting = list(pod.queue)
+                pod.queue.clear()
+                for req in waiting:
+                    self._to_decode(req, now)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workload: Workload
+    prefill: RoleAutoscale
+    decode: RoleAutoscale
+    interval: float = 15.0
+    startup: float = 30.0
+    max_batch: int = 16
+    dt: float = 0.05
+    ttft_slo: float = 1.0
+    tpot_slo: float = 0.05
+    drain_tail: float = 120.0
+
+
+def simulate(cfg: BenchConfig, st: ServiceTimes, name: str, *, seed: int = 0) -> PolicyRun:
+    static = {
+        "static-min": (cfg.prefill.min_replicas, cfg.decode.min_replicas),
+        "static-max": (cfg.prefill.max_replicas, cfg.decode.max_replicas),
+    }
+    start = static.get(name, (cfg.prefill.min_replicas, cfg.decode.min_replicas))
+    kv_tokens = cfg.max_batch * (cfg.workload.mean_prompt() + cfg.workload.mean_output())
+    cluster = Cluster(
+        st, max(1, start[0]), max(1, start[1]), max_batch=cfg.max_batch, kv_tokens=kv_tokens, startup=cfg.startup
+    )
+    requests = cfg.workload.trace(seed)
+    pending = deque(requests)
+    history: dict[str, list[Sample]] = {"prefill": [], "decode": []}
+    last_change: dict[str, float | None] = {"prefill": None, "decode": None}
+    decisions: list[tuple[float, str, str, int, int]] = []
+    timeline: list[tuple[float, int, int, float]] = []
+    steps = int((cfg.workload.duration + cfg.drain_tail) / cfg.dt)
+    sample_every = max(1, round(cfg.interval / cfg.dt))
+    for i in range(steps):
+        now = i * cfg.dt
+        while pending and pending[0].arrival <= now + cfg.dt:
+            cluster.submit(pending.popleft(), now)
+        cluster.step(now, cfg.dt)
+        if i % sample_every == 0 and i:
+            timeline.append(
+                (
+                    now,
+                    len(cluster.pools["prefill"]),
+                    len(cluster.pools["decode"]),
+                    cfg.workload.rate(min(now, cfg.workload.duration)),
+                )
+            )
+            for role, policy in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+                sample, starting = cluster.sample(role, now, cfg.interval)
+                if name != "planner":
+                    continue
+                history[role].append(sample)
+                history[role] = history[role][-400:]
+                current = len([p for p in cluster.pools[role] if not p.draining])
+                d = decide(history[role], policy, current, starting, now, last_change[role])
+                if d.changed:
+                    cluster.resize(role, d.desired, now)
+                    last_change[role] = now
+                    decisions.append((now, role, d.direction, current, d.desired))
+        if not pending and now > cfg.workload.duration and all(r.finished for r in requests):
+            break
+    return PolicyRun(name, requests, cluster.replica_seconds, decisions, timeline)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def reversals(decisions: list[tuple[float, str, str, int, int]]) -> int:
+    total = 0
+    for role in ("prefill", "decode"):
+        dirs = [d[2] for d in decisions if d[1] == role]
+        total += sum(1 for a, b in itertools.pairwise(dirs) if a != b)
+    return total
+
+
+def summarize(run: PolicyRun, cfg: BenchConfig) -> dict[str, Any]:
+    ttfts, tpots, ok = [], [], 0
+    for r in run.requests:
+        if r.first_token is None or r.finished is None:
+            continue
+        ttft = r.first_token - r.arrival
+        tpot = (r.finished - r.first_token) / max(1, r.output - 1)
+        ttfts.append(ttft)
+        tpots.append(tpot)
+        ok += ttft <= cfg.ttft_slo and tpot <= cfg.tpot_slo
+    n = len(run.requests)
+    minutes = cfg.workload.duration / 60
+    return {
+        "policy": run.name,
+        "requests": n,
+        "completed": len(ttfts),
+        "slo_attainment": ok / n if n else 1.0,
+        "replica_seconds": run.replica_seconds,
+        "scale_decisions": len(run.decisions),
+        "reversals": reversals(run.decisions),
+        "reversals_per_10min": reversals(run.decisions) / (minutes / 10) if minutes else 0.0,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p99_s": percentile(tpots, 99),
+    }
+
+
+# ---- configuration from the service times ------------------------------------------------------
+
+
+def default_config(
+    st: ServiceTimes, *, minutes: float = 60.0, max_batch: int = 16, startup: float = 30.0, dt: float = 0.05
+) -> BenchConfig:
+    """Size pools, load and SLOs from the measured costs, so the bench means the same on any machine."""
+    probe = Workload(minutes * 60, 1.0, 0.1, ())
+    prefill_s = st.prefill_seconds(int(probe.mean_prompt()))
+    step_full = st.decode_step(max_batch)
+    capacity_p = 1.0 / prefill_s  # requests per second per prefill pod
+    capacity_d = max_batch / (step_full * probe.mean_output())
+    max_p, max_d = 8, 8
+    peak = 0.55 * min(max_p * capacity_p, max_d * capacity_d)
+    duration = minutes * 60
+    bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
+    workload = Workload(duration, peak, 0.08 * peak, bursts)
+
+    def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
+        return RoleAutoscale(
+            min_replicas=1,
+            max_replicas=hi,
+            scale_up=up,
+            scale_down=down,
+            scale_up_stabilization_seconds=15,
+            scale_down_stabilization_seconds=180,
+            cooldown_seconds=45,
+            max_step=3,
+        )
+
+    return BenchConfig(
+        workload=workload,
+        prefill=role(
+            Thresholds(queue_length=1.5, gpu_utilization=70), Thresholds(queue_length=0.5, gpu_utilization=30), max_p
+        ),
+        decode=role(
+            # decode step time grows faster than linearly with the batch: scale down only when nearly idle
+            Thresholds(queue_length=0.5, kv_cache_usage=55), Thresholds(queue_length=0.1, kv_cache_usage=15), max_d
+        ),
+        startup=startup,
+        max_batch=max_batch,
+        dt=dt,
+        ttft_slo=round(max(8 * prefill_s, 0.05), 4),
+        tpot_slo=round(1.3 * step_full, 5),
+    )
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def plot(runs: list[PolicyRun], cfg: BenchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_load, ax_p, ax_d) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    planner = next(r for r in runs if r.name == "planner")
+    t = [x[0] / 60 for x in planner.timeline]
+    ax_load.plot(t, [x[3] for x in planner.timeline], color="black")
+    ax_load.set_ylabel("arrivals / s")
+    ax_load.set_title("load and replicas over time")
+    for run in runs:
+        style = {"planner": "-", "static-min": ":", "static-max": "--"}[run.name]
+        tt = [x[0] / 60 for x in run.timeline]
+        ax_p.plot(tt, [x[1] for x in run.timeline], style, label=run.name)
+        ax_d.plot(tt, [x[2] for x in run.timeline], style, label=run.name)
+    ax_p.set_ylabel("prefill pods")
+    ax_d.set_ylabel("decode pods")
+    ax_d.set_xlabel("simulated minutes")
+    ax_p.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(
+    cfg: BenchConfig, st: ServiceTimes, out: Path, *, seed: int = 0, make_plot: bool = True
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [simulate(cfg, st, name, seed=seed) for name in ("static-min", "static-max", "planner")]
+    rows = [summarize(r, cfg) for r in runs]
+    by = {r["policy"]: r for r in rows}
+    ratio = by["planner"]["replica_seconds"] / by["static-max"]["replica_seconds"]
+    result = {
+        "config": {
+            "minutes": cfg.workload.duration / 60,
+            "peak_rate": cfg.workload.peak_rate,
+            "trough_rate": cfg.workload.trough_rate,
+            "bursts": cfg.workload.bursts,
+            "ttft_slo_s": cfg.ttft_slo,
+            "tpot_slo_s": cfg.tpot_slo,
+            "startup_s": cfg.startup,
+            "max_batch": cfg.max_batch,
+            "interval_s": cfg.interval,
+            "dt_s": cfg.dt,
+            "prefill": cfg.prefill.model_dump(by_alias=True, exclude_none=True),
+            "decode": cfg.decode.model_dump(by_alias=True, exclude_none=True),
+        },
+        "service_times": st.to_json(),
+        "policies": rows,
+        "planner_vs_static_max_replica_seconds": ratio,
+        "targets": {
+            "slo_attainment_ge_0.99": by["planner"]["slo_attainment"] >= 0.99,
+            "replica_seconds_le_0.6x_static_max": ratio <= 0.6,
+            "reversals_le_1_per_10min": by["planner"]["reversals_per_10min"] <= 1.0,
+        },
+        "decisions": [asdict_decision(d) for d in runs[2].decisions],
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "service_times.json").write_text(json.dumps(st.to_json(), indent=2))
+    if make_plot:
+        plot(runs, cfg, out / "autoscale.png")
+    return result
+
+
+def asdict_decision(d: tuple[float, str, str, int, int]) -> dict[str, Any]:
+    return {"time_s": round(d[0], 2), "role": d[1], "direction": d[2], "from": d[3], "to": d[4]}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"autoscale bench: {result['config']['minutes']:g} simulated minutes, TTFT SLO "
+        f"{result['config']['ttft_slo_s']} s, TPOT SLO {result['config']['tpot_slo_s']} s"
+    )
+    for col in (
+        "policy",
+        "SLO attainment",
+        "replica-s",
+        "vs static-max",
+        "reversals/10min",
+        "TTFT p99 s",
+        "TPOT p99 s",
+        "decisions",
+    ):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    max_rs = next(r["replica_seconds"] for r in result["policies"] if r["policy"] == "static-max")
+    for r in result["policies"]:
+        table.add_row(
+            r["policy"],
+            f"{100 * r['slo_attainment']:.2f} %",
+            f"{r['replica_seconds']:.0f}",
+            f"{r['replica_seconds'] / max_rs:.2f}x",
+            f"{r['reversals_per_10min']:.2f}",
+            f"{r['ttft_p99_s']:.3f}",
+            f"{r['tpot_p99_s']:.4f}",
+            str(r["scale_decisions"]),
+        )
+    console = Console(width=140)
+    console.print(table)
+    for target, ok in result["targets"].items():
+        console.print(f"  target {target}: {'met' if ok else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="disagg bench autoscale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--service-times", type=Path, help="JSON of measured service times (else: measure now)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes of trace")
+    p.add_argument("--max-batch", type=int, default=16, help="decode batch size per pod")
+    p.add_argument("--startup", type=float, default=30.0, help="seconds before a new pod serves")
+    p.add_argument("--dt", type=float, default=0.05, help="simulation time step in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    st = ServiceTimes.load(args.service_times) if args.service_times else measure_service_times()
+    cfg = default_config(st, minutes=args.minutes, max_batch=args.max_batch, startup=args.startup, dt=args.dt)
+    result = run_bench(cfg, st, args.out, seed=args.seed, make_plot=not args.no_plot)
+    print_table(result)
+    print(f"wrote {args.out / 'results.json'}" + ("" if args.no_plot else f" and {args.out / 'autoscale.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

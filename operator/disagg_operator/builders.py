@@ -1,0 +1,593 @@
+"""Pure builders: a validated spec -> the desired child objects of one DisaggDeployment.
+
+Children (all in the resource's namespace, owned by it, labelled ``app.kubernetes.io/*`` plus a
+component label):
+
+- ConfigMap ``<name>-policy`` with ``policy.yaml`` (``Policy.to_camel_dict()``), read by every pod;
+- Deployments ``<name>-prefill`` / ``<name>-decode`` + headless Services of the same names (worker
+  discovery: the Service's DNS name resolves to the ready pods' IPs);
+- Deployment + Service ``<name>-router``;
+- optional: a PodMonitor, and per role an HPA (``autoscale.mode: hpa``) or a KEDA ScaledObject (``keda``).
+
+Each child carries ``disagg.dev/spec-hash``, a hash of everything the builder sets except a
+Deployment's ``replicas`` (which the autoscaler owns), so the diff can tell which children a spec
+change affects. Pod templates carry ``disagg.dev/policy-hash`` of the part of the policy the data
+plane reads, so a policy change rolls the pods (an autoscale-only change does not; the mounted file
+is still refreshed by the kubelet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import yaml
+
+from disagg_operator import API_VERSION, KIND
+from disagg_operator.spec import ParsedSpec, PodSettings, RouterSpec, WorkerSpec
+from disagg_worker.policy import Policy, RoleAutoscale
+
+ROLES = ("prefill", "decode")
+COMPONENTS = ("prefill", "decode", "router")
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+APP_NAME = "disagg"
+MANAGED_BY = "disagg-operator"
+
+ANNOTATION_SPEC_HASH = "disagg.dev/spec-hash"
+ANNOTATION_POLICY_HASH = "disagg.dev/policy-hash"
+ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+WORKER_GRPC_PORT = 50051
+WORKER_HTTP_PORT = 8081
+POLICY_DIR = "/etc/disagg"
+POLICY_FILE = "policy.yaml"
+POLICY_PATH = f"{POLICY_DIR}/{POLICY_FILE}"
+RUN_AS_USER = 10001
+DRAIN_GRACE_EXTRA_SECONDS = 30
+
+# Prometheus metric behind each autoscale threshold, and the divisor from threshold to metric value
+# (thresholds in percent, the ratio metrics in 0..1).
+THRESHOLD_METRICS: dict[str, tuple[str, int]] = {
+    "queue_length": ("disagg_requests_waiting", 1),
+    "gpu_utilization": ("disagg_utilization_ratio", 100),
+    "kv_cache_usage": ("disagg_kv_cache_usage_ratio", 100),
+}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DisaggDeployment a child belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Owner:
+        meta = body.get("metadata", {})
+        return cls(
+            name=meta["name"],
+            namespace=meta.get("namespace") or "default",
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 0),
+        )
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def child_name(owner: Owner, component: str) -> str:
+    return f"{owner.name}-{component}"
+
+
+def service_host(owner: Owner, component: str) -> str:
+    """DNS name of a child Service (resolves to the ready pods' IPs for the headless worker Services)."""
+    return f"{child_name(owner, component)}.{owner.namespace}.svc"
+
+
+def router_endpoint(owner: Owner, port: int) -> str:
+    return f"http://{service_host(owner, 'router')}:{port}"
+
+
+def selector_labels(owner: Owner, component: str | None = None) -> dict[str, str]:
+    labels = {LABEL_NAME: APP_NAME, LABEL_INSTANCE: owner.name}
+    if component:
+        labels[LABEL_COMPONENT] = component
+    return labels
+
+
+def child_labels(owner: Owner, component: str) -> dict[str, str]:
+    return {**selector_labels(owner, component), LABEL_PART_OF: APP_NAME, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def stable_hash(value: Any, length: int = 16) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def render_policy(policy: Policy) -> str:
+    return yaml.safe_dump(policy.to_camel_dict(), sort_keys=True)
+
+
+def data_plane_policy_hash(policy: Policy) -> str:
+    """Hash of what the router and workers act on: the policy minus the autoscale section."""
+    data = policy.to_camel_dict()
+    data.pop("autoscale", None)
+    return stable_hash(data)
+
+
+def spec_hash(obj: Mapping[str, Any]) -> str:
+    """Hash of a desired child, excluding its own hash annotation and a Deployment's replicas."""
+    body = json.loads(json.dumps(obj))
+    body.get("metadata", {}).get("annotations", {}).pop(ANNOTATION_SPEC_HASH, None)
+    if body.get("kind") == "Deployment":
+        body.get("spec", {}).pop("replicas", None)
+    return stable_hash(body)
+
+
+def _metadata(
+    owner: Owner, component: str, name: str | None = None, extra_labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "name": name or child_name(owner, component),
+        "namespace": owner.namespace,
+        "labels": {**child_labels(owner, component), **(extra_labels or {})},
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def _finish(obj: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"].setdefault("annotations", {})[ANNOTATION_SPEC_HASH] = spec_hash(obj)
+    return obj
+
+
+def format_quantity(value: float) -> str:
+    """A float as a Kubernetes quantity string: 8 -> "8", 0.75 -> "750m"."""
+    dec = Decimal(repr(float(value)))
+    if dec == dec.to_integral_value():
+        return str(int(dec))
+    milli = (dec * 1000).quantize(Decimal(1))
+    return f"{int(milli)}m"
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def role_replicas(parsed: ParsedSpec, role: str, observed: int | None) -> int:
+    """The replicas the reconciler asks for; with an autoscaler, the current count is kept."""
+    pod: PodSettings = getattr(parsed.pods, role)
+    mode = parsed.policy.autoscale.mode
+    if role == "router" or mode == "off":
+        return pod.replicas
+    scaling: RoleAutoscale = getattr(parsed.policy.autoscale, role)
+    if observed is None:
+        return clamp(pod.replicas, scaling.min_replicas, scaling.max_replicas)
+    if mode == "builtin":
+        return clamp(observed, scaling.min_replicas, scaling.max_replicas)
+    return observed  # hpa / keda own the count
+
+
+# ---- pods -------------------------------------------------------------------------------------
+
+
+def _env(pod: PodSettings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "TORCH_HOME", "value": "/cache/torch"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": "/cache/torch_extensions"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    for var in pod.env:
+        env = [e for e in env if e["name"] != var.name]
+        env.append(var.model_dump(by_alias=True, exclude_none=True))
+    return env
+
+
+def _resources(pod: PodSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if pod.resources.requests:
+        out["requests"] = dict(pod.resources.requests)
+    if pod.resources.limits:
+        out["limits"] = dict(pod.resources.limits)
+    return out
+
+
+def _volumes(
+    pod: PodSettings, owner: Owner, worker: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "policy", "configMap": {"name": child_name(owner, "policy")}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/cache"},
+    ]
+    if worker:  # torch / UCX shared-memory transports
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    volumes.extend(dict(v) for v in pod.volumes)
+    mounts.extend(
+        m.model_dump(by_alias=True, exclude_none=True, exclude_defaults=False) for m in pod.volume_mounts
+    )
+    for m in mounts:
+        if m.get("readOnly") is False:
+            m.pop("readOnly")
+    return volumes, mounts
+
+
+def _probes(port: str) -> dict[str, Any]:
+    return {
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": port},
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": port},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+    }
+
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def drain_command(wait_seconds: float) -> list[str]:
+    """The decode preStop hook: POST /drain?wait=N (httpGet hooks cannot POST)."""
+    wait = int(wait_seconds)
+    script = (
+        "import urllib.request as u; u.urlopen(u.Request("
+        f"'http://127.0.0.1:{WORKER_HTTP_PORT}/drain?wait={wait}', method='POST'), timeout={wait + 5})"
+    )
+    return ["python", "-c", script]
+
+
+def worker_args(parsed: ParsedSpec, owner: Owner, role: str) -> list[str]:
+    pod: WorkerSpec = getattr(parsed.pods, role)
+    args = [
+        "worker",
+        "--role",
+        role,
+        "--model",
+        parsed.policy.model.ref,
+        "--policy",
+        POLICY_PATH,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(WORKER_GRPC_PORT),
+        "--http-port",
+        str(WORKER_HTTP_PORT),
+    ]
+    for flag, value in (
+        ("--device", pod.device),
+        ("--dtype", pod.dtype),
+        ("--max-batch-tokens", pod.max_batch_tokens),
+        ("--max-batch-size", pod.max_batch_size),
+        ("--kv-cache-blocks", pod.kv_cache_blocks),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    if role == "decode":
+        args += ["--prefill-workers", f"{service_host(owner, 'prefill')}:{WORKER_GRPC_PORT}"]
+    return args + list(pod.extra_args)
+
+
+def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
+    pod: RouterSpec = parsed.pods.router
+    return [
+        "router",
+        "--model",
+        parsed.policy.model.ref,
+        "--policy",
+        POLICY_PATH,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(pod.port),
+        "--decode-workers",
+        f"{service_host(owner, 'decode')}:{WORKER_GRPC_PORT}",
+        "--prefill-workers",
+        f"{service_host(owner, 'prefill')}:{WORKER_GRPC_PORT}",
+        *pod.extra_args,
+    ]
+
+
+def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str, Any]:
+    pods = parsed.pods
+    pod: PodSettings = getattr(pods, component)
+    worker = component in ROLES
+    if worker:
+        ports = [
+            {"name": "grpc", "containerPort": WORKER_GRPC_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": WORKER_HTTP_PORT, "protocol": "TCP"},
+        ]
+        args = worker_args(parsed, owner, component)
+        metrics_port = WORKER_HTTP_PORT
+    else:
+        ports = [{"name": "http", "containerPort": pods.router.port, "protocol": "TCP"}]
+        args = router_args(parsed, owner)
+        metrics_port = pods.router.port
+    volumes, mounts = _volumes(pod, owner, worker)
+    container: dict[str, Any] = {
+        "name": component,
+        "image": pods.image,
+        "imagePullPolicy": pods.image_pull_policy,
+        "command": ["disagg"],
+        "args": args,
+        "ports": ports,
+        "env": _env(pod),
+        **_probes("http"),
+        "securityContext": dict(CONTAINER_SECURITY),
+        "volumeMounts": mounts,
+    }
+    if res := _resources(pod):
+        container["resources"] = res
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if component == "decode":
+        drain = parsed.policy.autoscale.drain_timeout_seconds
+        container["lifecycle"] = {"preStop": {"exec": {"command": drain_command(drain)}}}
+        spec["terminationGracePeriodSeconds"] = int(drain) + DRAIN_GRACE_EXTRA_SECONDS
+    if pods.service_account_name:
+        spec["serviceAccountName"] = pods.service_account_name
+    if pods.image_pull_secrets:
+        spec["imagePullSecrets"] = [s.model_dump(by_alias=True) for s in pods.image_pull_secrets]
+    if pod.node_selector:
+        spec["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in pod.tolerations]
+    if pod.affinity:
+        spec["affinity"] = dict(pod.affinity)
+    if pod.priority_class_name:
+        spec["priorityClassName"] = pod.priority_class_name
+    annotations = {ANNOTATION_POLICY_HASH: data_plane_policy_hash(parsed.policy)}
+    if pods.monitoring.prometheus_annotations:
+        annotations.update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(metrics_port),
+                "prometheus.io/path": "/metrics",
+            }
+        )
+    annotations.update(pods.pod_annotations)
+    labels = {**pods.pod_labels, **child_labels(owner, component)}
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
+
+
+def build_deployment(parsed: ParsedSpec, owner: Owner, component: str, replicas: int) -> dict[str, Any]:
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _metadata(owner, component),
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": selector_labels(owner, component)},
+                "template": _pod_template(parsed, owner, component),
+            },
+        }
+    )
+
+
+def build_worker_service(owner: Owner, role: str) -> dict[str, Any]:
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(owner, role),
+            "spec": {
+                "clusterIP": "None",  # headless: DNS returns every ready worker
+                "publishNotReadyAddresses": False,
+                "selector": selector_labels(owner, role),
+                "ports": [
+                    {"name": "grpc", "port": WORKER_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+                    {"name": "http", "port": WORKER_HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                ],
+            },
+        }
+    )
+
+
+def build_router_service(parsed: ParsedSpec, owner: Owner) -> dict[str, Any]:
+    router = parsed.pods.router
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(owner, "router"),
+            "spec": {
+                "type": router.service_type,
+                "selector": selector_labels(owner, "router"),
+                "ports": [{"name": "http", "port": router.port, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
+    )
+
+
+def build_configmap(parsed: ParsedSpec, owner: Owner) -> dict[str, Any]:
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(owner, "policy"),
+            "data": {POLICY_FILE: render_policy(parsed.policy)},
+        }
+    )
+
+
+def build_pod_monitor(parsed: ParsedSpec, owner: Owner) -> dict[str, Any]:
+    mon = parsed.pods.monitoring.pod_monitor
+    return _finish(
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": _metadata(owner, "metrics", name=owner.name, extra_labels=mon.labels),
+            "spec": {
+                "selector": {"matchLabels": selector_labels(owner)},
+                "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": mon.interval}],
+            },
+        }
+    )
+
+
+def _behavior(scaling: RoleAutoscale) -> dict[str, Any]:
+    period = clamp(int(scaling.cooldown_seconds) or 1, 1, 1800)
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": clamp(int(scaling.scale_up_stabilization_seconds), 0, 3600),
+            "selectPolicy": "Max",
+            "policies": [{"type": "Pods", "value": scaling.max_step, "periodSeconds": period}],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": clamp(int(scaling.scale_down_stabilization_seconds), 0, 3600),
+            "selectPolicy": "Max",
+            "policies": [{"type": "Pods", "value": scaling.max_step, "periodSeconds": period}],
+        },
+    }
+
+
+def build_hpa(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:
+    scaling: RoleAutoscale = getattr(parsed.policy.autoscale, role)
+    metrics = []
+    for key, threshold in scaling.scale_up.items().items():
+        metric, divisor = THRESHOLD_METRICS[key]
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": metric},
+                    "target": {"type": "AverageValue", "averageValue": format_quantity(threshold / divisor)},
+                },
+            }
+        )
+    return _finish(
+        {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": _metadata(owner, role),
+            "spec": {
+                "scaleTargetRef": {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": child_name(owner, role),
+                },
+                "minReplicas": max(1, scaling.min_replicas),
+                "maxReplicas": scaling.max_replicas,
+                "metrics": metrics,
+                "behavior": _behavior(scaling),
+            },
+        }
+    )
+
+
+def promql(metric: str, owner: Owner, role: str, agg: str = "avg") -> str:
+    return f'{agg}({metric}{{namespace="{owner.namespace}",pod=~"{child_name(owner, role)}-.*"}})'
+
+
+def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:
+    auto = parsed.policy.autoscale
+    scaling: RoleAutoscale = getattr(auto, role)
+    triggers = []
+    for key, threshold in scaling.scale_up.items().items():
+        metric, divisor = THRESHOLD_METRICS[key]
+        # sum over pods / per-pod threshold = desired replicas (KEDA's AverageValue semantics)
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": key.replace("_", "-"),
+                "metadata": {
+                    "serverAddress": auto.prometheus_url or "",
+                    "query": promql(metric, owner, role, agg="sum"),
+                    "threshold": f"{threshold / divisor:g}",
+                },
+            }
+        )
+    return _finish(
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": _metadata(owner, role),
+            "spec": {
+                "scaleTargetRef": {"name": child_name(owner, role)},
+                "minReplicaCount": scaling.min_replicas,
+                "maxReplicaCount": scaling.max_replicas,
+                "pollingInterval": max(1, int(auto.interval_seconds)),
+                "cooldownPeriod": max(1, int(scaling.scale_down_stabilization_seconds)),
+                "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(scaling)}},
+                "triggers": triggers,
+            },
+        }
+    )
+
+
+def build_children(
+    parsed: ParsedSpec, owner: Owner, observed_replicas: Mapping[str, int | None] | None = None
+) -> list[dict[str, Any]]:
+    """Every desired child, in apply order (config first, then services, workloads, scalers)."""
+    observed_replicas = observed_replicas or {}
+    children = [build_configmap(parsed, owner)]
+    children += [build_worker_service(owner, role) for role in ROLES]
+    children.append(build_router_service(parsed, owner))
+    for component in COMPONENTS:
+        replicas = role_replicas(parsed, component, observed_replicas.get(component))
+        children.append(build_deployment(parsed, owner, component, replicas))
+    if parsed.pods.monitoring.pod_monitor.enabled:
+        children.append(build_pod_monitor(parsed, owner))
+    mode = parsed.policy.autoscale.mode
+    if mode == "hpa":
+        children += [build_hpa(parsed, owner, role) for role in ROLES]
+    elif mode == "keda":
+        children += [build_scaled_object(parsed, owner, role) for role in ROLES]
+    return children

@@ -1,0 +1,140 @@
+"""Pure diff: desired children vs observed children -> the actions that make them equal.
+
+A desired child is *in sync* with its observed twin when
+
+1. the observed ``disagg.dev/spec-hash`` annotation equals the desired one (no spec change), and
+2. every field the builder sets has the same value in the observed object (no hand edit). Fields the
+   builder does not set (server-side defaults, ``status``, other controllers' annotations) are
+   ignored, empty maps/lists equal absent ones, and resource quantities compare by value ("1000m"
+   == "1"), as the API server normalises them.
+
+Observed children not desired any more (e.g. the HPAs after ``autoscale.mode`` left ``hpa``) are
+deleted, but only those owned by this DisaggDeployment (owner reference uid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kubernetes.utils.quantity import parse_quantity
+
+from disagg_operator.builders import ANNOTATION_SPEC_HASH
+
+Verb = Literal["create", "update", "delete"]
+Key = tuple[str, str, str]  # apiVersion, kind, name
+
+_QUANTITY_PARENTS = ("requests", "limits")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: Verb
+    obj: Mapping[str, Any]  # the desired object (create/update) or the observed one (delete)
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return str(self.obj["kind"])
+
+    @property
+    def name(self) -> str:
+        return str(self.obj["metadata"]["name"])
+
+    def describe(self) -> str:
+        """Kubernetes log style: past tense, the kind and the name, no period."""
+        past = {"create": "Created", "update": "Updated", "delete": "Deleted"}[self.verb]
+        return f"{past} {self.kind} {self.name}" + (f" ({self.reason})" if self.verb == "update" else "")
+
+
+def key(obj: Mapping[str, Any]) -> Key:
+    return (str(obj["apiVersion"]), str(obj["kind"]), str(obj["metadata"]["name"]))
+
+
+def is_owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == {} or value == []
+
+
+def _same_scalar(want: Any, have: Any, path: Sequence[str]) -> bool:
+    if want == have and type(want) is type(have):
+        return True
+    if isinstance(want, bool) or isinstance(have, bool):
+        return False
+    if isinstance(want, int | float) and isinstance(have, int | float):
+        return float(want) == float(have)
+    if len(path) >= 2 and path[-2] in _QUANTITY_PARENTS:
+        try:
+            return parse_quantity(want) == parse_quantity(have)
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def first_mismatch(want: Any, have: Any, path: tuple[str, ...] = ()) -> str | None:
+    """The first path where ``have`` does not carry ``want`` (None: ``want`` is a subset of ``have``)."""
+    if isinstance(want, Mapping):
+        if not isinstance(have, Mapping):
+            return ".".join(path) or "."
+        for k, v in want.items():
+            sub = have.get(k, _MISSING)
+            if sub is _MISSING or sub is None:
+                if _empty(v):
+                    continue
+                return ".".join((*path, k))
+            found = first_mismatch(v, sub, (*path, k))
+            if found:
+                return found
+        return None
+    if isinstance(want, list):
+        if not isinstance(have, list) or len(want) != len(have):
+            return ".".join(path)
+        for i, (w, h) in enumerate(zip(want, have, strict=True)):
+            found = first_mismatch(w, h, (*path[:-1], f"{path[-1] if path else ''}[{i}]"))
+            if found:
+                return found
+        return None
+    return None if _same_scalar(want, have, path) else ".".join(path)
+
+
+def sync_reason(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> str | None:
+    """Why ``observed`` must be updated to ``desired``; None when it is in sync."""
+    want_hash = desired.get("metadata", {}).get("annotations", {}).get(ANNOTATION_SPEC_HASH)
+    have_hash = (observed.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+    if want_hash != have_hash:
+        return "spec changed"
+    want_replicas = desired.get("spec", {}).get("replicas") if desired.get("kind") == "Deployment" else None
+    have_replicas = (observed.get("spec") or {}).get("replicas")
+    if want_replicas is not None and want_replicas != have_replicas:
+        return f"replicas {have_replicas} -> {want_replicas}"
+    path = first_mismatch(desired, observed)
+    if path:
+        return f"drifted at {path}"
+    return None
+
+
+def diff(
+    desired: Iterable[Mapping[str, Any]], observed: Iterable[Mapping[str, Any]], owner_uid: str
+) -> list[Action]:
+    """Actions in apply order: creates/updates in the order of ``desired``, then deletes."""
+    have = {key(o): o for o in observed if is_owned_by(o, owner_uid)}
+    actions: list[Action] = []
+    want_keys = set()
+    for obj in desired:
+        k = key(obj)
+        want_keys.add(k)
+        current = have.get(k)
+        if current is None:
+            actions.append(Action("create", obj, "missing"))
+        elif (reason := sync_reason(obj, current)) is not None:
+            actions.append(Action("update", obj, reason))
+    for k, obj in have.items():
+        if k not in want_keys:
+            actions.append(Action("delete", obj, "no longer desired"))
+    return actions

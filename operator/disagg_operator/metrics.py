@@ -1,0 +1,92 @@
+"""Metrics: the operator's own Prometheus metrics, and pure parsing of what the workers export.
+
+Operator metrics (served by ``disagg operator --metrics-port``):
+
+- ``disagg_scale_decisions_total{namespace,deployment,role,direction,reason}`` planner decisions
+  that changed replicas (direction ``up``/``down``);
+- ``disagg_desired_replicas{namespace,deployment,role}`` what the planner last asked for;
+- ``disagg_operator_reconciles_total{result}`` reconciles by result (``ok``, ``invalid``,
+  ``degraded``, ``retry``, ``error``);
+- ``disagg_operator_child_writes_total{verb,kind}`` child creates / updates / deletes.
+
+Worker metrics read by the planner (gauges labelled ``role``): ``disagg_requests_waiting``,
+``disagg_requests_running``, ``disagg_kv_cache_usage_ratio``, ``disagg_utilization_ratio``,
+``disagg_draining``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+SCALE_DECISIONS = Counter(
+    "disagg_scale_decisions",
+    "Planner decisions that changed a role's replicas",
+    ["namespace", "deployment", "role", "direction", "reason"],
+    registry=REGISTRY,
+)
+DESIRED_REPLICAS = Gauge(
+    "disagg_desired_replicas",
+    "Replicas the planner asks for",
+    ["namespace", "deployment", "role"],
+    registry=REGISTRY,
+)
+RECONCILES = Counter("disagg_operator_reconciles", "Reconciles by result", ["result"], registry=REGISTRY)
+CHILD_WRITES = Counter(
+    "disagg_operator_child_writes", "Child objects written", ["verb", "kind"], registry=REGISTRY
+)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``REGISTRY`` on http://addr:port/metrics (a daemon thread)."""
+    start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+@dataclass(frozen=True)
+class PodSample:
+    """One scrape of one worker pod, in the planner's units (queue per pod, percentages)."""
+
+    queue_length: float
+    gpu_utilization: float  # percent
+    kv_cache_usage: float  # percent
+    running: float = 0.0
+    draining: bool = False
+
+    def value(self, metric: str) -> float:
+        return float(getattr(self, metric))
+
+
+_WANTED = {
+    "disagg_requests_waiting": "waiting",
+    "disagg_requests_running": "running",
+    "disagg_kv_cache_usage_ratio": "kv",
+    "disagg_utilization_ratio": "util",
+    "disagg_draining": "draining",
+}
+
+
+def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None:
+    """Read a worker's /metrics exposition; None when the gauges the planner needs are missing."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        field = _WANTED.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name != family.name:
+                continue
+            if role is not None and sample.labels.get("role") not in (role, "both", None):
+                continue
+            values[field] = values.get(field, 0.0) + float(sample.value)
+    if "waiting" not in values or ("kv" not in values and "util" not in values):
+        return None
+    return PodSample(
+        queue_length=values["waiting"],
+        gpu_utilization=100.0 * values.get("util", 0.0),
+        kv_cache_usage=100.0 * values.get("kv", 0.0),
+        running=values.get("running", 0.0),
+        draining=values.get("draining", 0.0) >= 0.5,
+    )

@@ -1,0 +1,315 @@
+"""The built-in autoscaler: one loop per DisaggDeployment (a kopf daemon), active with
+``autoscale.mode: builtin``.
+
+Every ``autoscale.intervalSeconds`` and for each worker role it
+
+1. lists the role's pods and splits them into *warm* (ready for at least ``WARMUP_SECONDS``) and
+   *starting* (not ready yet, or still warming up: their first requests include model warm-up);
+2. reads the warm pods' metrics: by default it scrapes ``http://<podIP>:8081/metrics`` of each, or
+   it queries ``autoscale.prometheusUrl`` (``metricsSource: prometheus``); a pod that cannot be
+   scraped is left out, and no data at all means hold;
+3. appends the per-pod averages to the role's history and calls ``autoscale.decide``;
+4. on a change: before a decode scale-down it sets ``controller.kubernetes.io/pod-deletion-cost``
+   on the decode pods from their KV-cache usage, so the ReplicaSet removes those with the least KV
+   state first (they then drain through their preStop hook); it patches the Deployment's replicas,
+   writes ``status.lastScale`` and an Event, and counts the decision in the operator's metrics.
+
+Scaling holds the per-resource lock the reconciler holds, so the two never interleave. The pure
+parts (pod classification, aggregation, deletion costs) are functions tested on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from disagg_operator import metrics
+from disagg_operator.autoscale import Decision, Sample, decide
+from disagg_operator.builders import (
+    ANNOTATION_DELETION_COST,
+    ROLES,
+    WORKER_HTTP_PORT,
+    Owner,
+    child_name,
+    promql,
+    selector_labels,
+)
+from disagg_operator.conditions import timestamp
+from disagg_operator.kube import ApiError, get_kube
+from disagg_operator.metrics import PodSample, parse_worker_metrics
+from disagg_operator.reconcile import involved_object
+from disagg_operator.spec import ParsedSpec, SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+
+WARMUP_SECONDS = 30.0
+SCRAPE_TIMEOUT_SECONDS = 2.0
+HISTORY_SECONDS = 3600.0
+Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
+
+
+# ---- pure helpers ------------------------------------------------------------------------------
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class PodState:
+    name: str
+    ip: str | None
+    ready_since: float | None  # None: not ready
+    terminating: bool
+
+
+def pod_state(pod: Mapping[str, Any]) -> PodState:
+    meta = pod.get("metadata", {})
+    status = pod.get("status") or {}
+    ready_since = None
+    if status.get("phase") == "Running":
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "Ready" and cond.get("status") == "True":
+                ready_since = parse_time(cond.get("lastTransitionTime")) or 0.0
+    return PodState(
+        name=meta.get("name", ""),
+        ip=status.get("podIP"),
+        ready_since=ready_since,
+        terminating=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def classify(
+    pods: Iterable[Mapping[str, Any]], now: float, warmup: float = WARMUP_SECONDS
+) -> tuple[list[PodState], int]:
+    """(warm pods to sample, number of pods still starting); terminating pods are neither."""
+    warm: list[PodState] = []
+    starting = 0
+    for pod in pods:
+        state = pod_state(pod)
+        if state.terminating:
+            continue
+        if state.ready_since is not None and state.ip and now - state.ready_since >= warmup:
+            warm.append(state)
+        else:
+            starting += 1
+    return warm, starting
+
+
+def aggregate(samples: Iterable[PodSample | None], now: float) -> Sample:
+    """Per-pod averages over the pods that answered (``pods`` = how many did)."""
+    got = [s for s in samples if s is not None and not s.draining]
+    if not got:
+        return Sample(time=now, pods=0)
+    n = len(got)
+    return Sample(
+        time=now,
+        pods=n,
+        queue_length=sum(s.queue_length for s in got) / n,
+        gpu_utilization=sum(s.gpu_utilization for s in got) / n,
+        kv_cache_usage=sum(s.kv_cache_usage for s in got) / n,
+    )
+
+
+def deletion_costs(pods: Mapping[str, PodSample | None], starting: Iterable[str] = ()) -> dict[str, str]:
+    """``pod-deletion-cost`` per pod: the KV usage in basis points, so the pods holding the least KV
+    state are removed first; pods starting or not measured hold none and go before all others."""
+    costs = {name: str(round(s.kv_cache_usage * 100)) if s is not None else "-1" for name, s in pods.items()}
+    costs.update({name: "-1" for name in starting})
+    return costs
+
+
+# ---- metric sources ----------------------------------------------------------------------------
+
+
+def scrape_pod(
+    ip: str, role: str, *, port: int = WORKER_HTTP_PORT, timeout: float = SCRAPE_TIMEOUT_SECONDS
+) -> PodSample | None:
+    host = f"[{ip}]" if ":" in ip else ip
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
+            return parse_worker_metrics(resp.read().decode("utf-8", "replace"), role)
+    except (OSError, ValueError):
+        return None
+
+
+def query_prometheus(base_url: str, query: str, *, timeout: float = 5.0) -> list[tuple[dict[str, str], float]]:
+    url = base_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        payload = json.load(resp)
+    out = []
+    for item in payload.get("data", {}).get("result", []):
+        try:
+            out.append((item.get("metric", {}), float(item["value"][1])))
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+    return out
+
+
+def prometheus_sample(
+    base_url: str, owner: Owner, role: str, warm: list[PodState], now: float
+) -> tuple[Sample, dict[str, PodSample | None]]:
+    """Role averages and per-pod KV usage from Prometheus (only pods the API reports warm count)."""
+    names = {p.name for p in warm}
+    per_pod: dict[str, dict[str, float]] = {n: {} for n in names}
+    for metric in ("disagg_requests_waiting", "disagg_utilization_ratio", "disagg_kv_cache_usage_ratio"):
+        try:
+            rows = query_prometheus(base_url, promql(metric, owner, role, agg="max by (pod)"))
+        except (OSError, ValueError):
+            return Sample(time=now, pods=0), {}
+        for labels, value in rows:
+            if labels.get("pod") in per_pod:
+                per_pod[labels["pod"]][metric] = value
+    samples: dict[str, PodSample | None] = {}
+    for name, vals in per_pod.items():
+        if "disagg_requests_waiting" not in vals:
+            samples[name] = None
+            continue
+        samples[name] = PodSample(
+            queue_length=vals["disagg_requests_waiting"],
+            gpu_utilization=100 * vals.get("disagg_utilization_ratio", 0.0),
+            kv_cache_usage=100 * vals.get("disagg_kv_cache_usage_ratio", 0.0),
+        )
+    return aggregate(samples.values(), now), samples
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RoleState:
+    history: deque[Sample] = field(default_factory=lambda: deque(maxlen=4096))
+    last_change: float | None = None
+
+    def add(self, sample: Sample) -> None:
+        self.history.append(sample)
+        while self.history and sample.time - self.history[0].time > HISTORY_SECONDS:
+            self.history.popleft()
+
+
+def recover_states(body: Mapping[str, Any]) -> dict[str, RoleState]:
+    """Role states after a restart: the cooldown continues from ``status.lastScale``."""
+    states = {role: RoleState() for role in ROLES}
+    last = (body.get("status") or {}).get("lastScale") or {}
+    if last.get("role") in states:
+        states[last["role"]].last_change = parse_time(last.get("time"))
+    return states
+
+
+def _sample_role(
+    kube: Any, owner: Owner, parsed: ParsedSpec, role: str, now: float, scrape: Scraper
+) -> tuple[Sample, int, dict[str, PodSample | None], list[str]]:
+    pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
+    warm, starting = classify(pods, now)
+    not_warm = [pod_state(p).name for p in pods if pod_state(p).name not in {w.name for w in warm}]
+    auto = parsed.policy.autoscale
+    if auto.metrics_source == "prometheus" and auto.prometheus_url:
+        sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now)
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(warm)))) as pool:
+            results = list(pool.map(lambda p: scrape(p.ip or "", role), warm))
+        per_pod = {p.name: r for p, r in zip(warm, results, strict=True)}
+        sample = aggregate(per_pod.values(), now)
+    return sample, starting, per_pod, not_warm
+
+
+def plan_once(
+    body: Mapping[str, Any],
+    parsed: ParsedSpec,
+    states: dict[str, RoleState],
+    *,
+    kube: Any,
+    lock: threading.Lock,
+    now: float,
+    scrape: Scraper = scrape_pod,
+    logger: logging.Logger | logging.LoggerAdapter[Any] = log,
+) -> dict[str, Decision]:
+    """One planning round for both worker roles; returns the decisions (changed or not)."""
+    owner = Owner.from_body(body)
+    decisions: dict[str, Decision] = {}
+    for role in ROLES:
+        policy = getattr(parsed.policy.autoscale, role)
+        state = states[role]
+        sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape)
+        state.add(sample)
+        name = child_name(owner, role)
+        with lock:
+            deployment = kube.get_deployment(owner.namespace, name)
+            if deployment is None:
+                continue
+            current = int((deployment.get("spec") or {}).get("replicas") or 0)
+            decision = decide(list(state.history), policy, current, starting, now, state.last_change)
+            decisions[role] = decision
+            metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
+            if not decision.changed:
+                continue
+            if decision.direction == "down" and role == "decode":
+                for pod_name, cost in deletion_costs(per_pod, not_warm).items():
+                    kube.annotate_pod(owner.namespace, pod_name, {ANNOTATION_DELETION_COST: cost})
+            kube.scale_deployment(owner.namespace, name, decision.desired)
+            state.last_change = now
+            message = f"Scaled {role} from {current} to {decision.desired}: {decision.reason}"
+            logger.info("%s", message)
+            kube.patch_status(
+                owner.namespace,
+                owner.name,
+                {
+                    "lastScale": {
+                        "role": role,
+                        "from": current,
+                        "to": decision.desired,
+                        "reason": decision.reason,
+                        "time": timestamp(datetime.fromtimestamp(now, UTC)),
+                    }
+                },
+            )
+            kube.post_event(
+                involved_object(body), "Normal", "ScaledUp" if decision.direction == "up" else "ScaledDown", message
+            )
+            metrics.SCALE_DECISIONS.labels(
+                owner.namespace, owner.name, role, decision.direction, decision.reason.split(",")[0][:60]
+            ).inc()
+    return decisions
+
+
+async def run_loop(
+    body: Any,
+    stopped: Any,
+    logger: Any,
+    *,
+    lock: threading.Lock,
+    kube_factory: Callable[[], Any] = get_kube,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """The daemon: plan every ``intervalSeconds`` while ``autoscale.mode`` is builtin."""
+    states = recover_states(body)
+    while not stopped:
+        interval = 15.0
+        try:
+            parsed = parse_spec(body.get("spec"), name=body.get("metadata", {}).get("name", "x"))
+            interval = parsed.policy.autoscale.interval_seconds
+            if parsed.policy.autoscale.mode == "builtin":
+                await asyncio.to_thread(
+                    plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), logger=logger
+                )
+        except SpecError:
+            pass  # the reconciler reports it
+        except ApiError as exc:
+            logger.warning("Planner could not read or scale: %s", exc)
+        await stopped.wait(interval)

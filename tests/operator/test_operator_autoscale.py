@@ -1,0 +1,201 @@
+"""The planner's pure scaling decision: table tests and properties (bounds, cooldown, step size,
+no scaling on missing data, no flapping on oscillating load)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from disagg_operator.autoscale import Decision, Sample, decide, target
+from disagg_worker.policy import RoleAutoscale, Thresholds
+
+DECODE = RoleAutoscale(min_replicas=2, max_replicas=10, scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
+                       scale_down=Thresholds(queue_length=4, kv_cache_usage=30), scale_up_stabilization_seconds=30,
+                       scale_down_stabilization_seconds=120, cooldown_seconds=60, max_step=2)
+PREFILL = RoleAutoscale(min_replicas=1, max_replicas=6, scale_up=Thresholds(queue_length=8, gpu_utilization=80),
+                        scale_down=Thresholds(queue_length=2, gpu_utilization=40), scale_up_stabilization_seconds=0,
+                        scale_down_stabilization_seconds=60, cooldown_seconds=30, max_step=1)
+
+
+def steady(pods: int, until: float, every: float = 15.0, span: float = 300.0, **values: float) -> list[Sample]:
+    """A constant load sampled every ``every`` seconds over the last ``span`` seconds."""
+    n = int(span // every)
+    return [Sample(time=until - span + i * every, pods=pods, **values) for i in range(n + 1)]
+
+
+NOW = 1000.0
+BUSY = dict(queue_length=30.0, kv_cache_usage=80.0)
+CALM = dict(queue_length=1.0, kv_cache_usage=10.0)
+MIDDLE = dict(queue_length=8.0, kv_cache_usage=50.0)
+
+
+@pytest.mark.parametrize(("name", "history", "current", "starting", "last_change", "expected"), [
+    ("busy -> up by the step", steady(4, NOW, **BUSY), 4, 0, None, (6, "up")),
+    ("busy, at max", steady(10, NOW, **BUSY), 10, 0, None, (10, "hold")),
+    ("busy, but in cooldown", steady(4, NOW, **BUSY), 4, 0, NOW - 30, (4, "hold")),
+    ("busy, starting pods cover it", steady(4, NOW, queue_length=17.0, kv_cache_usage=50.0), 8, 4, None, (8, "hold")),
+    ("busy, starting pods not enough", steady(4, NOW, **BUSY), 8, 4, None, (10, "up")),
+    ("calm -> down by the step", steady(8, NOW, **CALM), 8, 0, None, (6, "down")),
+    ("calm, at min", steady(2, NOW, **CALM), 2, 0, None, (2, "hold")),
+    ("calm, pods starting", steady(6, NOW, **CALM), 8, 2, None, (8, "hold")),
+    ("between thresholds", steady(5, NOW, **MIDDLE), 5, 0, None, (5, "hold")),
+    ("no samples at all", [], 5, 0, None, (5, "hold")),
+    ("stale samples", steady(5, NOW - 600, **BUSY), 5, 0, None, (5, "hold")),
+    ("no ready pods", steady(0, NOW, **BUSY), 5, 3, None, (5, "hold")),
+    ("below min", [], 1, 0, None, (2, "up")),
+    ("above max", steady(12, NOW, **BUSY), 12, 0, None, (10, "down")),
+])
+def test_decision_table(name: str, history: list[Sample], current: int, starting: int, last_change: float | None,
+                        expected: tuple[int, str]) -> None:
+    d = decide(history, DECODE, current, starting, NOW, last_change)
+    assert (d.desired, d.direction) == expected, d.reason
+
+
+def test_any_scale_up_threshold_is_enough_but_scale_down_needs_all() -> None:
+    only_kv = steady(4, NOW, queue_length=1.0, kv_cache_usage=90.0)
+    assert decide(only_kv, DECODE, 4, 0, NOW, None).direction == "up"
+    queue_calm_kv_middle = steady(8, NOW, queue_length=1.0, kv_cache_usage=50.0)
+    assert decide(queue_calm_kv_middle, DECODE, 8, 0, NOW, None).direction == "hold"
+
+
+def test_scale_up_must_be_sustained_over_the_window() -> None:
+    history = [*steady(4, NOW, **MIDDLE)[:-2], Sample(NOW - 15, 4, **BUSY), Sample(NOW, 4, **BUSY)]
+    assert decide(history, DECODE, 4, 0, NOW, None).direction == "hold"  # busy for 15 s of a 30 s window
+    history.append(Sample(NOW + 15, 4, **BUSY))
+    assert decide(history, DECODE, 4, 0, NOW + 15, None).direction == "up"
+
+
+def test_scale_down_must_be_sustained_and_samples_after_the_change() -> None:
+    history = steady(8, NOW, span=100, **CALM)  # only 100 s of a 120 s window
+    assert decide(history, DECODE, 8, 0, NOW, None).direction == "hold"
+    history = steady(8, NOW, **CALM)
+    assert decide(history, DECODE, 8, 0, NOW, NOW - 90).direction == "hold"  # the window reaches before it
+    assert decide(history, DECODE, 8, 0, NOW, NOW - 200).direction == "down"
+
+
+def test_warmup_samples_are_not_in_the_history_and_starting_pods_count_as_capacity() -> None:
+    # 2 ready pods drowning, 2 more starting: enough to reach the target? load 2 x 30 = 60, target 10
+    history = steady(2, NOW, queue_length=30.0, kv_cache_usage=50.0)
+    d = decide(history, DECODE, 4, 2, NOW, None)
+    assert (d.desired, d.direction) == (6, "up")  # 4 (ready + starting) is not enough for 60 / 10
+    history = steady(2, NOW, queue_length=17.0, kv_cache_usage=50.0)
+    assert decide(history, DECODE, 4, 2, NOW, None).direction == "hold"  # 34 / 10 -> 4 pods: wait
+
+
+def test_scale_down_never_projects_above_the_target() -> None:
+    # 4 pods at queue 3.5: removing one gives 4.67 <= target 10, removing 2 gives 7 <= 10
+    assert decide(steady(4, NOW, queue_length=3.5, kv_cache_usage=20.0), DECODE, 4, 0, NOW, None).desired == 2
+    # 3 pods at kv 29: removing one gives 43.5 <= target 52.5; removing two would be 87
+    assert decide(steady(3, NOW, queue_length=1.0, kv_cache_usage=29.0), DECODE, 3, 0, NOW, None).desired == 2
+
+
+def test_proportional_scale_up_is_capped_by_the_step() -> None:
+    # a zero stabilisation window: the latest sample decides at once
+    history = [Sample(NOW, 2, queue_length=40.0, gpu_utilization=50.0)]
+    d = decide(history, PREFILL, 2, 0, NOW, None)
+    assert (d.desired, d.direction) == (3, "up")
+    assert "queueLength above 8" in d.reason
+
+
+def test_target_sits_between_thresholds() -> None:
+    assert target(DECODE, "queue_length") == 10
+    assert target(DECODE, "kv_cache_usage") == 52.5
+    assert target(DECODE, "gpu_utilization") is None
+    up_only = RoleAutoscale(scale_up=Thresholds(queue_length=10))
+    assert target(up_only, "queue_length") == 8
+
+
+# ---- properties ------------------------------------------------------------------------------
+
+policies = st.builds(
+    lambda lo, span, up_q, gap_q, step, cool, up_stab, down_stab: RoleAutoscale(
+        min_replicas=lo, max_replicas=max(1, lo + span), scale_up=Thresholds(queue_length=up_q, kv_cache_usage=80),
+        scale_down=Thresholds(queue_length=max(0.0, up_q - gap_q), kv_cache_usage=30), max_step=step,
+        cooldown_seconds=cool, scale_up_stabilization_seconds=up_stab, scale_down_stabilization_seconds=down_stab),
+    st.integers(0, 4), st.integers(0, 8), st.floats(1, 40), st.floats(0.5, 30), st.integers(1, 4),
+    st.sampled_from([0, 30, 60, 120]), st.sampled_from([0, 15, 30, 60]), st.sampled_from([0, 60, 300]))
+samples = st.lists(st.builds(Sample, time=st.floats(0, 1000), pods=st.integers(0, 12),
+                             queue_length=st.none() | st.floats(0, 100), kv_cache_usage=st.none() | st.floats(0, 100)),
+                   max_size=30).map(lambda xs: sorted(xs, key=lambda s: s.time))
+
+
+@settings(max_examples=400, deadline=None)
+@given(policies, samples, st.integers(0, 20), st.integers(0, 5), st.none() | st.floats(0, 1000))
+def test_properties_of_one_decision(policy: RoleAutoscale, history: list[Sample], current: int, starting: int,
+                                    last_change: float | None) -> None:
+    d = decide(history, policy, current, starting, 1000.0, last_change)
+    assert policy.min_replicas <= d.desired <= policy.max_replicas
+    in_bounds = policy.min_replicas <= current <= policy.max_replicas
+    if in_bounds:
+        assert abs(d.desired - current) <= policy.max_step
+        if last_change is not None and 1000.0 - last_change < policy.cooldown_seconds:
+            assert d.desired == current
+        if not [s for s in history if s.pods > 0 and s.time >= 1000.0 - 60]:
+            assert d.desired == current  # no fresh data: hold, never scale (to zero or anywhere)
+    assert d.changed == (d.desired != current)
+    assert {"up": d.desired > current, "down": d.desired < current, "hold": d.desired == current}[d.direction]
+
+
+class Pool:
+    """A tiny closed loop: total load in requests, replicas become ready after ``startup`` seconds."""
+
+    def __init__(self, policy: RoleAutoscale, replicas: int, startup: float = 30.0):
+        self.policy, self.replicas, self.startup = policy, replicas, startup
+        self.ready_at: list[float] = [-1e9] * replicas
+        self.history: list[Sample] = []
+        self.last_change: float | None = None
+        self.decisions: list[Decision] = []
+
+    def step(self, now: float, load: float) -> Decision:
+        ready = sum(1 for t in self.ready_at if t <= now)
+        starting = len(self.ready_at) - ready
+        per_pod = load / max(ready, 1)
+        self.history.append(Sample(now, ready, queue_length=per_pod, kv_cache_usage=min(100.0, per_pod * 4)))
+        self.history = self.history[-100:]
+        d = decide(self.history, self.policy, self.replicas, starting, now, self.last_change)
+        if d.changed:
+            self.last_change = now
+            if d.desired > self.replicas:
+                self.ready_at += [now + self.startup] * (d.desired - self.replicas)
+            else:
+                self.ready_at = sorted(self.ready_at)[: d.desired]
+            self.replicas = d.desired
+            self.decisions.append(d)
+        return d
+
+
+def reversals(decisions: list[Decision]) -> int:
+    dirs = [d.direction for d in decisions]
+    return sum(1 for a, b in itertools.pairwise(dirs) if a != b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(20, 120), st.floats(5, 60), st.floats(2, 8))
+def test_oscillating_load_faster_than_the_windows_does_not_flap(base: float, amplitude: float, period: float) -> None:
+    """A wave whose period (``period`` samples of 15 s) fits in the scale-down window: the pool may
+    grow to its peak, but never shrinks back and forth with every trough."""
+    pool = Pool(DECODE, replicas=6)
+    changes = []
+    for i in range(400):
+        now = i * 15.0
+        load = base + amplitude * math.sin(2 * math.pi * now / (period * 15.0))
+        changes.append(pool.step(now, load))
+    assert reversals(pool.decisions) <= 2  # it settles; it does not follow every wave
+    times = [i * 15.0 for i, d in enumerate(changes) if d.changed]
+    assert all(b - a >= DECODE.cooldown_seconds for a, b in itertools.pairwise(times))
+
+
+def test_step_load_converges_and_stays() -> None:
+    pool = Pool(DECODE, replicas=2)
+    for i in range(200):
+        pool.step(i * 15.0, 100.0 if i >= 10 else 10.0)
+    assert [d.direction for d in pool.decisions] == ["up"] * len(pool.decisions)
+    assert 100.0 / pool.replicas <= DECODE.scale_up.queue_length
+    for i in range(200, 400):
+        pool.step(i * 15.0, 10.0)
+    assert pool.replicas == DECODE.min_replicas or 10.0 / (pool.replicas - 1) > target(DECODE, "queue_length")
+    assert reversals(pool.decisions) == 1

@@ -1,0 +1,211 @@
+"""Pure builders: every rendered child validates against real Kubernetes schemas and follows the
+data-plane contract (args, ports, probes, drain hook), the labelling and the security rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from opkit import EXAMPLES, SMALL_SPEC
+
+from disagg_operator.builders import (
+    ANNOTATION_POLICY_HASH,
+    ANNOTATION_SPEC_HASH,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    Owner,
+    build_children,
+    format_quantity,
+    role_replicas,
+)
+from disagg_operator.spec import parse_spec
+from disagg_worker.policy import parse_policy
+
+OWNER = Owner(name="demo", namespace="ns", uid="uid-demo", generation=1)
+K8S_VERSION = "1.30"
+PRODUCTION = yaml.safe_load((EXAMPLES / "production.yaml").read_text())["spec"]
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "small": SMALL_SPEC,
+    "production": PRODUCTION,
+    "hpa": {**SMALL_SPEC, "autoscale": {"mode": "hpa", "prefill": {"minReplicas": 1, "maxReplicas": 3,
+                                        "scaleUp": {"queueLength": 8, "gpuUtilization": 80}},
+                                        "decode": {"minReplicas": 2, "maxReplicas": 6,
+                                                   "scaleUp": {"queueLength": 16, "kvCacheUsage": 75}}}},
+    "keda": {**SMALL_SPEC, "autoscale": {"mode": "keda", "prometheusUrl": "http://prometheus.monitoring:9090",
+                                         "prefill": {"minReplicas": 0, "maxReplicas": 3,
+                                                     "scaleUp": {"queueLength": 8}},
+                                         "decode": {"minReplicas": 1, "maxReplicas": 6,
+                                                    "scaleUp": {"kvCacheUsage": 75}}}},
+}
+
+
+def children(spec: dict[str, Any], observed: dict[str, int | None] | None = None) -> list[dict[str, Any]]:
+    return build_children(parse_spec(spec, name=OWNER.name), OWNER, observed)
+
+
+def by(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [obj] = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+def container(objs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return by(objs, "Deployment", f"demo-{component}")["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_child_validates_against_kubernetes_schemas(scenario: str) -> None:
+    for obj in children(SCENARIOS[scenario]):
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            # CRD kinds (PodMonitor, ScaledObject) have no upstream schema: check their core shape
+            assert obj["kind"] in ("PodMonitor", "ScaledObject")
+            assert obj["spec"] and obj["metadata"]["ownerReferences"]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_children_are_owned_labelled_and_hashed(scenario: str) -> None:
+    for obj in children(SCENARIOS[scenario]):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ns"
+        assert meta["ownerReferences"] == [{"apiVersion": "disagg.dev/v1alpha1", "kind": "DisaggDeployment",
+                                            "name": "demo", "uid": "uid-demo", "controller": True,
+                                            "blockOwnerDeletion": True}]
+        labels = meta["labels"]
+        assert labels[LABEL_NAME] == "disagg" and labels[LABEL_INSTANCE] == "demo"
+        assert labels[LABEL_MANAGED_BY] == "disagg-operator" and labels[LABEL_COMPONENT]
+        assert len(meta["annotations"][ANNOTATION_SPEC_HASH]) == 16
+        if obj["kind"] == "Deployment":
+            selector = obj["spec"]["selector"]["matchLabels"]
+            assert set(selector) == {LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT}
+            template_labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= template_labels.items()
+
+
+def test_worker_and_router_command_lines_follow_the_contract() -> None:
+    objs = children({**SMALL_SPEC, "prefill": {"device": "cpu", "dtype": "float32", "maxBatchTokens": 1024},
+                     "decode": {"maxBatchSize": 32, "kvCacheBlocks": 512}, "router": {"port": 9000}})
+    common = ["--model", "tiny-llama", "--policy", "/etc/disagg/policy.yaml", "--host", "0.0.0.0"]
+    assert container(objs, "prefill")["command"] == ["disagg"]
+    assert container(objs, "prefill")["args"] == [
+        "worker", "--role", "prefill", *common, "--port", "50051", "--http-port", "8081",
+        "--device", "cpu", "--dtype", "float32", "--max-batch-tokens", "1024"]
+    assert container(objs, "decode")["args"] == [
+        "worker", "--role", "decode", *common, "--port", "50051", "--http-port", "8081",
+        "--max-batch-size", "32", "--kv-cache-blocks", "512", "--prefill-workers", "demo-prefill.ns.svc:50051"]
+    assert container(objs, "router")["args"] == [
+        "router", *common, "--port", "9000", "--decode-workers", "demo-decode.ns.svc:50051",
+        "--prefill-workers", "demo-prefill.ns.svc:50051"]
+    assert children({"model": {"name": "x", "path": "/models/x"}})[4]["spec"]["template"]["spec"][
+        "containers"][0]["args"][4] == "/models/x"
+
+
+def test_worker_services_are_headless_and_select_their_role() -> None:
+    objs = children(SMALL_SPEC)
+    for role in ("prefill", "decode"):
+        svc = by(objs, "Service", f"demo-{role}")
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["spec"]["selector"][LABEL_COMPONENT] == role
+        assert {p["port"] for p in svc["spec"]["ports"]} == {50051, 8081}
+    router = by(objs, "Service", "demo-router")
+    assert router["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("component", ["prefill", "decode", "router"])
+def test_probes_security_and_writable_dirs(component: str) -> None:
+    objs = children(PRODUCTION)
+    pod = by(objs, "Deployment", f"demo-{component}")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/cache"]]
+    assert volumes[mounts["/etc/disagg"]]["configMap"]["name"] == "demo-policy"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HOME"] == "/tmp" and env["HF_HOME"].startswith("/cache")
+    assert "/models" in mounts  # the production example's PVC
+    assert c["resources"]["limits"]["memory"] == "96Gi" if component != "router" else True
+
+
+def test_decode_drains_before_it_stops() -> None:
+    objs = children({**SMALL_SPEC, "autoscale": {"mode": "off", "drainTimeoutSeconds": 90}})
+    pod = by(objs, "Deployment", "demo-decode")["spec"]["template"]["spec"]
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert "drain?wait=90" in hook[-1] and "method='POST'" in hook[-1]
+    assert pod["terminationGracePeriodSeconds"] > 90
+    assert "lifecycle" not in container(objs, "prefill")
+
+
+def test_policy_configmap_round_trips() -> None:
+    parsed = parse_spec(PRODUCTION)
+    cm = by(build_children(parsed, OWNER), "ConfigMap", "demo-policy")
+    assert parse_policy(yaml.safe_load(cm["data"]["policy.yaml"])) == parsed.policy
+
+
+def test_policy_hash_rolls_pods_on_data_plane_changes_only() -> None:
+    def hashes(spec: dict[str, Any]) -> set[str]:
+        return {o["spec"]["template"]["metadata"]["annotations"][ANNOTATION_POLICY_HASH]
+                for o in children(spec) if o["kind"] == "Deployment"}
+
+    base = hashes(SMALL_SPEC)
+    assert len(base) == 1
+    assert hashes({**SMALL_SPEC, "qos": {"ttftSloMs": 300}}) != base
+    assert hashes({**SMALL_SPEC, "autoscale": {"mode": "off", "prefill": {"maxReplicas": 9}}}) == base
+
+
+def test_monitoring_toggles() -> None:
+    objs = children(SMALL_SPEC)
+    annotations = by(objs, "Deployment", "demo-decode")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8081"
+    assert not [o for o in objs if o["kind"] == "PodMonitor"]
+    objs = children(PRODUCTION)
+    annotations = by(objs, "Deployment", "demo-router")["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.io/scrape" not in annotations
+    [mon] = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert mon["metadata"]["labels"]["release"] == "prometheus"
+    assert mon["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+
+
+def test_hpa_maps_thresholds_to_pods_metrics() -> None:
+    hpa = by(children(SCENARIOS["hpa"]), "HorizontalPodAutoscaler", "demo-prefill")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "demo-prefill"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3)
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in hpa["metrics"]}
+    assert targets == {"disagg_requests_waiting": "8", "disagg_utilization_ratio": "800m"}
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+
+def test_keda_scaled_object_queries_prometheus() -> None:
+    so = by(children(SCENARIOS["keda"]), "ScaledObject", "demo-decode")["spec"]
+    assert (so["minReplicaCount"], so["maxReplicaCount"]) == (1, 6)
+    [trigger] = so["triggers"]
+    assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
+    assert trigger["metadata"]["query"] == 'sum(disagg_kv_cache_usage_ratio{namespace="ns",pod=~"demo-decode-.*"})'
+    assert trigger["metadata"]["threshold"] == "0.75"
+
+
+def test_replicas_by_mode() -> None:
+    off, builtin = parse_spec(SMALL_SPEC), parse_spec(PRODUCTION)
+    hpa = parse_spec(SCENARIOS["hpa"])
+    assert role_replicas(off, "decode", 7) == 1  # static: the spec wins over what runs
+    assert role_replicas(builtin, "decode", None) == 8  # initial, clamped to [8, 24]
+    assert role_replicas(builtin, "decode", 13) == 13  # the planner's count is kept
+    assert role_replicas(builtin, "decode", 30) == 24  # but clamped
+    assert role_replicas(hpa, "decode", 5) == 5  # the HPA owns it
+    assert role_replicas(builtin, "router", 5) == 2
+
+
+@pytest.mark.parametrize(("value", "text"), [(8, "8"), (8.0, "8"), (0.75, "750m"), (0.8, "800m"), (2.5, "2500m")])
+def test_format_quantity(value: float, text: str) -> None:
+    assert format_quantity(value) == text

@@ -1,0 +1,162 @@
+"""Pure diff: idempotence (also over server-side defaults), drift, and which children a change touches."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from opkit import SMALL_SPEC, FakeKube
+
+from disagg_operator.builders import Owner, build_children
+from disagg_operator.diff import Action, diff, first_mismatch, sync_reason
+from disagg_operator.spec import parse_spec
+
+OWNER = Owner(name="demo", namespace="ns", uid="uid-demo", generation=1)
+
+
+def desired(spec: dict[str, Any], observed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    replicas = {o["metadata"]["name"].removeprefix("demo-"): o["spec"].get("replicas")
+                for o in observed or [] if o["kind"] == "Deployment"}
+    return build_children(parse_spec(spec, name="demo"), OWNER, replicas)
+
+
+def applied(spec: dict[str, Any]) -> FakeKube:
+    """A fake API server holding the children of ``spec`` (with server-side defaults added)."""
+    kube = FakeKube()
+    for action in diff(desired(spec), [], OWNER.uid):
+        kube.create_child(action.obj)
+    return kube
+
+
+def observed(kube: FakeKube) -> list[dict[str, Any]]:
+    return kube.list_children("ns", "demo", OWNER.uid)
+
+
+def touched(actions: list[Action]) -> set[tuple[str, str, str]]:
+    return {(a.verb, a.kind, a.name.removeprefix("demo-")) for a in actions}
+
+
+def test_everything_is_created_at_first() -> None:
+    actions = diff(desired(SMALL_SPEC), [], OWNER.uid)
+    assert [a.verb for a in actions] == ["create"] * 7
+    assert actions[0].kind == "ConfigMap"  # config before the pods that mount it
+
+
+def test_second_diff_is_empty_despite_server_defaults() -> None:
+    for spec in ({}, SMALL_SPEC, {**SMALL_SPEC, "prefill": {"resources": {"requests": {"cpu": "1000m"}}}}):
+        kube = applied(spec)
+        have = observed(kube)
+        assert any("strategy" in o["spec"] for o in have if o["kind"] == "Deployment")  # defaults present
+        assert diff(desired(spec, have), have, OWNER.uid) == []
+
+
+def test_hand_edit_is_drift() -> None:
+    kube = applied(SMALL_SPEC)
+    kube.hand_edit("Deployment", "demo-decode",
+                   lambda o: o["spec"]["template"]["spec"]["containers"][0].update(image="evil:latest"))
+    have = observed(kube)
+    [action] = diff(desired(SMALL_SPEC, have), have, OWNER.uid)
+    assert (action.verb, action.name) == ("update", "demo-decode")
+    assert action.reason == "drifted at spec.template.spec.containers[0].image"
+
+
+def test_hand_deleted_child_is_recreated() -> None:
+    kube = applied(SMALL_SPEC)
+    del kube.objects[("Service", "ns", "demo-prefill")]
+    have = observed(kube)
+    assert touched(diff(desired(SMALL_SPEC, have), have, OWNER.uid)) == {("create", "Service", "prefill")}
+
+
+def test_foreign_annotations_and_labels_are_not_drift() -> None:
+    kube = applied(SMALL_SPEC)
+    kube.hand_edit("Deployment", "demo-router", lambda o: (
+        o["metadata"]["annotations"].update({"deployment.kubernetes.io/revision": "3"}),
+        o["spec"]["template"]["metadata"]["annotations"].update({"kubectl.kubernetes.io/restartedAt": "now"})))
+    have = observed(kube)
+    assert diff(desired(SMALL_SPEC, have), have, OWNER.uid) == []
+
+
+def test_router_change_touches_only_router_children() -> None:
+    kube = applied(SMALL_SPEC)
+    have = observed(kube)
+    changed = {**SMALL_SPEC, "router": {"replicas": 1, "port": 9000}}
+    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {
+        ("update", "Deployment", "router"), ("update", "Service", "router")}
+
+
+def test_decode_resources_change_touches_only_the_decode_deployment() -> None:
+    kube = applied(SMALL_SPEC)
+    have = observed(kube)
+    changed = copy.deepcopy(SMALL_SPEC)
+    changed["decode"]["resources"]["limits"] = {"memory": "8Gi"}
+    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {("update", "Deployment", "decode")}
+
+
+def test_policy_change_updates_configmap_and_rolls_every_pod() -> None:
+    kube = applied(SMALL_SPEC)
+    have = observed(kube)
+    changed = {**SMALL_SPEC, "qos": {"ttftSloMs": 350}}
+    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {
+        ("update", "ConfigMap", "policy"), ("update", "Deployment", "prefill"),
+        ("update", "Deployment", "decode"), ("update", "Deployment", "router")}
+
+
+def test_autoscale_only_change_updates_configmap_without_rolling_pods() -> None:
+    spec = {**SMALL_SPEC, "autoscale": {"mode": "builtin"}}
+    kube = applied(spec)
+    have = observed(kube)
+    changed = {**SMALL_SPEC, "autoscale": {"mode": "builtin", "decode": {"minReplicas": 8, "maxReplicas": 30}}}
+    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {("update", "ConfigMap", "policy")}
+
+
+def test_leaving_hpa_mode_deletes_the_hpas_and_keeps_the_running_replicas() -> None:
+    hpa = {**SMALL_SPEC, "autoscale": {"mode": "hpa",
+                                       "prefill": {"minReplicas": 1, "maxReplicas": 4, "scaleUp": {"queueLength": 8}},
+                                       "decode": {"minReplicas": 1, "maxReplicas": 4, "scaleUp": {"queueLength": 8}}}}
+    kube = applied(hpa)
+    assert ("HorizontalPodAutoscaler", "ns", "demo-decode") in kube.objects
+    kube.hand_edit("Deployment", "demo-decode", lambda o: o["spec"].update(replicas=3))  # the HPA scaled
+    have = observed(kube)
+    assert diff(desired(hpa, have), have, OWNER.uid) == []  # the HPA's count is not fought
+    builtin = {**hpa, "autoscale": {**hpa["autoscale"], "mode": "builtin"}}
+    actions = diff(desired(builtin, have), have, OWNER.uid)
+    assert ("delete", "HorizontalPodAutoscaler", "decode") in touched(actions)
+    assert ("delete", "HorizontalPodAutoscaler", "prefill") in touched(actions)
+    assert not [a for a in actions if a.kind == "Deployment"]
+
+
+def test_builtin_mode_clamps_observed_replicas_into_bounds() -> None:
+    spec = {**SMALL_SPEC, "autoscale": {"mode": "builtin", "decode": {"minReplicas": 2, "maxReplicas": 5}}}
+    kube = applied(spec)
+    kube.hand_edit("Deployment", "demo-decode", lambda o: o["spec"].update(replicas=9))
+    have = observed(kube)
+    [action] = diff(desired(spec, have), have, OWNER.uid)
+    assert action.reason == "replicas 9 -> 5"
+
+
+def test_children_of_others_are_never_deleted() -> None:
+    kube = applied(SMALL_SPEC)
+    stranger = copy.deepcopy(kube.get("ConfigMap", "demo-policy"))
+    stranger["metadata"]["name"] = "someone-else"
+    stranger["metadata"]["ownerReferences"][0]["uid"] = "uid-other"
+    actions = diff(desired(SMALL_SPEC, observed(kube)), [*observed(kube), stranger], OWNER.uid)
+    assert actions == []
+
+
+def test_first_mismatch_semantics() -> None:
+    assert first_mismatch({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}, "d": 3}) is None
+    assert first_mismatch({"a": {"b": 1}}, {"a": {"b": 2}}) == "a.b"
+    assert first_mismatch({"a": []}, {}) is None  # empty == absent (the API server drops them)
+    assert first_mismatch({"l": [1, 2]}, {"l": [1]}) == "l"
+    assert first_mismatch({"requests": {"cpu": "1000m"}}, {"requests": {"cpu": "1"}}) is None
+    assert first_mismatch({"requests": {"cpu": "2"}}, {"requests": {"cpu": "1"}}) == "requests.cpu"
+    assert first_mismatch({"x": True}, {"x": 1}) == "x"
+    assert first_mismatch({"x": 1}, {"x": 1.0}) is None
+
+
+def test_sync_reason_prefers_the_hash() -> None:
+    obj = desired(SMALL_SPEC)[0]
+    other = copy.deepcopy(obj)
+    other["metadata"]["annotations"]["disagg.dev/spec-hash"] = "0" * 16
+    assert sync_reason(obj, other) == "spec changed"
+    assert sync_reason(obj, copy.deepcopy(obj)) is None

@@ -1,0 +1,207 @@
+"""The planner loop's parts: pod classification, metric parsing and scraping, deletion costs, and
+one planning round against a fake cluster."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from disagg_operator.builders import ANNOTATION_DELETION_COST
+from disagg_operator.metrics import PodSample, parse_worker_metrics
+from disagg_operator.planner import (
+    RoleState,
+    aggregate,
+    classify,
+    deletion_costs,
+    plan_once,
+    recover_states,
+    scrape_pod,
+)
+from disagg_operator.spec import parse_spec
+
+NOW = 10_000.0
+
+
+def iso(t: float) -> str:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod(name: str, *, ready_for: float | None = 600.0, ip: str = "10.0.0.1", terminating: bool = False,
+        role: str = "decode") -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Running" if ready_for is not None else "Pending", "podIP": ip}
+    if ready_for is not None:
+        status["conditions"] = [{"type": "Ready", "status": "True", "lastTransitionTime": iso(NOW - ready_for)}]
+    meta: dict[str, Any] = {"name": name, "namespace": "ns", "labels": {
+        "app.kubernetes.io/name": "disagg", "app.kubernetes.io/instance": "demo", "app.kubernetes.io/component": role}}
+    if terminating:
+        meta["deletionTimestamp"] = iso(NOW)
+    return {"metadata": meta, "status": status}
+
+
+def exposition(role: str = "decode", waiting: float = 3, running: float = 5, kv: float = 0.4, util: float = 0.5,
+               draining: float = 0) -> str:
+    reg = CollectorRegistry()
+    for name, value in (("disagg_requests_waiting", waiting), ("disagg_requests_running", running),
+                        ("disagg_kv_cache_usage_ratio", kv), ("disagg_utilization_ratio", util),
+                        ("disagg_draining", draining), ("disagg_prefix_cache_hit_ratio", 0.9)):
+        Gauge(name, name, ["role"], registry=reg).labels(role).set(value)
+    return generate_latest(reg).decode()
+
+
+def test_classify_pods() -> None:
+    pods = [pod("warm", ready_for=600), pod("warming", ready_for=5), pod("pending", ready_for=None),
+            pod("leaving", terminating=True), pod("no-ip", ip="")]
+    warm, starting = classify(pods, NOW)
+    assert [p.name for p in warm] == ["warm"]
+    assert starting == 3  # warming, pending, no-ip; the terminating pod is neither
+
+
+def test_parse_worker_metrics_in_planner_units() -> None:
+    sample = parse_worker_metrics(exposition(waiting=3, kv=0.4, util=0.5), "decode")
+    assert sample == PodSample(queue_length=3, gpu_utilization=50.0, kv_cache_usage=40.0, running=5, draining=False)
+    assert parse_worker_metrics(exposition(role="prefill"), "decode") is None  # another role's gauges
+    assert parse_worker_metrics(exposition(role="both"), "decode") is not None
+    assert parse_worker_metrics("# nothing here\n", "decode") is None
+
+
+def test_aggregate_and_deletion_costs() -> None:
+    a = PodSample(queue_length=2, gpu_utilization=40, kv_cache_usage=10)
+    b = PodSample(queue_length=4, gpu_utilization=60, kv_cache_usage=70)
+    drained = PodSample(queue_length=0, gpu_utilization=0, kv_cache_usage=0, draining=True)
+    s = aggregate([a, b, None, drained], NOW)
+    assert (s.pods, s.queue_length, s.gpu_utilization, s.kv_cache_usage) == (2, 3, 50, 40)
+    assert aggregate([None], NOW).pods == 0
+    costs = deletion_costs({"a": a, "b": b, "c": None}, starting=["d"])
+    assert costs == {"a": "1000", "b": "7000", "c": "-1", "d": "-1"}
+    assert sorted(costs, key=lambda k: int(costs[k]))[:2] == ["c", "d"]  # no KV state goes first
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[str, int]]:
+    body = exposition(waiting=7).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1", server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_scrape_pod_over_http(metrics_server: tuple[str, int]) -> None:
+    host, port = metrics_server
+    sample = scrape_pod(host, "decode", port=port)
+    assert sample is not None and sample.queue_length == 7
+    assert scrape_pod("127.0.0.1", "decode", port=1, timeout=0.5) is None  # down: no sample, no crash
+
+
+class FakeCluster:
+    """The planner-facing part of ``kube.Kube``, recording writes in order."""
+
+    def __init__(self, pods: dict[str, list[dict[str, Any]]], replicas: dict[str, int]):
+        self.pods, self.replicas = pods, replicas
+        self.writes: list[tuple[str, Any]] = []
+
+    def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.pods[labels["app.kubernetes.io/component"]])
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        role = name.removeprefix("demo-")
+        return {"spec": {"replicas": self.replicas[role]}} if role in self.replicas else None
+
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        self.writes.append(("scale", (name, replicas)))
+        self.replicas[name.removeprefix("demo-")] = replicas
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+        self.writes.append(("annotate", (name, dict(annotations))))
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.writes.append(("status", dict(status)))
+
+    def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.writes.append(("event", (reason, message)))
+
+
+SPEC = {"autoscale": {"mode": "builtin", "intervalSeconds": 15,
+                      "prefill": {"minReplicas": 1, "maxReplicas": 4, "scaleUp": {"queueLength": 8},
+                                  "scaleDown": {"queueLength": 2}, "scaleUpStabilizationSeconds": 0,
+                                  "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0},
+                      "decode": {"minReplicas": 1, "maxReplicas": 4, "scaleUp": {"kvCacheUsage": 80},
+                                 "scaleDown": {"kvCacheUsage": 30}, "scaleUpStabilizationSeconds": 0,
+                                 "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}}}
+BODY = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u"}, "spec": SPEC}
+
+
+def run_round(cluster: FakeCluster, scrape: Any) -> dict[str, Any]:
+    states = {r: RoleState() for r in ("prefill", "decode")}
+    return plan_once(BODY, parse_spec(SPEC, name="demo"), states, kube=cluster, lock=threading.Lock(), now=NOW,
+                     scrape=scrape)
+
+
+def test_decode_scale_down_sets_deletion_costs_first() -> None:
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")],
+                           "decode": [pod("d0", ip="10.0.0.10"), pod("d1", ip="10.0.0.11"),
+                                      pod("d2", ip="10.0.0.12"), pod("d3", ready_for=None)]},
+                          {"prefill": 1, "decode": 4})
+    kv = {"10.0.0.10": 20.0, "10.0.0.11": 5.0, "10.0.0.12": 2.0}
+
+    def scrape(ip: str, role: str) -> PodSample:
+        return PodSample(queue_length=3, gpu_utilization=50, kv_cache_usage=kv.get(ip, 0.0))
+
+    decisions = run_round(cluster, scrape)
+    assert decisions["prefill"].direction == "hold"
+    # a starting pod blocks scale-down
+    assert decisions["decode"].direction == "hold"
+    cluster.pods["decode"].pop()
+    cluster.replicas["decode"] = 3
+    decisions = run_round(cluster, scrape)
+    assert decisions["decode"].direction == "down"
+    kinds = [w[0] for w in cluster.writes]
+    assert kinds.index("annotate") < kinds.index("scale")
+    costs = {name: ann[ANNOTATION_DELETION_COST] for kind, (name, ann) in
+             [(k, v) for k, v in cluster.writes if k == "annotate"]}
+    assert costs == {"d0": "2000", "d1": "500", "d2": "200"}
+    [status] = [w[1] for w in cluster.writes if w[0] == "status"]
+    assert status["lastScale"]["role"] == "decode" and status["lastScale"]["from"] == 3
+    assert [w[1][0] for w in cluster.writes if w[0] == "event"] == ["ScaledDown"]
+
+
+def test_prefill_scale_up_and_missing_metrics_hold() -> None:
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]},
+                          {"prefill": 1, "decode": 1})
+    decisions = run_round(cluster, lambda ip, role: PodSample(queue_length=20 if role == "prefill" else 1,
+                                                               gpu_utilization=50, kv_cache_usage=50))
+    assert decisions["prefill"].direction == "up" and cluster.replicas["prefill"] == 3  # maxStep 2
+    assert "annotate" not in [w[0] for w in cluster.writes]
+    cluster.writes.clear()
+    decisions = run_round(cluster, lambda ip, role: None)  # every scrape fails
+    assert {d.direction for d in decisions.values()} == {"hold"}
+    assert cluster.writes == []
+
+
+def test_cooldown_survives_a_restart() -> None:
+    states = recover_states({"status": {"lastScale": {"role": "decode", "from": 2, "to": 3, "reason": "x",
+                                                      "time": iso(NOW - 5)}}})
+    assert states["decode"].last_change == NOW - 5
+    assert states["prefill"].last_change is None

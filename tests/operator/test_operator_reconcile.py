@@ -1,0 +1,202 @@
+"""The reconcile path over an in-memory API server: zero writes the second time, drift restored,
+invalid specs rejected without touching children, errors as conditions; plus the pure conditions."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from opkit import SMALL_SPEC, FakeKube, dd, merge_status
+
+from disagg_operator.conditions import (
+    RoleObservation,
+    compute_status,
+    get_condition,
+    observe_deployment,
+    set_condition,
+    status_patch,
+)
+from disagg_operator.kube import ApiError
+from disagg_operator.reconcile import reconcile
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Cluster:
+    """A DisaggDeployment body plus a fake API server; ``run`` reconciles and stores the status."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.body = dd(spec=copy.deepcopy(spec))
+        self.kube = FakeKube()
+        self.now = T0
+
+    def run(self, advance: float = 10.0):
+        self.now += timedelta(seconds=advance)
+        before = len(self.kube.writes)
+        result = reconcile(copy.deepcopy(self.body), self.kube, now=self.now)
+        for patch in self.kube.statuses[len(self.kube.statuses) - int(result.status_written):]:
+            merge_status(self.body, patch)
+        result.new_writes = self.kube.writes[before:]  # type: ignore[attr-defined]
+        return result
+
+    def edit_spec(self, spec: dict[str, Any]) -> None:
+        self.body["spec"] = copy.deepcopy(spec)
+        self.body["metadata"]["generation"] += 1
+
+    def condition(self, type_: str) -> dict[str, Any]:
+        return dict(get_condition(self.body["status"]["conditions"], type_) or {})
+
+    def make_ready(self) -> None:
+        """Play the Deployment controller: every Deployment fully rolled out."""
+        for (kind, _, _), obj in self.kube.objects.items():
+            if kind == "Deployment":
+                n = obj["spec"]["replicas"]
+                obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "replicas": n,
+                                 "readyReplicas": n, "updatedReplicas": n, "availableReplicas": n}
+
+
+def test_first_reconcile_creates_children_events_and_status() -> None:
+    c = Cluster(SMALL_SPEC)
+    result = c.run()
+    assert sorted(w[1] for w in result.new_writes if w[0] == "create") == [
+        "ConfigMap", "Deployment", "Deployment", "Deployment", "Service", "Service", "Service"]
+    assert [e[1] for e in c.kube.events] == ["Created"] * 7
+    assert ("Normal", "Created", "Created Deployment demo-decode") in c.kube.events
+    status = c.body["status"]
+    assert status["observedGeneration"] == 1
+    assert status["router"]["endpoint"] == "http://demo-router.ns.svc:8000"
+    assert status["decode"] == {"replicas": 0, "readyReplicas": 0, "desiredReplicas": 1, "ready": "0/1"}
+    assert c.condition("Progressing")["status"] == "True"
+    assert c.condition("Ready")["status"] == "False"
+    assert c.condition("InvalidSpec")["status"] == "False"
+
+
+def test_second_reconcile_makes_no_write() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.run()
+    c.run()  # Progressing: Reconciling -> RollingOut (a status write)
+    assert c.run().new_writes == []
+    assert c.run().new_writes == []
+
+
+def test_ready_once_the_deployments_are_rolled_out_and_transition_time_only_on_flips() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.run()
+    c.run()
+    not_ready_since = c.condition("Ready")["lastTransitionTime"]
+    c.run()
+    assert c.condition("Ready")["lastTransitionTime"] == not_ready_since
+    c.make_ready()
+    result = c.run()
+    assert [w[0] for w in result.new_writes] == ["status"]
+    ready = c.condition("Ready")
+    assert ready["status"] == "True" and ready["reason"] == "AllReplicasReady"
+    assert ready["lastTransitionTime"] != not_ready_since
+    assert c.condition("Progressing")["status"] == "False"
+    assert c.body["status"]["prefill"]["ready"] == "1/1"
+    assert c.run().new_writes == []
+
+
+def test_hand_deleted_and_hand_edited_children_are_restored() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.run()
+    c.run()
+    del c.kube.objects[("Deployment", "ns", "demo-decode")]
+    c.kube.hand_edit("ConfigMap", "demo-policy", lambda o: o["data"].update({"policy.yaml": "{}"}))
+    result = c.run()
+    assert {(w[0], w[1], w[2]) for w in result.new_writes if w[0] in ("create", "apply")} == {
+        ("create", "Deployment", "demo-decode"), ("apply", "ConfigMap", "demo-policy")}
+    assert "drifted at data.policy.yaml" in " ".join(e[2] for e in c.kube.events)
+
+
+def test_spec_change_touches_only_affected_children() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.run()
+    c.run()
+    c.edit_spec({**SMALL_SPEC, "router": {"replicas": 2}})
+    result = c.run()
+    assert [(w[0], w[2]) for w in result.new_writes if w[0] in ("create", "apply", "delete")] == [
+        ("apply", "demo-router")]
+    assert c.body["status"]["observedGeneration"] == 2
+
+
+def test_invalid_spec_changes_no_child_and_warns_once() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.run()
+    children_before = copy.deepcopy(c.kube.objects)
+    c.edit_spec({**SMALL_SPEC, "autoscale": {"mode": "off", "prefill": {"minReplicas": 3, "maxReplicas": 1}}})
+    result = c.run()
+    assert result.invalid and "minReplicas" in result.invalid
+    assert [w[0] for w in result.new_writes] == ["event", "status"]
+    assert c.kube.objects == children_before
+    invalid = c.condition("InvalidSpec")
+    assert invalid["status"] == "True" and "minReplicas (3) must not exceed maxReplicas (1)" in invalid["message"]
+    assert c.condition("Ready")["reason"] == "InvalidSpec"
+    assert c.kube.events[-1][:2] == ("Warning", "InvalidSpec")
+    assert c.run().new_writes == []  # no repeated warning, no status rewrite
+    c.edit_spec(SMALL_SPEC)
+    c.run()
+    assert c.condition("InvalidSpec")["status"] == "False"
+
+
+def test_permanent_apply_error_is_degraded_and_transient_one_raises() -> None:
+    c = Cluster(SMALL_SPEC)
+    c.kube.fail[("create", "Service")] = ApiError(422, "Invalid", "spec.ports: bad")
+    result = c.run()
+    assert result.apply_error and "Service" in result.apply_error
+    degraded = c.condition("Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ApplyFailed"
+    assert ("Deployment", "ns", "demo-decode") in c.kube.objects  # the rest went on
+    assert [e for e in c.kube.events if e[1] == "ApplyFailed"]
+    del c.kube.fail[("create", "Service")]
+    c.run()
+    assert c.condition("Degraded")["status"] == "False"
+    c.kube.fail[("apply", "ConfigMap")] = ApiError(503, "ServiceUnavailable", "etcd")
+    c.edit_spec({**SMALL_SPEC, "qos": {"ttftSloMs": 999}})
+    with pytest.raises(ApiError):
+        c.run()
+
+
+# ---- pure conditions ---------------------------------------------------------------------------
+
+
+def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
+    conds = set_condition([], "Ready", False, "A", "m1", 1, "t1")
+    conds = set_condition(conds, "Ready", False, "B", "m2", 2, "t2")
+    assert conds == [{"type": "Ready", "status": "False", "reason": "B", "message": "m2",
+                      "lastTransitionTime": "t1", "observedGeneration": 2}]
+    conds = set_condition(conds, "Ready", True, "C", "", 2, "t3")
+    assert conds[0]["lastTransitionTime"] == "t3"
+    conds = set_condition(conds, "Degraded", False, "AsExpected", "", 2, "t3")
+    assert [c["type"] for c in conds] == ["Ready", "Degraded"]
+
+
+def test_observe_deployment() -> None:
+    assert observe_deployment(None) == RoleObservation()
+    obs = observe_deployment({"metadata": {"generation": 3}, "spec": {"replicas": 4},
+                              "status": {"observedGeneration": 3, "replicas": 5, "readyReplicas": 4,
+                                         "updatedReplicas": 4}})
+    assert (obs.desired, obs.ready, obs.replicas, obs.up_to_date) == (4, 4, 5, True)
+    assert not obs.rolled_out  # an old pod is still terminating
+    failed = observe_deployment({"spec": {"replicas": 1}, "status": {"conditions": [
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "slow"}]}})
+    assert failed.failure == "ProgressDeadlineExceeded: slow"
+
+
+def test_deployment_failure_is_degraded_not_ready() -> None:
+    roles = {"prefill": RoleObservation(1, 1, 1, 1, True), "decode": RoleObservation(2, 2, 0, 2, True,
+                                                                                     failure="ReplicaFailure: quota"),
+             "router": RoleObservation(1, 1, 1, 1, True)}
+    status = compute_status({}, generation=1, roles=roles, now="t")
+    assert get_condition(status["conditions"], "Degraded")["reason"] == "DeploymentFailed"
+    assert get_condition(status["conditions"], "Ready")["status"] == "False"
+
+
+def test_status_patch_only_when_changed_and_keeps_last_scale() -> None:
+    previous = {"lastScale": {"role": "decode", "from": 2, "to": 3, "reason": "queueLength", "time": "t"}}
+    status = compute_status(previous, generation=1, roles={}, now="t")
+    assert status["lastScale"] == previous["lastScale"]
+    assert status_patch(status, status) is None
+    assert status_patch({}, status)["conditions"]
