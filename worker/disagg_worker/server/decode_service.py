@@ -181,18 +181,19 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
-        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError):
+        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError) as exc:
             call.cancel()
+            failure: BaseException = exc
             if side is not None and not side.finished.done():
                 with contextlib.suppress(Exception):  # let the data plane report its side of the failure
                     await asyncio.wait_for(asyncio.shield(side.finished), 1.0)
             if side is not None and side.finished.done() and side.finished.exception() is not None:
-                exc = side.finished.exception()  # the data plane's error explains the control stream's
-            reason = _failure_reason(exc)
+                failure = side.finished.exception()  # type: ignore[assignment]  # explains the control stream's
+            reason = _failure_reason(failure)
             log.warning("remote prefill of %s via %s failed (%s): prefilling locally", rid, peer.endpoint, reason)
             m.KV_TRANSFER_FAILURES.labels(reason).inc()
             m.PREFILL_DECISIONS.labels("fallback").inc()
-            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
                 self.prefill_pool.mark_unhealthy(peer.endpoint)
             await rt.engine.call(lambda: eng.fallback_to_local(rid))
             return None, pb.GenerateResponse(fallback_reason=reason)
