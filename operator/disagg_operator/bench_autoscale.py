@@ -16,7 +16,7 @@ planner samples per-pod averages (queue length, busy %, KV %) and calls ``decide
 Reported per policy: SLO attainment (TTFT <= SLO and TPOT <= SLO), replica-seconds, scale reversals
 (a change of direction), and p50/p99 TTFT and TPOT. Targets (reported, not asserted): >= 99 %
 attainment at <= 0.6x the replica-seconds of static-max, <= 1 reversal per 10 simulated minutes.
-Writes ``results.json``, ``service_times.json`` and ``autoscale.png`` under ``--out``.
+Writes ``autoscale.json``, ``autoscale-service-times.json`` and ``autoscale.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -526,8 +526,8 @@ def run_bench(
         },
         "decisions": [asdict_decision(d) for d in runs[2].decisions],
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "service_times.json").write_text(json.dumps(st.to_json(), indent=2))
+    (out / "autoscale.json").write_text(json.dumps(result, indent=2))
+    (out / "autoscale-service-times.json").write_text(json.dumps(st.to_json(), indent=2))
     if make_plot:
         plot(runs, cfg, out / "autoscale.png")
     return result
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = default_config(st, minutes=args.minutes, max_batch=args.max_batch, startup=args.startup, dt=args.dt)
     result = run_bench(cfg, st, args.out, seed=args.seed, make_plot=not args.no_plot)
     print_table(result)
-    print(f"wrote {args.out / 'results.json'}" + ("" if args.no_plot else f" and {args.out / 'autoscale.png'}"))
+    print(f"wrote {args.out / 'autoscale.json'}" + ("" if args.no_plot else f" and {args.out / 'autoscale.png'}"))
     return 0
 
 

@@ -34,9 +34,9 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
     times.write_text(json.dumps(FIXED))
     out = tmp_path / "out"
     assert main(["--service-times", str(times), "--out", str(out), "--minutes", "6", "--dt", "0.1"]) == 0
-    result = json.loads((out / "results.json").read_text())
+    result = json.loads((out / "autoscale.json").read_text())
     assert [p["policy"] for p in result["policies"]] == ["static-min", "static-max", "planner"]
     assert set(result["targets"]) == {"slo_attainment_ge_0.99", "replica_seconds_le_0.6x_static_max",
                                       "reversals_le_1_per_10min"}
     assert (out / "autoscale.png").stat().st_size > 10_000
-    assert json.loads((out / "service_times.json").read_text())["source"] == "test"
+    assert json.loads((out / "autoscale-service-times.json").read_text())["source"] == "test"
