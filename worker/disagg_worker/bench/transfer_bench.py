@@ -190,13 +190,10 @@ def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_byte
 
     k_pool, v_pool = pool(num_blocks, True)
     specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
-    staging = pool(max(s.num_blocks for s in specs), False)
+    staging = [pool(max(s.num_blocks for s in specs), False) for _ in range(2)]
     for token in tokens:
         conn = KvSenderConnection(endpoint, token, 60)
-        for spec in specs:
-            k, v = export_into(k_pool, v_pool, spec, staging)
-            conn.send(spec, k, v)
-        conn.finish()
+        conn.send_all(specs, lambda spec, slot: export_into(k_pool, v_pool, spec, staging[slot]))
         conn.close()
 
 

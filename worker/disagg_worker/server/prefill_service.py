@@ -24,7 +24,7 @@ from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
-from disagg_worker.transfer.chunks import plan_chunks
+from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks
 from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
 from disagg_worker.transfer.tcp import KvSenderConnection
 
@@ -41,6 +41,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         self.fault = os.environ.get("DISAGG_FAULT", "")
+
+    def _fault_hook(self, spec: ChunkSpec) -> None:
+        """Runs before each chunk is sent; does nothing unless DISAGG_FAULT is set (tests only)."""
+        if self.fault.startswith("slow_transfer"):
+            time.sleep(float(self.fault.split(":")[1]))
+        elif self.fault == "die_mid_transfer" and spec.seq == 1:
+            log.error("fault injection: exiting in the middle of a KV transfer")
+            os._exit(17)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[pb.PrefillResponse]:
@@ -82,38 +90,34 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             chunk_bytes = request.chunk_bytes or rt.policy.kv_transfer.chunk_bytes
             specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
             total = 0
-            # one reused staging pair (K, V) sized to the largest chunk: no fresh buffer per chunk
-            k_bytes = max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
-            staging = (torch.empty(max(1, k_bytes // _elem(lay.dtype)), dtype=lay.dtype),
-                       torch.empty(max(1, k_bytes // _elem(lay.dtype)), dtype=lay.dtype))
-            sender = None
+            # two reused staging pairs (K, V) sized to the largest chunk: no fresh buffer per chunk, and
+            # the tcp sender exports chunk i+1 into one while chunk i leaves from the other
+            elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
+                        // _elem(lay.dtype))
+            staging = [(torch.empty(elems, dtype=lay.dtype), torch.empty(elems, dtype=lay.dtype)) for _ in range(2)]
+
+            def export(spec: ChunkSpec, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return eng.export_kv(rid, spec.first_block, spec.num_blocks,
+                                     range(spec.layer_start, spec.layer_start + spec.num_layers), staging[slot])
+
+            corrupt_seq = 0 if self.fault == "corrupt_chunk" else None
+            total = 0
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
                 sender = await asyncio.to_thread(KvSenderConnection, request.kv_endpoint, request.transfer_token,
                                                  rt.policy.kv_transfer.timeout_seconds)
-            try:
-                for spec in specs:
-                    if self.fault.startswith("slow_transfer"):
-                        await asyncio.sleep(float(self.fault.split(":")[1]))
-                    k, v = await asyncio.to_thread(eng.export_kv, rid, spec.first_block, spec.num_blocks,
-                                                   range(spec.layer_start, spec.layer_start + spec.num_layers),
-                                                   staging)
-                    corrupt = self.fault == "corrupt_chunk" and spec.seq == 0
-                    if sender is not None:
-                        total += await asyncio.to_thread(sender.send, spec, k, v, corrupt)
-                    else:
-                        chunk = encode_chunk(rid, spec, k, v)
-                        if corrupt:
-                            chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
-                        total += len(chunk.k) + len(chunk.v)
-                        yield pb.PrefillResponse(chunk=chunk)
-                    if self.fault == "die_mid_transfer":
-                        log.error("fault injection: exiting in the middle of a KV transfer")
-                        os._exit(17)
-                if sender is not None:
-                    await asyncio.to_thread(sender.finish)
-            finally:
-                if sender is not None:
+                try:
+                    total = await asyncio.to_thread(sender.send_all, specs, export, self._fault_hook, corrupt_seq)
+                finally:
                     sender.close()
+            else:
+                for spec in specs:
+                    await asyncio.to_thread(self._fault_hook, spec)
+                    k, v = await asyncio.to_thread(export, spec, 0)
+                    chunk = encode_chunk(rid, spec, k, v)
+                    if spec.seq == corrupt_seq:
+                        chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
+                    total += len(chunk.k) + len(chunk.v)
+                    yield pb.PrefillResponse(chunk=chunk)
             m.KV_TRANSFER_BYTES.labels("sent").inc(total)
             m.KV_TRANSFER_SECONDS.labels("sent").observe(time.monotonic() - prefill_done)
             queue_s = (first.first_scheduled_time or t0) - first.arrival_time

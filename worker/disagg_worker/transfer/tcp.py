@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -132,33 +133,49 @@ class KvReceiver:
 
     @staticmethod
     def _receive_frames(conn: socket.socket, t: PendingTransfer) -> int:
+        """Read frames into two alternating buffers; verify + install one while the next arrives."""
         header = bytearray(HEADER.size)
-        buf = bytearray()
+        bufs = [bytearray(), bytearray()]
+        pending: list[Future[None] | None] = [None, None]
         lay = t.layout
         elem = torch.empty((), dtype=lay.dtype).element_size()
         total = 0
-        while True:
-            _recv_exact(conn, memoryview(header))
-            seq, first_block, num_blocks, layer_start, num_layers, kn, vn, digest = HEADER.unpack(header)
-            if num_blocks == 0:
-                if not t.coverage.complete:
-                    raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
-                return total
-            shape = (num_layers, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-            expected = num_layers * num_blocks * lay.block_size * lay.num_kv_heads * lay.head_dim * elem
-            if kn != expected or vn != expected:
-                raise TransferError(f"frame {seq} has {kn}+{vn} bytes, shape {shape} needs {expected} each")
-            if len(buf) < kn + vn:
-                buf = bytearray(kn + vn)
-            view = memoryview(buf)[:kn + vn]
-            _recv_exact(conn, view)
+
+        def verify_and_install(view: memoryview, kn: int, digest: int, seq: int, first_block: int,
+                               layer_start: int, shape: tuple[int, ...]) -> None:
             if t.verify and checksum(view[:kn], view[kn:]) != digest:
                 raise TransferError(f"checksum mismatch on chunk {seq}")
-            t.coverage.add(first_block, num_blocks, layer_start, num_layers)
-            k = tensor_from_bytes(view[:kn], lay.dtype, shape)
-            v = tensor_from_bytes(view[kn:], lay.dtype, shape)
-            t.install(first_block, layer_start, k, v)  # copies into the pool before the buffer is reused
-            total += kn + vn
+            t.coverage.add(first_block, shape[1], layer_start, shape[0])
+            t.install(first_block, layer_start, tensor_from_bytes(view[:kn], lay.dtype, shape),
+                      tensor_from_bytes(view[kn:], lay.dtype, shape))  # copies into the pool
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-install") as installer:
+            i = 0
+            while True:
+                _recv_exact(conn, memoryview(header))
+                seq, first_block, num_blocks, layer_start, num_layers, kn, vn, digest = HEADER.unpack(header)
+                if num_blocks == 0:
+                    for job in pending:
+                        if job is not None:
+                            job.result()
+                    if not t.coverage.complete:
+                        raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
+                    return total
+                shape = (num_layers, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+                expected = num_layers * num_blocks * lay.block_size * lay.num_kv_heads * lay.head_dim * elem
+                if kn != expected or vn != expected:
+                    raise TransferError(f"frame {seq} has {kn}+{vn} bytes, shape {shape} needs {expected} each")
+                slot = i % 2
+                if pending[slot] is not None:
+                    pending[slot].result()  # the buffer is free again (and its chunk was fine)
+                if len(bufs[slot]) < kn + vn:
+                    bufs[slot] = bytearray(kn + vn)
+                view = memoryview(bufs[slot])[:kn + vn]
+                _recv_exact(conn, view)
+                pending[slot] = installer.submit(verify_and_install, view, kn, digest, seq, first_block,
+                                                 layer_start, shape)
+                total += kn + vn
+                i += 1
 
 
 class KvSenderConnection:
@@ -181,6 +198,27 @@ class KvSenderConnection:
         self._sock.sendall(kb)
         self._sock.sendall(vb)
         return len(kb) + len(vb)
+
+    def send_all(self, specs: list[ChunkSpec],
+                 export: Callable[[ChunkSpec, int], tuple[torch.Tensor, torch.Tensor]],
+                 before_chunk: Callable[[ChunkSpec], None] | None = None, corrupt_seq: int | None = None) -> int:
+        """Send every chunk, exporting the next one (into staging slot ``i % 2``) while this one is on the wire.
+
+        ``before_chunk`` runs before each send (fault injection in tests); the end frame follows the last chunk.
+        """
+        total = 0
+        if specs:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-export") as exporter:
+                nxt = exporter.submit(export, specs[0], 0)
+                for i, spec in enumerate(specs):
+                    k, v = nxt.result()
+                    if i + 1 < len(specs):
+                        nxt = exporter.submit(export, specs[i + 1], (i + 1) % 2)
+                    if before_chunk is not None:
+                        before_chunk(spec)
+                    total += self.send(spec, k, v, corrupt=spec.seq == corrupt_seq)
+        self.finish()
+        return total
 
     def finish(self) -> None:
         self._sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
