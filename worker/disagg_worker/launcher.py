@@ -204,17 +204,21 @@ class LocalCluster:
         return next(p for p in self.processes if p.name == name)
 
     def stop(self, grace: float = 15.0) -> None:
-        for proc in reversed(self.processes):  # router first, so no new work reaches the workers
-            proc.signal(signal.SIGTERM)
+        """SIGTERM the router first (no new work reaches the workers), then the workers; SIGKILL stragglers."""
+        routers = [p for p in self.processes if p.name == "router"]
+        workers = [p for p in self.processes if p.name != "router"]
         deadline = time.monotonic() + grace
-        for proc in self.processes:
-            if proc.popen is not None:
-                try:
-                    proc.popen.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.signal(signal.SIGKILL)
-                    proc.popen.wait(5)
-            proc.close()
+        for group in (routers, workers):
+            for proc in group:
+                proc.signal(signal.SIGTERM)
+            for proc in group:
+                if proc.popen is not None:
+                    try:
+                        proc.popen.wait(max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        proc.signal(signal.SIGKILL)
+                        proc.popen.wait(5)
+                proc.close()
 
     def __enter__(self) -> LocalCluster:
         self.start()
