@@ -347,27 +347,22 @@ class Kube:
                 return None
             raise
 
-    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> None:
-        self.request(
+    def _planner_merge_patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request(
             "patch",
-            RESOURCES["Pod"],
+            RESOURCES[kind],
             namespace=namespace,
             name=name,
-            body={"metadata": {"annotations": dict(annotations)}},
+            body=body,
             content_type="application/merge-patch+json",
             query={"fieldManager": PLANNER_FIELD_MANAGER},
         )
 
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> None:
+        self._planner_merge_patch("Pod", namespace, name, {"metadata": {"annotations": dict(annotations)}})
+
     def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
-        return self.request(
-            "patch",
-            RESOURCES["Deployment"],
-            namespace=namespace,
-            name=name,
-            body={"spec": {"replicas": int(replicas)}},
-            content_type="application/merge-patch+json",
-            query={"fieldManager": PLANNER_FIELD_MANAGER},
-        )
+        return self._planner_merge_patch("Deployment", namespace, name, {"spec": {"replicas": int(replicas)}})
 
 
 _KUBE: Kube | None = None
