@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from disagg_worker.launcher import LocalCluster
+from disagg_worker.launcher import LocalCluster, free_port
 from tests.conftest import get_model, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.e2e
@@ -46,18 +46,12 @@ def metric_value(text: str, name: str, labels: str) -> float:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("e2e")
     policy = write_policy(tmp / "policy.yaml", splitPolicy={"promptLengthThreshold": 48})
-    c = LocalCluster(policy=policy, port=_free(), log_dir=tmp / "logs", worker_args=SMALL_POOL)
+    c = LocalCluster(policy=policy, port=free_port(), log_dir=tmp / "logs", worker_args=SMALL_POOL)
     c.start()
     try:
         yield c
     finally:
         c.stop()
-
-
-def _free() -> int:
-    from disagg_worker.launcher import free_port
-
-    return free_port()
 
 
 def complete(cluster: LocalCluster, prompt: list[int] | str, n: int, **extra: object) -> dict:

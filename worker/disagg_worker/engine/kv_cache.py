@@ -20,9 +20,12 @@ class KVLayout:
     dtype: torch.dtype
 
     @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
 
     def blocks_for_bytes(self, num_bytes: int) -> int:
         return num_bytes // self.bytes_per_block

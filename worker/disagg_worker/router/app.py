@@ -35,6 +35,13 @@ def _usage(r: StreamResult) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
 
+def _total(results: list[StreamResult]) -> StreamResult:
+    """Token counts of all choices together (the response's ``usage``)."""
+    return StreamResult(prompt_tokens=sum(r.prompt_tokens for r in results),
+                        cached_tokens=sum(r.cached_tokens for r in results),
+                        output_tokens=sum(r.output_tokens for r in results))
+
+
 def build_app(service: RouterService) -> FastAPI:
     app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
 
@@ -154,9 +161,7 @@ def build_app(service: RouterService) -> FastAPI:
                     parts.append(msg.text)
                 texts.append("".join(parts))
             m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
-            total = StreamResult(prompt_tokens=sum(r.prompt_tokens for r in results),
-                                 cached_tokens=sum(r.cached_tokens for r in results),
-                                 output_tokens=sum(r.output_tokens for r in results))
+            total = _total(results)
             choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                          "finish_reason": r.finish_reason} if chat else
                         {"index": i, "text": t, "logprobs": None, "finish_reason": r.finish_reason})
@@ -212,9 +217,7 @@ def build_app(service: RouterService) -> FastAPI:
                 if item.text or item.finished:
                     yield chunk(i, item.text, item.finish_reason or None if item.finished else None)
             if include_usage:
-                total = StreamResult(prompt_tokens=sum(r.prompt_tokens for r in results),
-                                     cached_tokens=sum(r.cached_tokens for r in results),
-                                     output_tokens=sum(r.output_tokens for r in results))
+                total = _total(results)
                 yield _sse({"id": rid, "object": kind, "created": created, "model": service.model_name,
                             "choices": [], "usage": _usage(total)})
             yield _sse("[DONE]")

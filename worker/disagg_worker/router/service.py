@@ -83,7 +83,7 @@ class RouterService:
         prefill = [p.load for p in self.prefill_pool.healthy()]
         prefill_queue = prefill_time = 0.0
         if prefill:
-            prefill_queue = sum(w.queue_length + w.num_running for w in prefill) / len(prefill)
+            prefill_queue = sum(w.load for w in prefill) / len(prefill)
             times = [w.avg_prefill_seconds for w in prefill if w.avg_prefill_seconds > 0]
             prefill_time = sum(times) / len(times) if times else 0.0
         backlog = decode_load.queue_length

@@ -53,7 +53,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         healthy = self.prefill_pool.healthy()
         if not healthy:
             return None
-        return min(healthy, key=lambda p: (p.load.queue_length + p.load.num_running, p.endpoint))
+        return min(healthy, key=lambda p: (p.load.load, p.endpoint))
 
     def _decide(self, mode: str, prompt: list[int]) -> tuple[Peer | None, int]:
         """The prefill worker to use (None: local) and the prefix length cached here."""
@@ -63,7 +63,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         peer = self._pick_prefill_worker()
         if peer is None:
             return None, cached
-        queue = peer.load.queue_length + peer.load.num_running
+        queue = peer.load.load
         if mode == "remote" or should_offload_prefill(len(prompt), cached, queue, self.rt.policy.split_policy):
             peer.load.pending += 1  # optimistic until its next load report
             return peer, cached

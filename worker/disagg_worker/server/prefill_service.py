@@ -93,7 +93,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             # two reused staging pairs (K, V) sized to the largest chunk: no fresh buffer per chunk, and
             # the tcp sender exports chunk i+1 into one while chunk i leaves from the other
             elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
-                        // _elem(lay.dtype))
+                        // lay.element_size)
             staging = [(torch.empty(elems, dtype=lay.dtype), torch.empty(elems, dtype=lay.dtype)) for _ in range(2)]
 
             def export(spec: ChunkSpec, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +127,6 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
         finally:
             await _release(rt, rid)
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 async def _release(rt: WorkerRuntime, rid: str) -> None:

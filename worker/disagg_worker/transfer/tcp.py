@@ -138,7 +138,7 @@ class KvReceiver:
         bufs = [bytearray(), bytearray()]
         pending: list[Future[None] | None] = [None, None]
         lay = t.layout
-        elem = torch.empty((), dtype=lay.dtype).element_size()
+        elem = lay.element_size
         total = 0
 
         def verify_and_install(view: memoryview, kn: int, digest: int, seq: int, first_block: int,
