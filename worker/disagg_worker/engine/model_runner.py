@@ -3,7 +3,10 @@
 It drives the Hugging Face model's own modules (embeddings, RMSNorm, projections, rotary embedding,
 MLP, LM head) layer by layer, replacing only attention with paged attention over ``PagedKVCache``.
 That keeps the arithmetic of every other op identical to ``transformers`` while letting one step mix
-prefill chunks and decode tokens of many requests without padding.
+prefill chunks and decode tokens of many requests without padding. The one structural change: the
+q/k/v projections and the MLP's gate/up projections each run as one GEMM over their weights stacked
+(``FusedProjections``); the modules' own weights become views into the stacked tensors, so no weight
+is stored twice and the model stays usable as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from disagg_worker.engine.attention import AttentionPlan, DecodeGroup, PrefillChunk, group_decodes, paged_attention
 from disagg_worker.engine.cpu_kernels import load_cpu_kernels
@@ -39,12 +44,58 @@ def kv_layout(model: Any, block_size: int) -> KVLayout:
     return KVLayout(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, head_dim, model.dtype)
 
 
+def _stack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """Stack the weights (and biases) of linears sharing an input; re-point each module at its rows."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = [m.bias is not None for m in linears]
+    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+    sizes = [m.out_features for m in linears]
+    start = 0
+    for m, n in zip(linears, sizes, strict=True):
+        m.weight.data = weight[start:start + n]
+        if bias is not None:
+            m.bias.data = bias[start:start + n]
+        start += n
+    return weight, bias, sizes
+
+
+class FusedProjections:
+    """One layer's q/k/v and gate/up projections, each as a single GEMM (None where not fusable)."""
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = self.gate_up = None
+        qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        if all(isinstance(m, nn.Linear) for m in qkv) and len({m.bias is None for m in qkv}) == 1:
+            self.qkv = _stack_linears(qkv)
+        gate_up = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if all(isinstance(m, nn.Linear) for m in gate_up) and hasattr(mlp, "act_fn") and hasattr(mlp, "down_proj") \
+                and all(m.bias is None for m in gate_up):
+            self.gate_up = _stack_linears(gate_up)
+        self.attn, self.mlp = attn, mlp
+
+    def q_k_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is None:
+            return self.attn.q_proj(x), self.attn.k_proj(x), self.attn.v_proj(x)
+        weight, bias, sizes = self.qkv
+        q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+        return q, k, v
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None:
+            return self.mlp(x)
+        weight, _, sizes = self.gate_up
+        gate, up = F.linear(x, weight).split(sizes, dim=-1)
+        return self.mlp.down_proj(self.mlp.act_fn(gate) * up)
+
+
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size: int, use_cpu_kernels: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.inner = model.model
         self.layers = list(self.inner.layers)
+        self.fused = [FusedProjections(layer) for layer in self.layers]
         cfg = model.config
         self.layout = kv_layout(model, block_size)
         self.num_heads = cfg.num_attention_heads
@@ -113,9 +164,8 @@ class ModelRunner:
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(t, self.num_heads, hd)
-            k = attn.k_proj(x).view(t, kvh, hd)
-            v = attn.v_proj(x).view(t, kvh, hd)
+            q, k, v = self.fused[li].q_k_v(x)
+            q, k, v = q.reshape(t, self.num_heads, hd), k.reshape(t, kvh, hd), v.reshape(t, kvh, hd)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -125,7 +175,7 @@ class ModelRunner:
             o = paged_attention(q, k_slots, v_slots, plan, attn.scaling, self.windows[li])
             hidden = residual + attn.o_proj(o.reshape(t, self.num_heads * hd))
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + self.fused[li].mlp_forward(layer.post_attention_layernorm(hidden))
         if not logits_rows:
             return torch.empty(0, self.model.config.vocab_size)
         last = self.inner.norm(hidden[torch.tensor(logits_rows, device=self.device)])

@@ -1,77 +1,110 @@
 // Paged decode attention for CPU: one query token per sequence against its KV blocks, read in place.
 //
 // The torch fallback gathers every sequence's blocks into a padded copy before SDPA; this kernel
-// reads each block once where it lies in the pool. Two passes per sequence (scores + softmax, then the
-// weighted sum of V), all heads of a sequence on one thread, sequences spread over threads.
+// reads each block once where it lies in the pool. A work item is one (sequence, kv head) pair, so
+// the query heads that share a kv head (GQA) use each K/V row while it is in cache, and items spread
+// over threads. One pass per item with an online softmax (running max and sum per query head): a
+// block's K and V are read back to back. Head dims 32/64/128 are compile-time constants so the dot
+// products and the V accumulation vectorise completely; other head dims take the generic path.
 // Built on first use by disagg_worker.engine.cpu_kernels (torch.utils.cpp_extension, cached).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
-template <typename T>
-static inline float to_f(T x) { return static_cast<float>(x); }
+// Below any real score; avoids infinities, which -ffast-math does not promise to handle.
+static constexpr float kNoScore = -3.0e38f;
 
 template <typename scalar_t>
+static inline const float* as_float_row(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// Blocks of one sequence lie anywhere in the pool, so the hardware prefetcher cannot run ahead of
+// a block boundary; ask for the next block's rows of this kv head while the current one is used.
+template <typename scalar_t>
+static inline void prefetch_block(const scalar_t* kc, const scalar_t* vc, int64_t slot, int64_t bs, int64_t row,
+                                  int64_t offset, int64_t hd) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t i = 0; i < bs; ++i) {
+    const int64_t base = (slot + i) * row + offset;
+    for (int64_t e = 0; e < hd; e += kLine) {
+      __builtin_prefetch(kc + base + e);
+      __builtin_prefetch(vc + base + e);
+    }
+  }
+}
+
+template <typename scalar_t, int HD>
 void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
-                   const int64_t* ctx, scalar_t* out, int64_t B, int64_t nh, int64_t kvh, int64_t hd,
+                   const int64_t* ctx, scalar_t* out, int64_t B, int64_t nh, int64_t kvh, int64_t hd_runtime,
                    int64_t bs, int64_t maxb, float scale, int64_t window) {
+  const int64_t hd = HD > 0 ? HD : hd_runtime;
   const int64_t G = nh / kvh;
-  const int64_t row = kvh * hd;  // floats per token in a block
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(nh * hd), acc(nh * hd), scores, kf(row), mx(nh), sum(nh);
-    for (int64_t b = begin; b < end; ++b) {
+  const int64_t row = kvh * hd;  // elements per token in a block
+  at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * hd), acc(G * hd), p(G * bs), mx(G), sum(G), buf(hd);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kvh, h = item % kvh;
       const int64_t n = ctx[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-      const int64_t len = n - first;
-      for (int64_t i = 0; i < nh * hd; ++i) qf[i] = to_f(q[b * nh * hd + i]) * scale;
-      scores.resize(nh * len);
-      std::fill(mx.begin(), mx.end(), -3.0e38f);
-      for (int64_t t = first; t < n; ++t) {
-        const scalar_t* kp = kc + (tables[b * maxb + t / bs] * bs + t % bs) * row;
-        const float* kq;
-        if constexpr (std::is_same_v<scalar_t, float>) { kq = kp; } else {
-          for (int64_t i = 0; i < row; ++i) kf[i] = to_f(kp[i]);
-          kq = kf.data();
-        }
-        for (int64_t hq = 0; hq < nh; ++hq) {
-          const float* qp = &qf[hq * hd];
-          const float* kh = kq + (hq / G) * hd;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < hd; ++d) s += qp[d] * kh[d];
-          scores[hq * len + (t - first)] = s;
-          if (s > mx[hq]) mx[hq] = s;
-        }
-      }
-      for (int64_t hq = 0; hq < nh; ++hq) {
-        float* sp = &scores[hq * len];
-        float m = mx[hq], z = 0.f;
-        
-#pragma omp simd reduction(+ : z)
-        for (int64_t t = 0; t < len; ++t) { sp[t] = std::exp(sp[t] - m); z += sp[t]; }
-        sum[hq] = z;
-      }
+      const scalar_t* qb = q + (b * nh + h * G) * hd;
+      for (int64_t i = 0; i < G * hd; ++i) qf[i] = static_cast<float>(qb[i]) * scale;
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = first; t < n; ++t) {
-        const scalar_t* vp = vc + (tables[b * maxb + t / bs] * bs + t % bs) * row;
-        const float* vq;
-        if constexpr (std::is_same_v<scalar_t, float>) { vq = vp; } else {
-          for (int64_t i = 0; i < row; ++i) kf[i] = to_f(vp[i]);
-          vq = kf.data();
+      std::fill(mx.begin(), mx.end(), kNoScore);
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t blk = first / bs; blk * bs < n; ++blk) {
+        const int64_t t0 = std::max(blk * bs, first), nt = std::min((blk + 1) * bs, n) - t0;
+        const int64_t slot0 = tables[b * maxb + blk] * bs + (t0 - blk * bs);
+        if ((blk + 1) * bs < n) prefetch_block(kc, vc, tables[b * maxb + blk + 1] * bs, bs, row, h * hd, hd);
+        for (int64_t i = 0; i < nt; ++i) {
+          const float* kr = as_float_row(kc + (slot0 + i) * row + h * hd, hd, buf.data());
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = &qf[g * hd];
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < hd; ++d) s += qg[d] * kr[d];
+            p[g * bs + i] = s;
+          }
         }
-        for (int64_t hq = 0; hq < nh; ++hq) {
-          const float w = scores[hq * len + (t - first)];
-          const float* vh = vq + (hq / G) * hd;
-          float* ap = &acc[hq * hd];
+        for (int64_t g = 0; g < G; ++g) {
+          float* pg = &p[g * bs];
+          float m = mx[g];
+          for (int64_t i = 0; i < nt; ++i) m = std::max(m, pg[i]);
+          const float rescale = std::exp(mx[g] - m);
+          float z = 0.f;
+#pragma omp simd reduction(+ : z)
+          for (int64_t i = 0; i < nt; ++i) { pg[i] = std::exp(pg[i] - m); z += pg[i]; }
+          sum[g] = sum[g] * rescale + z;
+          mx[g] = m;
+          if (rescale != 1.f) {
+            float* ag = &acc[g * hd];
 #pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) ap[d] += w * vh[d];
+            for (int64_t d = 0; d < hd; ++d) ag[d] *= rescale;
+          }
+        }
+        for (int64_t i = 0; i < nt; ++i) {
+          const float* vr = as_float_row(vc + (slot0 + i) * row + h * hd, hd, buf.data());
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = p[g * bs + i];
+            float* ag = &acc[g * hd];
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) ag[d] += w * vr[d];
+          }
         }
       }
-      for (int64_t hq = 0; hq < nh; ++hq)
-        for (int64_t d = 0; d < hd; ++d)
-          out[(b * nh + hq) * hd + d] = static_cast<scalar_t>(acc[hq * hd + d] / sum[hq]);
+      scalar_t* ob = out + (b * nh + h * G) * hd;
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / sum[g];
+        for (int64_t d = 0; d < hd; ++d) ob[g * hd + d] = static_cast<scalar_t>(acc[g * hd + d] * inv);
+      }
     }
   });
 }
@@ -92,9 +125,17 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   auto tables = block_tables.contiguous();
   auto ctx = ctx_lens.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, nh,
-                            kvh, hd, bs, tables.size(1), static_cast<float>(scale), window);
+    auto run = [&](auto kernel) {
+      kernel(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+             tables.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, nh, kvh, hd, bs,
+             tables.size(1), static_cast<float>(scale), window);
+    };
+    switch (hd) {
+      case 32: run(decode_kernel<scalar_t, 32>); break;
+      case 64: run(decode_kernel<scalar_t, 64>); break;
+      case 128: run(decode_kernel<scalar_t, 128>); break;
+      default: run(decode_kernel<scalar_t, 0>); break;
+    }
   });
   return out;
 }
