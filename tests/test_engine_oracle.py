@@ -15,6 +15,7 @@ import torch
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.models.loader import LoadedModel
 from tests.conftest import FAMILIES, get_model, hf_greedy, random_prompts
+from tests.test_cpu_kernels import HAVE_COMPILER
 
 
 @functools.cache
@@ -55,6 +56,8 @@ def test_concurrent_mixed_lengths_with_prefix_hits(family: str, cpu_kernels: boo
     lm = get_model(family)
     prompts, lengths = mixed_workload(seed=11)
     engine, reqs = run(lm, prompts, lengths, cpu_kernels=cpu_kernels, max_num_batched_tokens=256)
+    if cpu_kernels and HAVE_COMPILER:
+        assert engine.runner.kernel is not None, "the CPU kernels did not build"
     assert engine.block_manager.prefix_hit_ratio > 0  # the shared prefix was reused
     for p, n, r in zip(prompts, lengths, reqs, strict=True):
         assert r.output_token_ids == reference(family, p, n), (len(p), n)

@@ -16,7 +16,8 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "bindings.cpp"]
 # -fopenmp so that at::parallel_for really spreads work over torch's threads (without it the
 # header-only OpenMP path runs serially); the extension then shares the libgomp torch has loaded.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -40,8 +41,8 @@ def load_cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="disagg_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LDFLAGS,
-                    verbose=False)
+        return load(name="disagg_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
+                    extra_ldflags=LDFLAGS, verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported flags: fall back, loudly once
         log.warning("CPU attention kernel unavailable (%s); using the torch path", exc)
         return None

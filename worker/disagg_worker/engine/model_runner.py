@@ -2,11 +2,9 @@
 
 It drives the Hugging Face model's own modules (embeddings, RMSNorm, projections, rotary embedding,
 MLP, LM head) layer by layer, replacing only attention with paged attention over ``PagedKVCache``.
-That keeps the arithmetic of every other op identical to ``transformers`` while letting one step mix
-prefill chunks and decode tokens of many requests without padding. The one structural change: the
-q/k/v projections and the MLP's gate/up projections each run as one GEMM over their weights stacked
-(``FusedProjections``); the modules' own weights become views into the stacked tensors, so no weight
-is stored twice and the model stays usable as it was.
+That keeps the arithmetic of every other op that of ``transformers`` while letting one step mix
+prefill chunks and decode tokens of many requests without padding. The math around attention
+(projections, norms, rotary, MLP) lives in ``LayerOps``, which fuses it on CPU.
 """
 
 from __future__ import annotations
@@ -14,18 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from disagg_worker.engine.attention import AttentionPlan, DecodeGroup, PrefillChunk, group_decodes, paged_attention
 from disagg_worker.engine.cpu_kernels import load_cpu_kernels
 from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
+from disagg_worker.engine.layer_ops import LayerOps
 from disagg_worker.engine.scheduler import SchedulerOutput
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def layer_windows(config: Any) -> list[int | None]:
@@ -44,58 +36,12 @@ def kv_layout(model: Any, block_size: int) -> KVLayout:
     return KVLayout(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, head_dim, model.dtype)
 
 
-def _stack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """Stack the weights (and biases) of linears sharing an input; re-point each module at its rows."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    has_bias = [m.bias is not None for m in linears]
-    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
-    sizes = [m.out_features for m in linears]
-    start = 0
-    for m, n in zip(linears, sizes, strict=True):
-        m.weight.data = weight[start:start + n]
-        if bias is not None:
-            m.bias.data = bias[start:start + n]
-        start += n
-    return weight, bias, sizes
-
-
-class FusedProjections:
-    """One layer's q/k/v and gate/up projections, each as a single GEMM (None where not fusable)."""
-
-    def __init__(self, layer: Any) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = self.gate_up = None
-        qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if all(isinstance(m, nn.Linear) for m in qkv) and len({m.bias is None for m in qkv}) == 1:
-            self.qkv = _stack_linears(qkv)
-        gate_up = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
-        if all(isinstance(m, nn.Linear) for m in gate_up) and hasattr(mlp, "act_fn") and hasattr(mlp, "down_proj") \
-                and all(m.bias is None for m in gate_up):
-            self.gate_up = _stack_linears(gate_up)
-        self.attn, self.mlp = attn, mlp
-
-    def q_k_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv is None:
-            return self.attn.q_proj(x), self.attn.k_proj(x), self.attn.v_proj(x)
-        weight, bias, sizes = self.qkv
-        q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
-        return q, k, v
-
-    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
-            return self.mlp(x)
-        weight, _, sizes = self.gate_up
-        gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return self.mlp.down_proj(self.mlp.act_fn(gate) * up)
-
-
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size: int, use_cpu_kernels: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        self.fused = [FusedProjections(layer) for layer in self.layers]
         cfg = model.config
         self.layout = kv_layout(model, block_size)
         self.num_heads = cfg.num_attention_heads
@@ -103,6 +49,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv = PagedKVCache(self.layout, num_blocks, self.device)
         self.kernel = load_cpu_kernels() if self.device.type == "cpu" and use_cpu_kernels else None
+        self.ops = [LayerOps(layer, self.kernel) for layer in self.layers]
 
     # ---- step inputs -----------------------------------------------------------------------
     def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -157,25 +104,26 @@ class ModelRunner:
         ids, positions, slots, plan, logits_rows = self._build_inputs(out)
         t = ids.shape[0]
         kvh, hd = self.layout.num_kv_heads, self.layout.head_dim
-        hidden = self.inner.embed_tokens(ids)  # [T, H]
+        hidden = self.inner.embed_tokens(ids)  # [T, H], the residual stream (updated in place on CPU)
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
-        for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q, k, v = self.fused[li].q_k_v(x)
+        cos, sin = cos[0], sin[0]  # [T, head_dim]
+        x = self.ops[0].norm(self.layers[0].input_layernorm, hidden)
+        for li, ops in enumerate(self.ops):
+            attn = ops.attn
+            q, k, v = ops.q_k_v(x)
             q, k, v = q.reshape(t, self.num_heads, hd), k.reshape(t, kvh, hd), v.reshape(t, kvh, hd)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
             self.kv.write(li, slots, k, v)
             k_slots, v_slots = self.kv.layer_slots(li)
             o = paged_attention(q, k_slots, v_slots, plan, attn.scaling, self.windows[li])
-            hidden = residual + attn.o_proj(o.reshape(t, self.num_heads * hd))
-            residual = hidden
-            hidden = residual + self.fused[li].mlp_forward(layer.post_attention_layernorm(hidden))
+            hidden, x = ops.add_norm(hidden, attn.o_proj(o.reshape(t, self.num_heads * hd)), ops.post_norm)
+            mlp_out = ops.mlp_forward(x)
+            if li + 1 < len(self.ops):
+                hidden, x = ops.add_norm(hidden, mlp_out, self.ops[li + 1].input_norm)
+            else:
+                hidden = hidden + mlp_out
         if not logits_rows:
             return torch.empty(0, self.model.config.vocab_size)
         last = self.inner.norm(hidden[torch.tensor(logits_rows, device=self.device)])

@@ -7,7 +7,7 @@
 // block's K and V are read back to back. Head dims 32/64/128 are compile-time constants so the dot
 // products and the V accumulation vectorise completely; other head dims take the generic path.
 // Built on first use by disagg_worker.engine.cpu_kernels (torch.utils.cpp_extension, cached).
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -140,4 +140,3 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode_attention", &paged_decode_attention); }
