@@ -238,23 +238,30 @@ class Cluster:
         min(pods, key=Pod.load).queue.append(req)
 
     def step(self, now: float, dt: float) -> None:
+        """Advance ``dt`` seconds. Event times inside the step are exact (not rounded to ``dt``): a
+        prompt starts no earlier than its arrival, a request decodes from the moment its first
+        token exists, and finishes after exactly its remaining tokens' steps."""
+        end = now + dt
         self.replica_seconds += dt * sum(len(pods) for pods in self.pools.values())
         for pod in self.pools["prefill"]:
             if not pod.ready(now):
                 continue
-            left = dt
-            while left > 0:
+            clock = max(now, pod.ready_at)
+            while clock < end - 1e-12:
                 if pod.busy_left <= 0:
                     if not pod.queue:
                         break
+                    clock = max(clock, pod.queue[0].arrival)
+                    if clock >= end:
+                        break
                     pod.busy_left = self.st.prefill_seconds(pod.queue[0].prompt)
-                used = min(left, pod.busy_left)
+                used = min(end - clock, pod.busy_left)
                 pod.busy_left -= used
                 pod.busy_time += used
-                left -= used
+                clock += used
                 if pod.busy_left <= 1e-12:
                     req = pod.queue.popleft()
-                    req.first_token = now + (dt - left)
+                    req.first_token = clock
                     req.generated = 1
                     pod.busy_left = 0.0
                     self._to_decode(req, now)
@@ -265,14 +272,17 @@ class Cluster:
                 pod.running.append(pod.queue.popleft())
             if not pod.running:
                 continue
-            tokens = dt / self.st.decode_step(len(pod.running))
+            step = self.st.decode_step(len(pod.running))
             pod.busy_time += dt
             still = []
             for req in pod.running:
-                req.generated += tokens
-                if req.generated >= req.output:
-                    req.finished = now + dt
+                start = max(now, req.first_token or now)  # joined mid-step: decodes from then on
+                left = req.output - req.generated
+                if left * step <= end - start + 1e-12:
+                    req.generated = req.output
+                    req.finished = start + left * step
                 else:
+                    req.generated += (end - start) / step
                     still.append(req)
             pod.running = still
         for role in self.pools:  # drained pods leave
@@ -285,7 +295,8 @@ class Cluster:
         if not ready:
             return Sample(now, 0), starting
         n = len(ready)
-        queue = sum(len(p.queue) for p in ready) / n
+        # arrivals are handed to pods at the start of the step they fall in; count only those already here
+        queue = sum(sum(1 for r in p.queue if r.arrival <= now) for p in ready) / n
         busy = sum(min(1.0, p.busy_time / interval) for p in ready) / n * 100
         kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in ready) / n * 100
         for p in self.pools[role]:
@@ -436,26 +447,31 @@ def default_config(
     workload = Workload(duration, peak, 0.08 * peak, bursts)
 
     def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
+        # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
+        # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default), a
+        # 5 s sampling interval, and a slow, sustained scale-down (which is what prevents flapping).
         return RoleAutoscale(
             min_replicas=1,
             max_replicas=hi,
             scale_up=up,
             scale_down=down,
-            scale_up_stabilization_seconds=15,
-            scale_down_stabilization_seconds=180,
-            cooldown_seconds=45,
-            max_step=3,
+            scale_up_stabilization_seconds=0,
+            scale_down_stabilization_seconds=150,
+            cooldown_seconds=30,
+            max_step=4,
         )
 
     return BenchConfig(
         workload=workload,
+        # Utilisation targets (between the thresholds) of about 40 %: the headroom that absorbs a burst
+        # of a third of the peak rate for the half-minute a new pod needs.
         prefill=role(
-            Thresholds(queue_length=1.5, gpu_utilization=70), Thresholds(queue_length=0.5, gpu_utilization=30), max_p
+            Thresholds(queue_length=0.5, gpu_utilization=55), Thresholds(queue_length=0.2, gpu_utilization=30), max_p
         ),
         decode=role(
-            # decode step time grows faster than linearly with the batch: scale down only when nearly idle
-            Thresholds(queue_length=0.5, kv_cache_usage=55), Thresholds(queue_length=0.1, kv_cache_usage=15), max_d
+            Thresholds(queue_length=0.2, kv_cache_usage=45), Thresholds(queue_length=0.05, kv_cache_usage=20), max_d
         ),
+        interval=5.0,
         startup=startup,
         max_batch=max_batch,
         dt=dt,
