@@ -1,10 +1,10 @@
-"""The only engine code that touches model tensors: one forward pass over a step's flattened batch.
+"""One forward pass over a step's flattened batch: the engine's entry point to model tensors.
 
-It drives the Hugging Face model's own modules (embeddings, RMSNorm, projections, rotary embedding,
-MLP, LM head) layer by layer, replacing only attention with paged attention over ``PagedKVCache``.
-That keeps the arithmetic of every other op that of ``transformers`` while letting one step mix
-prefill chunks and decode tokens of many requests without padding. The math around attention
-(projections, norms, rotary, MLP) lives in ``LayerOps``, which fuses it on CPU.
+It drives the Hugging Face model layer by layer (embeddings, rotary embedding, LM head from the
+model itself), with paged attention over ``PagedKVCache`` in place of the model's attention, so one
+step mixes prefill chunks and decode tokens of many requests without padding. The math around
+attention (projections, norms, rotary, MLP) lives in ``LayerOps``: the model's own modules, or
+fused CPU kernels that compute the same formulas.
 """
 
 from __future__ import annotations
