@@ -6,7 +6,6 @@ hide a broken kernel behind the oracle tests, which pass on either path).
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
@@ -15,8 +14,7 @@ import torch.nn.functional as F
 
 from disagg_worker.engine.cpu_kernels import kernels_enabled, load_cpu_kernels
 from disagg_worker.engine.layer_ops import rotate_half
-
-HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+from tests.conftest import HAVE_COMPILER
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import torch
 
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.models.loader import LoadedModel
-from tests.conftest import FAMILIES, get_model, hf_greedy, random_prompts
-from tests.test_cpu_kernels import HAVE_COMPILER
+from tests.conftest import FAMILIES, HAVE_COMPILER, get_model, hf_greedy, random_prompts
 
 
 @functools.cache

@@ -289,23 +289,14 @@ def drain_command(wait_seconds: float) -> list[str]:
     return ["python", "-c", script]
 
 
+def _serve_args(parsed: ParsedSpec, port: int) -> list[str]:
+    """The flags every serving process (worker or router) takes: model, policy file, listen address."""
+    return ["--model", parsed.policy.model.ref, "--policy", POLICY_PATH, "--host", "0.0.0.0", "--port", str(port)]
+
+
 def worker_args(parsed: ParsedSpec, owner: Owner, role: str) -> list[str]:
     pod: WorkerSpec = getattr(parsed.pods, role)
-    args = [
-        "worker",
-        "--role",
-        role,
-        "--model",
-        parsed.policy.model.ref,
-        "--policy",
-        POLICY_PATH,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(WORKER_GRPC_PORT),
-        "--http-port",
-        str(WORKER_HTTP_PORT),
-    ]
+    args = ["worker", "--role", role, *_serve_args(parsed, WORKER_GRPC_PORT), "--http-port", str(WORKER_HTTP_PORT)]
     for flag, value in (
         ("--device", pod.device),
         ("--dtype", pod.dtype),
@@ -324,14 +315,7 @@ def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
     pod: RouterSpec = parsed.pods.router
     return [
         "router",
-        "--model",
-        parsed.policy.model.ref,
-        "--policy",
-        POLICY_PATH,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(pod.port),
+        *_serve_args(parsed, pod.port),
         "--decode-workers",
         f"{service_host(owner, 'decode')}:{WORKER_GRPC_PORT}",
         "--prefill-workers",

@@ -44,5 +44,5 @@ def load_cpu_kernels() -> ModuleType | None:
         return load(name="disagg_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
                     extra_ldflags=LDFLAGS, verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported flags: fall back, loudly once
-        log.warning("CPU attention kernel unavailable (%s); using the torch path", exc)
+        log.warning("CPU kernels unavailable (%s); using the torch path", exc)
         return None

@@ -45,12 +45,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Norm:
+    """One of a layer's norms; whether the fused kernel can stand in for it is decided once, here."""
+
+    def __init__(self, module: Any, kernels: Any | None) -> None:
+        self.module = module
+        self.kernels = kernels if kernels is not None and _is_rms_norm(module) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.module.weight, self.module.variance_epsilon)
+        return self.module(x)
+
+    def add_then_norm(self, hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after adding ``delta`` (in place on the fused path), and its norm."""
+        if self.kernels is not None:
+            return hidden, self.kernels.add_rms_norm_(hidden, delta, self.module.weight, self.module.variance_epsilon)
+        hidden = hidden + delta
+        return hidden, self.module(hidden)
+
+
 class LayerOps:
     """One decoder layer's non-attention math; ``kernels`` is the compiled module or None."""
 
     def __init__(self, layer: Any, kernels: Any | None) -> None:
         self.attn, self.mlp = layer.self_attn, layer.mlp
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.input_norm = Norm(layer.input_layernorm, kernels)
+        self.post_norm = Norm(layer.post_attention_layernorm, kernels)
         self.kernels = kernels
         self.qkv = self.gate_up = None
         qkv = [getattr(self.attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
@@ -62,18 +83,6 @@ class LayerOps:
             self.gate_up = _stack_linears(gate_up)
         self.fast_silu = (kernels is not None and self.gate_up is not None
                           and _is_silu(getattr(self.mlp, "act_fn", None)))
-
-    def norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and _is_rms_norm(module):
-            return self.kernels.rms_norm(x, module.weight, module.variance_epsilon)
-        return module(x)
-
-    def add_norm(self, hidden: torch.Tensor, delta: torch.Tensor, module: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream after adding ``delta``, and its normalisation by ``module``."""
-        if self.kernels is not None and _is_rms_norm(module):
-            return hidden, self.kernels.add_rms_norm_(hidden, delta, module.weight, module.variance_epsilon)
-        hidden = hidden + delta
-        return hidden, module(hidden)
 
     def q_k_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv is None:

@@ -107,7 +107,7 @@ class ModelRunner:
         hidden = self.inner.embed_tokens(ids)  # [T, H], the residual stream (updated in place on CPU)
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0], sin[0]  # [T, head_dim]
-        x = self.ops[0].norm(self.layers[0].input_layernorm, hidden)
+        x = self.ops[0].input_norm(hidden)
         for li, ops in enumerate(self.ops):
             attn = ops.attn
             q, k, v = ops.q_k_v(x)
@@ -118,10 +118,10 @@ class ModelRunner:
             self.kv.write(li, slots, k, v)
             k_slots, v_slots = self.kv.layer_slots(li)
             o = paged_attention(q, k_slots, v_slots, plan, attn.scaling, self.windows[li])
-            hidden, x = ops.add_norm(hidden, attn.o_proj(o.reshape(t, self.num_heads * hd)), ops.post_norm)
+            hidden, x = ops.post_norm.add_then_norm(hidden, attn.o_proj(o.reshape(t, self.num_heads * hd)))
             mlp_out = ops.mlp_forward(x)
             if li + 1 < len(self.ops):
-                hidden, x = ops.add_norm(hidden, mlp_out, self.ops[li + 1].input_norm)
+                hidden, x = self.ops[li + 1].input_norm.add_then_norm(hidden, mlp_out)
             else:
                 hidden = hidden + mlp_out
         if not logits_rows:
