@@ -4,12 +4,13 @@ For each cache size, three ways to move the same bytes between two processes on 
 - memcpy: a copy between two preallocated tensors in one process (the ceiling);
 - raw TCP: ``sendall`` from one process, ``recv_into`` a preallocated buffer in the other (the
   transport's floor cost);
-- disagg "tcp" transport: the production raw-socket data plane (``KvSenderConnection`` frames into a
-  ``KvReceiver`` that verifies checksums and coverage and copies into the destination pool);
+- disagg "tcp" transport: the production raw-socket data plane (``KvSenderConnection`` sends frames
+  straight from a KV pool's blocks into a ``KvReceiver`` that receives them straight into the
+  destination pool's blocks and verifies checksums and coverage);
 - disagg "grpc" transport: the production chunk path (``plan_chunks`` + ``encode_chunk`` on a
   ``Prefill`` response stream; ``decode_chunk`` with checksum, dtype and shape checks and a copy into
   the destination pool on the receiving side), with and without checksum verification.
-Both disagg rows include exporting chunks from a KV pool on the sending side.
+Both disagg rows read from a KV pool on the sending side and end with the KV in a pool.
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ from rich.console import Console
 from rich.progress import Progress
 
 from disagg_worker.bench.report import print_table, write_json
-from disagg_worker.engine.kv_cache import KVLayout
+from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
 
 LAYOUT = KVLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)  # tiny-llama
 
 
 def blocks_for_mib(mib: int) -> int:
     return max(1, (mib << 20) // LAYOUT.bytes_per_block)
+
+
+def kv_pool(num_blocks: int, fill: bool) -> PagedKVCache:
+    kv = PagedKVCache(LAYOUT, num_blocks, torch.device("cpu"))
+    kv.k, kv.v = pool(num_blocks, fill)
+    return kv
 
 
 def pool(num_blocks: int, fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +67,9 @@ def bench_memcpy(mib: int, repeats: int) -> list[float]:
 
 # ---- raw TCP ---------------------------------------------------------------------------------
 def _tcp_sender(port: int, nbytes: int, repeats: int) -> None:
-    buf = bytearray(nbytes)
+    # real bytes in real pages: a fresh zero bytearray maps every page to the kernel's one zero page,
+    # which the socket copy then reads from L1, flattering the baseline
+    buf = bytearray(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes())
     with socket.create_connection(("127.0.0.1", port)) as s:
         for _ in range(repeats):
             s.recv(1)  # receiver is ready
@@ -188,31 +197,28 @@ def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_byte
     from disagg_worker.transfer.chunks import plan_chunks
     from disagg_worker.transfer.tcp import KvSenderConnection
 
-    k_pool, v_pool = pool(num_blocks, True)
+    kv = kv_pool(num_blocks, True)
+    blocks = list(range(num_blocks))
     specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
-    staging = [pool(max(s.num_blocks for s in specs), False) for _ in range(2)]
-    for token in tokens:
+    for token in tokens:  # as the prefill worker does on a CPU pool: straight from the pool's blocks
         conn = KvSenderConnection(endpoint, token, 60)
-        conn.send_all(specs, lambda spec, slot: export_into(k_pool, v_pool, spec, staging[slot]))
+        conn.send_all(specs, lambda spec, slot: kv.block_views(
+            blocks[spec.first_block:spec.first_block + spec.num_blocks],
+            range(spec.layer_start, spec.layer_start + spec.num_layers)))
         conn.close()
 
 
 def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]:
     from disagg_worker.transfer.grpc_stream import Coverage
-    from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
+    from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer, PoolSink
 
     n = blocks_for_mib(mib)
-    k_dst, v_dst = pool(n, False)
-
-    def install(first_block: int, layer_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        sl = (slice(layer_start, layer_start + k.shape[0]), slice(first_block, first_block + k.shape[1]))
-        k_dst[sl].copy_(k)
-        v_dst[sl].copy_(v)
+    sink = PoolSink(kv_pool(n, False), list(range(n)))  # as the decode worker does: into the reserved blocks
 
     async def run() -> list[float]:
         receiver = KvReceiver("127.0.0.1")
         loop = asyncio.get_running_loop()
-        transfers = [PendingTransfer(f"t{i}", LAYOUT, Coverage(0, n, LAYOUT.num_layers), install, True, loop)
+        transfers = [PendingTransfer(f"t{i}", LAYOUT, Coverage(0, n, LAYOUT.num_layers), sink, True, loop)
                      for i in range(repeats)]
         tokens = [receiver.register(t) for t in transfers]
         proc = mp.get_context("spawn").Process(target=_tcp_kv_sender, args=(receiver.endpoint, tokens, n, chunk_bytes))

@@ -306,6 +306,10 @@ class LLMEngine:
             self._forget(request_id)
         return cached
 
+    def reserved_blocks(self, request_id: str) -> list[int]:
+        """The block ids reserved for an import (fixed until commit or fallback): where its KV lands."""
+        return list(self.scheduler.awaiting_kv[request_id].block_ids)
+
     def import_kv(self, request_id: str, first_block: int, k: torch.Tensor, v: torch.Tensor,
                   layer_start: int = 0) -> None:
         """Install K/V ``[layers, n, block_size, kv_heads, head_dim]`` at the request's blocks from ``first_block``."""

@@ -6,7 +6,9 @@ Shape ``[layers, blocks, block_size, kv_heads, head_dim]``; a token's slot is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -73,6 +75,37 @@ class PagedKVCache:
         torch.index_select(self.k[sl], 1, idx, out=k_out)
         torch.index_select(self.v[sl], 1, idx, out=v_out)
         return k_out, v_out
+
+    @cached_property
+    def _pool_bytes(self) -> tuple[memoryview, memoryview]:
+        """Flat writable byte views of the K and V pools (CPU pools only)."""
+        return tuple(memoryview(t.view(torch.uint8).numpy().reshape(-1)) for t in (self.k, self.v))  # type: ignore[return-value]
+
+    def block_views(self, block_ids: Sequence[int], layers: range) -> tuple[list[memoryview], list[memoryview]]:
+        """Byte views of K and of V for ``block_ids`` x ``layers``, in the order ``export_blocks`` lays them out.
+
+        Layer-major, then block; a run of consecutive block ids is one view. Nothing is copied: a
+        transport sends straight from the pool or receives straight into it. CPU pools only.
+        """
+        if self.k.device.type != "cpu":
+            raise ValueError("byte views need a CPU pool; export_blocks/import_blocks copy for other devices")
+        if layers.step != 1 or layers.start < 0 or layers.stop > self.layout.num_layers:
+            raise ValueError(f"layers {layers} out of range")
+        runs: list[tuple[int, int]] = []  # (first block id, count)
+        for b in block_ids:
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"block {b} is outside the pool")
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        row = self.layout.bytes_per_block // (2 * self.layout.num_layers)  # one block of K (or V) in one layer
+        out: tuple[list[memoryview], list[memoryview]] = ([], [])
+        for pool, views in zip(self._pool_bytes, out, strict=True):
+            for layer in layers:
+                base = layer * self.num_blocks
+                views.extend(pool[(base + b) * row:(base + b + n) * row] for b, n in runs)
+        return out
 
     def import_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor, layer_start: int = 0) -> None:
         """Write K/V ``[layers, len(block_ids), block_size, kv_heads, head_dim]`` into ``block_ids``."""

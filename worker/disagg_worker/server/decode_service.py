@@ -30,7 +30,7 @@ from disagg_worker.server.prefill_service import layout_message
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, params_to_proto, priority_from_proto
 from disagg_worker.transfer.chunks import TransferError
 from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
-from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
+from disagg_worker.transfer.tcp import KvReceiver, KvSink, PendingTransfer, PoolSink, StagedSink
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                               priority: int, t0: float) -> tuple[RequestOutput | None, pb.GenerateResponse]:
         """Returns (first output, header) on success; (None, header with fallback_reason) after falling back."""
         rt, eng = self.rt, self.rt.engine.engine
-        cached = await rt.engine.call(lambda: eng.reserve_for_import(rid, prompt, params, priority))
-        if cached is None:  # no blocks or batch slots free right now for a reservation
+
+        def reserve() -> tuple[int, list[int]] | None:
+            cached = eng.reserve_for_import(rid, prompt, params, priority)
+            return None if cached is None else (cached, eng.reserved_blocks(rid))
+
+        reserved = await rt.engine.call(reserve)
+        if reserved is None:  # no blocks or batch slots free right now for a reservation
             return None, pb.GenerateResponse()
-        bs = eng.config.block_size
-        first_block = cached // bs
+        cached, block_ids = reserved
+        first_block = cached // eng.config.block_size
         prompt_blocks = eng.block_manager.blocks_for_tokens(len(prompt))
         lay = eng.runner.layout
         req = pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
@@ -156,8 +161,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         side: PendingTransfer | None = None
         token = ""
         if self.kv_receiver is not None:
-            side = PendingTransfer(rid, lay, coverage, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls), verify,
-                                   asyncio.get_running_loop())
+            sink: KvSink = (PoolSink(eng.runner.kv, block_ids) if eng.runner.kv.k.device.type == "cpu" else
+                            StagedSink(lay, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls)))
+            side = PendingTransfer(rid, lay, coverage, sink, verify, asyncio.get_running_loop())
             token = self.kv_receiver.register(side)
             req.kv_endpoint, req.transfer_token = self.kv_receiver.endpoint, token
         call = peer.prefill.Prefill(req, timeout=deadline)
@@ -189,6 +195,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     await asyncio.wait_for(asyncio.shield(side.finished), 1.0)
             if side is not None and side.finished.done() and side.finished.exception() is not None:
                 failure = side.finished.exception()  # type: ignore[assignment]  # explains the control stream's
+            if side is not None:
+                side.stop()  # before fallback frees the reserved blocks: no late chunk lands in them
             reason = _failure_reason(failure)
             log.warning("remote prefill of %s via %s failed (%s): prefilling locally", rid, peer.endpoint, reason)
             m.KV_TRANSFER_FAILURES.labels(reason).inc()
@@ -201,7 +209,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             call.cancel()
             raise
         finally:
-            if token:
+            if side is not None:
+                side.stop()  # the data plane never writes into these blocks again (fallback/abort free them)
                 self.kv_receiver.unregister(token)  # type: ignore[union-attr]
         now = time.monotonic()
         m.PREFILL_DECISIONS.labels("remote").inc()

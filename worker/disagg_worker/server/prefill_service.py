@@ -24,7 +24,7 @@ from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
-from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks
+from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks, tensor_bytes
 from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
 from disagg_worker.transfer.tcp import KvSenderConnection
 
@@ -94,7 +94,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             # the tcp sender exports chunk i+1 into one while chunk i leaves from the other
             elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
                         // lay.element_size)
-            staging = [(torch.empty(elems, dtype=lay.dtype), torch.empty(elems, dtype=lay.dtype)) for _ in range(2)]
+            dev = eng.runner.kv.k.device
+            staging = [tuple(torch.empty(elems, dtype=lay.dtype, device=dev) for _ in "kv") for _ in range(2)]
 
             def export(spec: ChunkSpec, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
                 return eng.export_kv(rid, spec.first_block, spec.num_blocks,
@@ -103,12 +104,23 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             corrupt_seq = 0 if self.fault == "corrupt_chunk" else None
             total = 0
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
+                kv = eng.runner.kv
+                held = await rt.engine.call(lambda: list(eng.held_blocks(rid)))
+
+                def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+                    if kv.k.device.type == "cpu":  # straight from the pool: the blocks are held until _release
+                        return kv.block_views(held[spec.first_block:spec.first_block + spec.num_blocks],
+                                              range(spec.layer_start, spec.layer_start + spec.num_layers))
+                    k, v = export(spec, slot)
+                    return [tensor_bytes(k)], [tensor_bytes(v)]
+
                 sender = await asyncio.to_thread(KvSenderConnection, request.kv_endpoint, request.transfer_token,
                                                  rt.policy.kv_transfer.timeout_seconds)
                 try:
-                    total = await asyncio.to_thread(sender.send_all, specs, export, self._fault_hook, corrupt_seq)
+                    total = await asyncio.to_thread(sender.send_all, specs, chunk_views, self._fault_hook,
+                                                    corrupt_seq)
                 finally:
-                    sender.close()
+                    sender.close()  # also stops a sender thread left running by a cancelled RPC
             else:
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)

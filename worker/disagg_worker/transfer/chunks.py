@@ -59,8 +59,8 @@ def checksum(k: bytes | memoryview, v: bytes | memoryview) -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor."""
-    t = t.contiguous()
+    """A byte view of a tensor: zero-copy for a contiguous CPU tensor, else over a contiguous host copy."""
+    t = t.contiguous().cpu()
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 

@@ -3,8 +3,11 @@
 The ``Prefill`` RPC stays the control channel (it carries ``kv_endpoint`` and ``transfer_token`` and
 returns ``PrefillDone``); the bulk bytes skip protobuf and gRPC's copies. The decode worker runs one
 ``KvReceiver`` (a listening socket and a thread per connection): a connection starts with the
-transfer token, then frames ``header | K bytes | V bytes``; each frame is read into a reused buffer,
-verified (checksum, shape, coverage) and written straight into the blocks reserved for that request.
+transfer token, then frames ``header | K bytes | V bytes``. On CPU pools both ends skip every copy
+of their own: the sender ``sendmsg``s straight from the pool's blocks and the receiver
+``recvmsg_into``s straight into the blocks reserved for the request (``PoolSink``), so the only
+extra pass over the bytes is the streaming checksum on each side. Each frame is checked (size,
+coverage) before a byte lands and its checksum verified while the next one arrives.
 
 Wire format (little endian): preamble ``b"DKV1"`` + u32 token length + token; frame header
 ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
@@ -16,23 +19,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+import xxhash
 
-from disagg_worker.engine.kv_cache import KVLayout
-from disagg_worker.transfer.chunks import ChunkSpec, TransferError, checksum, tensor_bytes, tensor_from_bytes
+from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError, tensor_from_bytes
 from disagg_worker.transfer.grpc_stream import Coverage
 
 log = logging.getLogger(__name__)
 MAGIC = b"DKV1"
 HEADER = struct.Struct("<IIIIIQQQ")
+IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -44,17 +51,107 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
+def move_views(op: Callable[[list[memoryview]], int], views: list[memoryview]) -> None:
+    """Run ``op`` (a scatter-gather ``sendmsg`` or ``recvmsg_into``) until every byte of ``views`` moved.
+
+    One call may move fewer bytes than asked; batches stay far below the kernel's IOV_MAX.
+    """
+    views = [v for v in views if len(v)]
+    i, off = 0, 0
+    while i < len(views):
+        n = op([views[i][off:], *views[i + 1:i + IOV_BATCH]])
+        if n == 0:
+            raise TransferError("KV connection closed mid-frame")
+        while n:
+            left = len(views[i]) - off
+            if n < left:
+                off, n = off + n, 0
+            else:
+                n, i, off = n - left, i + 1, 0
+
+
+def checksum_views(k: list[memoryview], v: list[memoryview]) -> int:
+    """``checksum`` of the concatenated K bytes then V bytes (xxh3 streams; it is the same digest)."""
+    h = xxhash.xxh3_64()
+    for view in (*k, *v):
+        h.update(view)
+    return h.intdigest()
+
+
+class KvSink(Protocol):
+    """Where a receiver puts one chunk: byte views to receive into, then a commit once verified."""
+
+    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]: ...
+
+    def commit(self, spec: ChunkSpec, slot: int) -> None: ...
+
+
+class PoolSink:
+    """Receive straight into a request's reserved blocks of a CPU pool: no staging copy.
+
+    Safe because reserved blocks are private to the request until ``commit_import``; a corrupt or
+    partial transfer leaves garbage only in blocks that fallback frees and prefill rewrites.
+    """
+
+    def __init__(self, kv: PagedKVCache, block_ids: list[int]) -> None:
+        self.kv, self.block_ids = kv, block_ids
+
+    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+        blocks = self.block_ids[spec.first_block:spec.first_block + spec.num_blocks]
+        if len(blocks) != spec.num_blocks:
+            raise TransferError(f"chunk blocks {spec.first_block}+{spec.num_blocks} exceed the reservation")
+        return self.kv.block_views(blocks, range(spec.layer_start, spec.layer_start + spec.num_layers))
+
+    def commit(self, spec: ChunkSpec, slot: int) -> None:
+        pass
+
+
+class StagedSink:
+    """Receive into two alternating host buffers and install each verified chunk (pools off the CPU)."""
+
+    def __init__(self, layout: KVLayout, install: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
+        self.layout, self.install = layout, install
+        self._bufs = [bytearray(), bytearray()]
+
+    def _shape(self, spec: ChunkSpec) -> tuple[int, ...]:
+        lay = self.layout
+        return (spec.num_layers, spec.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+
+    def _nbytes(self, spec: ChunkSpec) -> int:
+        return math.prod(self._shape(spec)) * self.layout.element_size
+
+    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+        n = self._nbytes(spec)
+        if len(self._bufs[slot]) < 2 * n:
+            self._bufs[slot] = bytearray(2 * n)
+        view = memoryview(self._bufs[slot])
+        return [view[:n]], [view[n:2 * n]]
+
+    def commit(self, spec: ChunkSpec, slot: int) -> None:
+        n, shape, dtype = self._nbytes(spec), self._shape(spec), self.layout.dtype
+        view = memoryview(self._bufs[slot])
+        self.install(spec.first_block, spec.layer_start, tensor_from_bytes(view[:n], dtype, shape),
+                     tensor_from_bytes(view[n:2 * n], dtype, shape))  # copies into the pool
+
+
 @dataclass
 class PendingTransfer:
-    """A registered incoming transfer: where its chunks go and how to report the outcome."""
+    """A registered incoming transfer: where its chunks go and how to report the outcome.
+
+    ``stop()`` is the fence before the request's blocks are freed: after it returns, the data plane
+    never writes into them again (a late or cut-off sender cannot touch reused blocks).
+    """
 
     request_id: str
     layout: KVLayout
     coverage: Coverage
-    install: Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (first_block, layer_start, k, v)
+    sink: KvSink
     verify: bool
     loop: asyncio.AbstractEventLoop
     finished: asyncio.Future[int] = field(init=False)  # total bytes, or TransferError
+    _conn: socket.socket | None = field(init=False, default=None)
+    _stopped: bool = field(init=False, default=False)
+    _write_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.finished = self.loop.create_future()
@@ -68,6 +165,37 @@ class PendingTransfer:
             else:
                 self.finished.set_result(result)
         self.loop.call_soon_threadsafe(set_)
+
+    def attach(self, conn: socket.socket) -> bool:
+        with self._write_lock:
+            if self._stopped:
+                return False
+            self._conn = conn
+            return True
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold while writing into the request's blocks; refuses once ``stop()`` began."""
+        with self._write_lock:
+            if self._stopped:
+                raise TransferError("transfer stopped")
+            yield
+
+    def recv_into(self, conn: socket.socket, views: list[memoryview]) -> None:
+        def op(batch: list[memoryview]) -> int:
+            with self.writing():
+                return conn.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
+        move_views(op, views)
+
+    def stop(self) -> None:
+        """Cut the connection and wait out a receive in progress (milliseconds: the socket is shut)."""
+        self._stopped = True
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        with self._write_lock:
+            pass
 
 
 class KvReceiver:
@@ -121,8 +249,9 @@ class KvReceiver:
                 _recv_exact(conn, memoryview(token))
                 with self._lock:
                     transfer = self._pending.get(token.decode())
-                if transfer is None:
-                    raise TransferError("unknown or expired transfer token")
+                if transfer is None or not transfer.attach(conn):
+                    transfer = None
+                    raise TransferError("unknown, expired or stopped transfer token")
                 total = self._receive_frames(conn, transfer)
                 transfer.resolve(total)
             except (TransferError, OSError, ValueError) as exc:
@@ -133,23 +262,20 @@ class KvReceiver:
 
     @staticmethod
     def _receive_frames(conn: socket.socket, t: PendingTransfer) -> int:
-        """Read frames into two alternating buffers; verify + install one while the next arrives."""
+        """Receive each frame into the sink; verify + commit it on a helper thread while the next arrives."""
         header = bytearray(HEADER.size)
-        bufs = [bytearray(), bytearray()]
         pending: list[Future[None] | None] = [None, None]
         lay = t.layout
-        elem = lay.element_size
         total = 0
 
-        def verify_and_install(view: memoryview, kn: int, digest: int, seq: int, first_block: int,
-                               layer_start: int, shape: tuple[int, ...]) -> None:
-            if t.verify and checksum(view[:kn], view[kn:]) != digest:
-                raise TransferError(f"checksum mismatch on chunk {seq}")
-            t.coverage.add(first_block, shape[1], layer_start, shape[0])
-            t.install(first_block, layer_start, tensor_from_bytes(view[:kn], lay.dtype, shape),
-                      tensor_from_bytes(view[kn:], lay.dtype, shape))  # copies into the pool
+        def verify_and_commit(spec: ChunkSpec, slot: int, k: list[memoryview], v: list[memoryview],
+                              digest: int) -> None:
+            if t.verify and checksum_views(k, v) != digest:
+                raise TransferError(f"checksum mismatch on chunk {spec.seq}")
+            with t.writing():
+                t.sink.commit(spec, slot)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-install") as installer:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-verify") as verifier:
             i = 0
             while True:
                 _recv_exact(conn, memoryview(header))
@@ -161,21 +287,23 @@ class KvReceiver:
                     if not t.coverage.complete:
                         raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
                     return total
-                shape = (num_layers, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-                expected = num_layers * num_blocks * lay.block_size * lay.num_kv_heads * lay.head_dim * elem
+                expected = num_layers * num_blocks * lay.bytes_per_block // (2 * lay.num_layers)
                 if kn != expected or vn != expected:
-                    raise TransferError(f"frame {seq} has {kn}+{vn} bytes, shape {shape} needs {expected} each")
+                    raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "
+                                        f"blocks need {expected} each")
+                t.coverage.add(first_block, num_blocks, layer_start, num_layers)  # rejects out-of-range frames
+                spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
                 slot = i % 2
                 if pending[slot] is not None:
-                    pending[slot].result()  # the buffer is free again (and its chunk was fine)
-                if len(bufs[slot]) < kn + vn:
-                    bufs[slot] = bytearray(kn + vn)
-                view = memoryview(bufs[slot])[:kn + vn]
-                _recv_exact(conn, view)
-                pending[slot] = installer.submit(verify_and_install, view, kn, digest, seq, first_block,
-                                                 layer_start, shape)
+                    pending[slot].result()  # the slot is free again (and its chunk was fine)
+                k, v = t.sink.views(spec, slot)
+                t.recv_into(conn, [*k, *v])
+                pending[slot] = verifier.submit(verify_and_commit, spec, slot, k, v, digest)
                 total += kn + vn
                 i += 1
+
+
+ChunkViews = Callable[[ChunkSpec, int], tuple[list[memoryview], list[memoryview]]]
 
 
 class KvSenderConnection:
@@ -188,35 +316,38 @@ class KvSenderConnection:
         raw = token.encode()
         self._sock.sendall(MAGIC + struct.pack("<I", len(raw)) + raw)
 
-    def send(self, spec: ChunkSpec, k: torch.Tensor, v: torch.Tensor, corrupt: bool = False) -> int:
-        kb, vb = tensor_bytes(k), tensor_bytes(v)
-        digest = checksum(kb, vb)
-        if corrupt:
-            digest ^= 1
+    def send(self, spec: ChunkSpec, k: list[memoryview], v: list[memoryview], digest: int) -> int:
+        kn, vn = sum(len(x) for x in k), sum(len(x) for x in v)
         self._sock.sendall(HEADER.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
-                                       spec.num_layers, len(kb), len(vb), digest))
-        self._sock.sendall(kb)
-        self._sock.sendall(vb)
-        return len(kb) + len(vb)
+                                       spec.num_layers, kn, vn, digest))
+        move_views(self._sock.sendmsg, [*k, *v])  # scatter-gather: straight from the pool, no staging copy
+        return kn + vn
 
-    def send_all(self, specs: list[ChunkSpec],
-                 export: Callable[[ChunkSpec, int], tuple[torch.Tensor, torch.Tensor]],
+    def send_all(self, specs: list[ChunkSpec], chunk_views: ChunkViews,
                  before_chunk: Callable[[ChunkSpec], None] | None = None, corrupt_seq: int | None = None) -> int:
-        """Send every chunk, exporting the next one (into staging slot ``i % 2``) while this one is on the wire.
+        """Send every chunk, preparing the next one (its views and checksum, slot ``i % 2``) while this one is sent.
 
-        ``before_chunk`` runs before each send (fault injection in tests); the end frame follows the last chunk.
+        ``chunk_views`` returns byte views of a chunk's K and V: views into the pool, or into a staging
+        buffer it exported into. ``before_chunk`` runs before each send (fault injection in tests);
+        the end frame follows the last chunk.
         """
+
+        def prepare(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview], int]:
+            k, v = chunk_views(spec, slot)
+            digest = checksum_views(k, v)
+            return k, v, digest ^ 1 if spec.seq == corrupt_seq else digest
+
         total = 0
         if specs:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-export") as exporter:
-                nxt = exporter.submit(export, specs[0], 0)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prepare") as preparer:
+                nxt = preparer.submit(prepare, specs[0], 0)
                 for i, spec in enumerate(specs):
-                    k, v = nxt.result()
+                    k, v, digest = nxt.result()
                     if i + 1 < len(specs):
-                        nxt = exporter.submit(export, specs[i + 1], (i + 1) % 2)
+                        nxt = preparer.submit(prepare, specs[i + 1], (i + 1) % 2)
                     if before_chunk is not None:
                         before_chunk(spec)
-                    total += self.send(spec, k, v, corrupt=spec.seq == corrupt_seq)
+                    total += self.send(spec, k, v, digest)
         self.finish()
         return total
 

@@ -1,0 +1,238 @@
+"""The "tcp" KV data plane on real sockets (127.0.0.1): zero-copy views, scatter-gather I/O, the stop fence."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError, checksum, plan_chunks
+from disagg_worker.transfer.grpc_stream import Coverage
+from disagg_worker.transfer.tcp import (
+    IOV_BATCH,
+    KvReceiver,
+    KvSenderConnection,
+    KvSink,
+    PendingTransfer,
+    PoolSink,
+    StagedSink,
+    checksum_views,
+    move_views,
+)
+
+LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+PER_BLOCK_LAYER = LAYOUT.bytes_per_block // LAYOUT.num_layers
+CPU = torch.device("cpu")
+
+
+def filled_pool(num_blocks: int, seed: int = 0) -> PagedKVCache:
+    kv = PagedKVCache(LAYOUT, num_blocks, CPU)
+    g = torch.Generator().manual_seed(seed)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=g))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+    return kv
+
+
+@given(blocks=st.lists(st.integers(0, 15), min_size=1, max_size=10, unique=True),
+       layer_start=st.integers(0, 2), data=st.data())
+def test_block_views_are_export_order_and_write_through(blocks: list[int], layer_start: int,
+                                                        data: st.DataObject) -> None:
+    num_layers = data.draw(st.integers(1, LAYOUT.num_layers - layer_start))
+    layers = range(layer_start, layer_start + num_layers)
+    kv = filled_pool(16)
+    k_views, v_views = kv.block_views(blocks, layers)
+    k_ref, v_ref = kv.export_blocks(blocks, layers)
+    assert b"".join(k_views) == k_ref.numpy().tobytes() and b"".join(v_views) == v_ref.numpy().tobytes()
+    assert len(k_views) <= num_layers * len(blocks)  # consecutive ids share a view
+
+    dst = PagedKVCache(LAYOUT, 16, CPU)
+    for src, dst_views in zip((k_ref, v_ref), dst.block_views(blocks, layers), strict=True):
+        raw, off = src.numpy().tobytes(), 0
+        for view in dst_views:
+            view[:] = raw[off:off + len(view)]
+            off += len(view)
+    ref = PagedKVCache(LAYOUT, 16, CPU)
+    ref.import_blocks(blocks, k_ref, v_ref, layer_start)
+    assert torch.equal(dst.k, ref.k) and torch.equal(dst.v, ref.v)
+
+
+def test_block_views_refuse_bad_ranges() -> None:
+    kv = PagedKVCache(LAYOUT, 4, CPU)
+    with pytest.raises(ValueError, match="outside the pool"):
+        kv.block_views([1, 4], range(3))
+    with pytest.raises(ValueError, match="out of range"):
+        kv.block_views([1], range(2, 4))
+
+
+def test_move_views_survives_short_transfers_and_many_buffers() -> None:
+    src = bytes(range(256)) * 40
+    views = [memoryview(bytearray(n)) for n in [0, 1, 7, 100, 0, *([13] * (3 * IOV_BATCH)), 2000]]
+    views.append(memoryview(bytearray(len(src) - sum(len(v) for v in views))))
+    pos = 0
+
+    def op(batch: list[memoryview]) -> int:  # a socket that moves at most 29 bytes per call
+        nonlocal pos
+        assert len(batch) <= IOV_BATCH
+        n = 0
+        for view in batch:
+            take = min(len(view), 29 - n)
+            view[:take] = src[pos + n:pos + n + take]
+            n += take
+            if n == 29:
+                break
+        pos += n
+        return n
+
+    move_views(op, views)
+    assert b"".join(views) == src
+    with pytest.raises(TransferError, match="closed"):
+        move_views(lambda batch: 0, [memoryview(bytearray(4))])
+
+
+def test_streaming_checksum_equals_the_chunk_checksum() -> None:
+    k, v = bytes(range(200)), bytes(range(50, 250))
+    assert checksum_views([memoryview(k[:33]), memoryview(k[33:])], [memoryview(v)]) == checksum(k, v)
+
+
+def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink, dst_first: int, num_blocks: int,  # type: ignore[no-untyped-def]
+                 chunk_bytes: int, corrupt_seq: int | None = None, before_chunk=None,  # type: ignore[no-untyped-def]
+                 on_registered=None) -> int:  # type: ignore[no-untyped-def]
+    """Send ``src_blocks[dst_first:]`` from a sender thread into a receiver; the transfer's byte count or its error."""
+    specs = plan_chunks(dst_first, num_blocks, LAYOUT.num_layers, PER_BLOCK_LAYER, chunk_bytes)
+
+    def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+        return src.block_views(src_blocks[spec.first_block:spec.first_block + spec.num_blocks],
+                               range(spec.layer_start, spec.layer_start + spec.num_layers))
+
+    async def main() -> int:
+        receiver = KvReceiver("127.0.0.1")
+        sender_error: list[BaseException] = []
+        try:
+            t = PendingTransfer("r", LAYOUT, Coverage(dst_first, num_blocks, LAYOUT.num_layers), make_sink(), True,
+                                asyncio.get_running_loop())
+            token = receiver.register(t)
+            if on_registered is not None:
+                on_registered(t)
+
+            def send() -> None:
+                conn = KvSenderConnection(receiver.endpoint, token, 10)
+                try:
+                    conn.send_all(specs, chunk_views, before_chunk, corrupt_seq)
+                except OSError as exc:
+                    sender_error.append(exc)
+                finally:
+                    conn.close()
+
+            th = threading.Thread(target=send)
+            th.start()
+            try:
+                return await asyncio.wait_for(t.finished, 20)
+            finally:
+                await asyncio.to_thread(th.join, 20)
+        finally:
+            receiver.close()
+
+    return asyncio.run(main())
+
+
+SRC_BLOCKS = [9, 2, 3, 4, 11, 0, 7, 8]  # scattered and partly consecutive, as a block table is
+DST_BLOCKS = [5, 6, 1, 12, 13, 14, 3, 10]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 2 * PER_BLOCK_LAYER * 3 + 1, PER_BLOCK_LAYER])
+@pytest.mark.parametrize("staged", [False, True])
+def test_scattered_blocks_arrive_exactly(chunk_bytes: int, staged: bool) -> None:
+    src, dst = filled_pool(16, seed=1), PagedKVCache(LAYOUT, 16, CPU)
+    first = 2  # the first two blocks are a prefix the decode side already had cached
+
+    def install(first_block: int, layer_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        ids = DST_BLOCKS[first_block:first_block + k.shape[1]]
+        dst.import_blocks(ids, k, v, layer_start)
+
+    make_sink = (lambda: StagedSink(LAYOUT, install)) if staged else (lambda: PoolSink(dst, DST_BLOCKS))
+    total = run_transfer(src, SRC_BLOCKS, make_sink, first, len(SRC_BLOCKS) - first, chunk_bytes)
+    assert total == (len(SRC_BLOCKS) - first) * LAYOUT.bytes_per_block
+    for s, d in zip(SRC_BLOCKS[first:], DST_BLOCKS[first:], strict=True):
+        assert torch.equal(dst.k[:, d], src.k[:, s]) and torch.equal(dst.v[:, d], src.v[:, s])
+    untouched = [b for b in range(16) if b not in DST_BLOCKS[first:]]
+    assert not dst.k[:, untouched].any() and not dst.v[:, untouched].any()
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_corrupt_chunk_fails_the_transfer(staged: bool) -> None:
+    src, dst = filled_pool(16, seed=2), PagedKVCache(LAYOUT, 16, CPU)
+    sink: KvSink = StagedSink(LAYOUT, lambda *a: None) if staged else PoolSink(dst, DST_BLOCKS)
+    with pytest.raises(TransferError, match="checksum mismatch on chunk 1"):
+        run_transfer(src, SRC_BLOCKS, lambda: sink, 0, len(SRC_BLOCKS), PER_BLOCK_LAYER * 2, corrupt_seq=1)
+
+
+def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
+    src, dst = filled_pool(16, seed=3), PagedKVCache(LAYOUT, 16, CPU)
+    # the receiver expects blocks 4.. only; the sender sends from block 0
+    specs_first = 0
+
+    async def main() -> None:
+        receiver = KvReceiver("127.0.0.1")
+        try:
+            t = PendingTransfer("r", LAYOUT, Coverage(4, 4, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS), True,
+                                asyncio.get_running_loop())
+            token = receiver.register(t)
+            specs = plan_chunks(specs_first, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, 1 << 20)
+
+            def send() -> None:
+                conn = KvSenderConnection(receiver.endpoint, token, 10)
+                try:
+                    conn.send_all(specs, lambda spec, slot: src.block_views(SRC_BLOCKS, range(3)))
+                except OSError:
+                    pass  # the receiver hung up on us
+                finally:
+                    conn.close()
+
+            th = threading.Thread(target=send)
+            th.start()
+            try:
+                with pytest.raises(TransferError, match="outside this transfer"):
+                    await asyncio.wait_for(t.finished, 20)
+            finally:
+                await asyncio.to_thread(th.join, 20)
+        finally:
+            receiver.close()
+
+    asyncio.run(main())
+    assert not dst.k.any() and not dst.v.any()
+
+
+def test_stop_fences_off_the_blocks_from_a_late_sender() -> None:
+    """After stop() returns, nothing more lands in the request's blocks, however the sender carries on."""
+    src, dst = filled_pool(16, seed=4), PagedKVCache(LAYOUT, 16, CPU)
+    first_chunk_sent, resume = threading.Event(), threading.Event()
+    transfer: list[PendingTransfer] = []
+    snapshot: list[torch.Tensor] = []
+
+    def before_chunk(spec: ChunkSpec) -> None:
+        if spec.seq == 1:
+            first_chunk_sent.set()
+            resume.wait(10)  # the decode side gives up meanwhile (its deadline passed)
+
+    def give_up() -> None:
+        first_chunk_sent.wait(10)
+        transfer[0].stop()
+        snapshot.append(dst.k.clone())
+        resume.set()
+
+    stopper = threading.Thread(target=give_up)
+    stopper.start()
+    try:
+        with pytest.raises(TransferError):
+            run_transfer(src, SRC_BLOCKS, lambda: PoolSink(dst, DST_BLOCKS), 0, len(SRC_BLOCKS),
+                         PER_BLOCK_LAYER * 2, before_chunk=before_chunk, on_registered=transfer.append)
+    finally:
+        resume.set()
+        stopper.join(10)
+    assert torch.equal(dst.k, snapshot[0])  # the chunks sent after stop() never landed
+    assert not transfer[0].attach(None)  # type: ignore[arg-type]  # and a reconnect is refused
