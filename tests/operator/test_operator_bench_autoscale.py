@@ -40,3 +40,18 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
                                       "reversals_le_1_per_10min"}
     assert (out / "autoscale.png").stat().st_size > 10_000
     assert json.loads((out / "autoscale-service-times.json").read_text())["source"] == "test"
+
+
+def test_oracle_needs_less_with_higher_targets_and_never_more_than_static_max() -> None:
+    from dataclasses import replace
+
+    from disagg_operator.bench_autoscale import oracle_ratio
+    from disagg_worker.policy import Thresholds
+
+    st = ServiceTimes({int(k): v for k, v in FIXED["prefill_seconds_per_token"].items()},
+                      {int(k): v for k, v in FIXED["decode_step_seconds"].items()})
+    cfg = default_config(st, minutes=12)
+    hotter = replace(cfg, prefill=cfg.prefill.model_copy(update={
+        "scale_up": Thresholds(gpu_utilization=90), "scale_down": Thresholds(gpu_utilization=70)}))
+    low = (cfg.prefill.min_replicas + cfg.decode.min_replicas) / (cfg.prefill.max_replicas + cfg.decode.max_replicas)
+    assert low < oracle_ratio(hotter, st) < oracle_ratio(cfg, st) <= 1.0
