@@ -42,12 +42,14 @@ def reference_decode(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Te
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("head_dim", [32, 48, 64])
+# head dims 32/64/128 x groups 1/2/4/8 take the AVX2 path on x86; 48 and a group of 3 the generic one
+@pytest.mark.parametrize(("head_dim", "groups"), [(32, 4), (48, 4), (64, 4), (32, 1), (64, 2), (128, 8), (32, 3)])
 @pytest.mark.parametrize("window", [0, 20])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention(kernels: Any, head_dim: int, window: int, dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(head_dim + window)
-    bs, kvh, heads, seqs, blocks = 16, 2, 8, 5, 40
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_paged_decode_attention(kernels: Any, head_dim: int, groups: int, window: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(head_dim + window + groups)
+    bs, kvh, seqs, blocks = 16, 2, 5, 40
+    heads = kvh * groups
     k_blocks = torch.randn(blocks, bs, kvh, head_dim, generator=gen).to(dtype)
     v_blocks = torch.randn(blocks, bs, kvh, head_dim, generator=gen).to(dtype)
     lens = torch.tensor([1, 15, 16, 17, 90])
@@ -56,6 +58,7 @@ def test_paged_decode_attention(kernels: Any, head_dim: int, window: int, dtype:
     got = kernels.paged_decode_attention(q, k_blocks, v_blocks, tables, lens, 0.3, window)
     want = reference_decode(q, k_blocks, v_blocks, tables, lens, 0.3, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
