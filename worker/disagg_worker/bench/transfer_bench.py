@@ -40,7 +40,10 @@ def blocks_for_mib(mib: int) -> int:
 
 def kv_pool(num_blocks: int, fill: bool) -> PagedKVCache:
     kv = PagedKVCache(LAYOUT, num_blocks, torch.device("cpu"))
-    kv.k, kv.v = pool(num_blocks, fill)
+    if fill:
+        k, v = pool(num_blocks, True)
+        kv.k.copy_(k)
+        kv.v.copy_(v)
     return kv
 
 

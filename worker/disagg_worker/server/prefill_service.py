@@ -91,7 +91,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
             total = 0
             # two reused staging pairs (K, V) sized to the largest chunk: no fresh buffer per chunk, and
-            # the tcp sender exports chunk i+1 into one while chunk i leaves from the other
+            # the tcp sender (off the CPU) exports chunk i+1 into one while chunk i leaves from the other;
+            # untouched, hence free, where the tcp sender reads a CPU pool in place
             elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
                         // lay.element_size)
             dev = eng.runner.kv.k.device
@@ -105,10 +106,11 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             total = 0
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
                 kv = eng.runner.kv
+                in_place = kv.k.device.type == "cpu"
                 held = await rt.engine.call(lambda: list(eng.held_blocks(rid)))
 
                 def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
-                    if kv.k.device.type == "cpu":  # straight from the pool: the blocks are held until _release
+                    if in_place:  # straight from the pool: the blocks stay held until _release
                         return kv.block_views(held[spec.first_block:spec.first_block + spec.num_blocks],
                                               range(spec.layer_start, spec.layer_start + spec.num_layers))
                     k, v = export(spec, slot)
