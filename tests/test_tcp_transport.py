@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -99,9 +100,10 @@ def test_streaming_checksum_equals_the_chunk_checksum() -> None:
     assert checksum_views([memoryview(k[:33]), memoryview(k[33:])], [memoryview(v)]) == checksum(k, v)
 
 
-def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink, dst_first: int, num_blocks: int,  # type: ignore[no-untyped-def]
-                 chunk_bytes: int, corrupt_seq: int | None = None, before_chunk=None,  # type: ignore[no-untyped-def]
-                 on_registered=None) -> int:  # type: ignore[no-untyped-def]
+def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[], KvSink], dst_first: int,
+                 num_blocks: int, chunk_bytes: int, corrupt_seq: int | None = None,
+                 before_chunk: Callable[[ChunkSpec], None] | None = None,
+                 on_registered: Callable[[PendingTransfer], None] | None = None) -> int:
     """Send ``src_blocks[dst_first:]`` from a sender thread into a receiver; the transfer's byte count or its error."""
     specs = plan_chunks(dst_first, num_blocks, LAYOUT.num_layers, PER_BLOCK_LAYER, chunk_bytes)
 
@@ -154,7 +156,9 @@ def test_scattered_blocks_arrive_exactly(chunk_bytes: int, staged: bool) -> None
         ids = DST_BLOCKS[first_block:first_block + k.shape[1]]
         dst.import_blocks(ids, k, v, layer_start)
 
-    make_sink = (lambda: StagedSink(LAYOUT, install)) if staged else (lambda: PoolSink(dst, DST_BLOCKS))
+    def make_sink() -> KvSink:
+        return StagedSink(LAYOUT, install) if staged else PoolSink(dst, DST_BLOCKS)
+
     total = run_transfer(src, SRC_BLOCKS, make_sink, first, len(SRC_BLOCKS) - first, chunk_bytes)
     assert total == (len(SRC_BLOCKS) - first) * LAYOUT.bytes_per_block
     for s, d in zip(SRC_BLOCKS[first:], DST_BLOCKS[first:], strict=True):
@@ -173,8 +177,6 @@ def test_a_corrupt_chunk_fails_the_transfer(staged: bool) -> None:
 
 def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
     src, dst = filled_pool(16, seed=3), PagedKVCache(LAYOUT, 16, CPU)
-    # the receiver expects blocks 4.. only; the sender sends from block 0
-    specs_first = 0
 
     async def main() -> None:
         receiver = KvReceiver("127.0.0.1")
@@ -182,7 +184,7 @@ def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
             t = PendingTransfer("r", LAYOUT, Coverage(4, 4, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS), True,
                                 asyncio.get_running_loop())
             token = receiver.register(t)
-            specs = plan_chunks(specs_first, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, 1 << 20)
+            specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, 1 << 20)  # it expects blocks 4.. only
 
             def send() -> None:
                 conn = KvSenderConnection(receiver.endpoint, token, 10)
@@ -236,3 +238,44 @@ def test_stop_fences_off_the_blocks_from_a_late_sender() -> None:
         stopper.join(10)
     assert torch.equal(dst.k, snapshot[0])  # the chunks sent after stop() never landed
     assert not transfer[0].attach(None)  # type: ignore[arg-type]  # and a reconnect is refused
+
+
+def test_concurrent_transfers_into_one_pool_stay_apart() -> None:
+    """Several prefill workers sending to one decode worker at once: each request's blocks get its own KV."""
+    srcs = [filled_pool(16, seed=10 + i) for i in range(4)]
+    dst = PagedKVCache(LAYOUT, 64, CPU)
+    reservations = [[4 * i + j for j in range(4)][::-1] + [32 + 4 * i + j for j in range(4)] for i in range(4)]
+    specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, PER_BLOCK_LAYER * 3)
+
+    async def main() -> list[int]:
+        receiver = KvReceiver("127.0.0.1")
+        loop = asyncio.get_running_loop()
+        try:
+            transfers = [PendingTransfer(f"r{i}", LAYOUT, Coverage(0, 8, LAYOUT.num_layers),
+                                         PoolSink(dst, reservations[i]), True, loop) for i in range(4)]
+            tokens = [receiver.register(t) for t in transfers]
+
+            def send(i: int) -> None:
+                conn = KvSenderConnection(receiver.endpoint, tokens[i], 10)
+                try:
+                    conn.send_all(specs, lambda spec, slot: srcs[i].block_views(
+                        SRC_BLOCKS[spec.first_block:spec.first_block + spec.num_blocks],
+                        range(spec.layer_start, spec.layer_start + spec.num_layers)))
+                finally:
+                    conn.close()
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+            for th in threads:
+                th.start()
+            try:
+                return list(await asyncio.wait_for(asyncio.gather(*(t.finished for t in transfers)), 20))
+            finally:
+                for th in threads:
+                    await asyncio.to_thread(th.join, 20)
+        finally:
+            receiver.close()
+
+    assert asyncio.run(main()) == [8 * LAYOUT.bytes_per_block] * 4
+    for src, blocks in zip(srcs, reservations, strict=True):
+        for s, d in zip(SRC_BLOCKS, blocks, strict=True):
+            assert torch.equal(dst.k[:, d], src.k[:, s]) and torch.equal(dst.v[:, d], src.v[:, s])
