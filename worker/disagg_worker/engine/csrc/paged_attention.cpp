@@ -18,7 +18,7 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define DISAGG_AVX2 1
 #endif
