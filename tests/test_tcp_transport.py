@@ -14,14 +14,12 @@ from hypothesis import strategies as st
 from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, checksum, plan_chunks
 from disagg_worker.transfer.grpc_stream import Coverage
+from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
 from disagg_worker.transfer.tcp import (
     IOV_BATCH,
     KvReceiver,
     KvSenderConnection,
-    KvSink,
     PendingTransfer,
-    PoolSink,
-    StagedSink,
     checksum_views,
     move_views,
 )

@@ -70,3 +70,20 @@ def test_coverage_refuses_duplicates_and_strays() -> None:
     with pytest.raises(TransferError, match="outside"):
         cov.add(1, 1, 0, 4)
     assert not cov.complete
+
+
+def test_pool_sink_writes_a_whole_chunk_into_scattered_blocks() -> None:
+    from disagg_worker.engine.kv_cache import PagedKVCache
+    from disagg_worker.transfer.sinks import PoolSink
+
+    reserved = [7, 3, 4, 0]
+    k, v = kv(2, layers=2)
+    spec = ChunkSpec(0, 1, 2, 2, 2)  # blocks 1-2 of the reservation, layers 2-3
+    got, want = PagedKVCache(LAYOUT, 8, torch.device("cpu")), PagedKVCache(LAYOUT, 8, torch.device("cpu"))
+    PoolSink(got, reserved).write(spec, k.numpy().tobytes(), v.numpy().tobytes())
+    want.import_blocks([3, 4], k, v, layer_start=2)
+    assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+    with pytest.raises(TransferError, match="different size"):
+        PoolSink(got, reserved).write(spec, k.numpy().tobytes()[:-4], v.numpy().tobytes())
+    with pytest.raises(TransferError, match="exceed the reservation"):
+        PoolSink(got, reserved).write(ChunkSpec(1, 3, 2, 0, 2), b"", b"")

@@ -213,7 +213,8 @@ def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_byte
 
 def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]:
     from disagg_worker.transfer.grpc_stream import Coverage
-    from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer, PoolSink
+    from disagg_worker.transfer.sinks import PoolSink
+    from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
     n = blocks_for_mib(mib)
     sink = PoolSink(kv_pool(n, False), list(range(n)))  # as the decode worker does: into the reserved blocks

@@ -28,9 +28,10 @@ from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.peers import Peer, PeerPool
 from disagg_worker.server.prefill_service import layout_message
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, params_to_proto, priority_from_proto
-from disagg_worker.transfer.chunks import TransferError
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError
 from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
-from disagg_worker.transfer.tcp import KvReceiver, KvSink, PendingTransfer, PoolSink, StagedSink
+from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
+from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         t_first_chunk: float | None = None
         side: PendingTransfer | None = None
         token = ""
+        # a CPU pool takes chunks straight into the reserved blocks (private to this request until commit)
+        pool_sink = PoolSink(eng.runner.kv, block_ids) if eng.runner.kv.k.device.type == "cpu" else None
         if self.kv_receiver is not None:
-            sink: KvSink = (PoolSink(eng.runner.kv, block_ids) if eng.runner.kv.k.device.type == "cpu" else
-                            StagedSink(lay, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls)))
+            sink: KvSink = pool_sink or StagedSink(lay, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls))
             side = PendingTransfer(rid, lay, coverage, sink, verify, asyncio.get_running_loop())
             token = self.kv_receiver.register(side)
             req.kv_endpoint, req.transfer_token = self.kv_receiver.endpoint, token
@@ -174,8 +176,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     chunk = resp.chunk
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
-                    await rt.engine.call(
-                        lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))
+                    if pool_sink is not None:  # no wait for the engine's current step
+                        pool_sink.write(ChunkSpec(chunk.seq, chunk.first_block, chunk.num_blocks, chunk.layer_start,
+                                                  chunk.num_layers), chunk.k, chunk.v)
+                    else:
+                        await rt.engine.call(
+                            lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))
                     received += len(chunk.k) + len(chunk.v)
                 elif resp.HasField("done"):
                     done = resp.done

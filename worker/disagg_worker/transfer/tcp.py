@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import socket
 import struct
@@ -27,14 +26,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import torch
 import xxhash
 
-from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
-from disagg_worker.transfer.chunks import ChunkSpec, TransferError, tensor_from_bytes
+from disagg_worker.engine.kv_cache import KVLayout
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError
 from disagg_worker.transfer.grpc_stream import Coverage
+from disagg_worker.transfer.sinks import KvSink
 
 log = logging.getLogger(__name__)
 MAGIC = b"DKV1"
@@ -76,62 +74,6 @@ def checksum_views(k: list[memoryview], v: list[memoryview]) -> int:
     for view in (*k, *v):
         h.update(view)
     return h.intdigest()
-
-
-class KvSink(Protocol):
-    """Where a receiver puts one chunk: byte views to receive into, then a commit once verified."""
-
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]: ...
-
-    def commit(self, spec: ChunkSpec, slot: int) -> None: ...
-
-
-class PoolSink:
-    """Receive straight into a request's reserved blocks of a CPU pool: no staging copy.
-
-    Safe because reserved blocks are private to the request until ``commit_import``; a corrupt or
-    partial transfer leaves garbage only in blocks that fallback frees and prefill rewrites.
-    """
-
-    def __init__(self, kv: PagedKVCache, block_ids: list[int]) -> None:
-        self.kv, self.block_ids = kv, block_ids
-
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
-        blocks = self.block_ids[spec.first_block:spec.first_block + spec.num_blocks]
-        if len(blocks) != spec.num_blocks:
-            raise TransferError(f"chunk blocks {spec.first_block}+{spec.num_blocks} exceed the reservation")
-        return self.kv.block_views(blocks, range(spec.layer_start, spec.layer_start + spec.num_layers))
-
-    def commit(self, spec: ChunkSpec, slot: int) -> None:
-        pass
-
-
-class StagedSink:
-    """Receive into two alternating host buffers and install each verified chunk (pools off the CPU)."""
-
-    def __init__(self, layout: KVLayout, install: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
-        self.layout, self.install = layout, install
-        self._bufs = [bytearray(), bytearray()]
-
-    def _shape(self, spec: ChunkSpec) -> tuple[int, ...]:
-        lay = self.layout
-        return (spec.num_layers, spec.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-
-    def _nbytes(self, spec: ChunkSpec) -> int:
-        return math.prod(self._shape(spec)) * self.layout.element_size
-
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
-        n = self._nbytes(spec)
-        if len(self._bufs[slot]) < 2 * n:
-            self._bufs[slot] = bytearray(2 * n)
-        view = memoryview(self._bufs[slot])
-        return [view[:n]], [view[n:2 * n]]
-
-    def commit(self, spec: ChunkSpec, slot: int) -> None:
-        n, shape, dtype = self._nbytes(spec), self._shape(spec), self.layout.dtype
-        view = memoryview(self._bufs[slot])
-        self.install(spec.first_block, spec.layer_start, tensor_from_bytes(view[:n], dtype, shape),
-                     tensor_from_bytes(view[n:2 * n], dtype, shape))  # copies into the pool
 
 
 @dataclass
