@@ -62,6 +62,22 @@ def test_paged_decode_attention(kernels: Any, head_dim: int, groups: int, window
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("block_size", [1, 8, 64, 80])  # 80: above the AVX2 path's largest block
+def test_paged_decode_attention_block_sizes(kernels: Any, block_size: int) -> None:
+    gen = torch.Generator().manual_seed(block_size)
+    kvh, heads, head_dim, blocks = 2, 8, 32, 64
+    lens = torch.tensor([1, block_size, block_size + 1, 3 * block_size - 1])
+    width = -(-int(lens.max()) // block_size)
+    k_blocks = torch.randn(blocks, block_size, kvh, head_dim, generator=gen)
+    v_blocks = torch.randn(blocks, block_size, kvh, head_dim, generator=gen)
+    tables = torch.randperm(blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    for window in (0, 5):
+        got = kernels.paged_decode_attention(q, k_blocks, v_blocks, tables, lens, 0.3, window)
+        torch.testing.assert_close(got, reference_decode(q, k_blocks, v_blocks, tables, lens, 0.3, window),
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_and_fused_residual_add(kernels: Any, dtype: torch.dtype) -> None:
     x, delta, w = torch.randn(33, 96).to(dtype), torch.randn(33, 96).to(dtype), torch.randn(96).to(dtype)

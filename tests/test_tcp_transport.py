@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +20,9 @@ from disagg_worker.transfer.chunks import ChunkSpec, TransferError, checksum, pl
 from disagg_worker.transfer.grpc_stream import Coverage
 from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
 from disagg_worker.transfer.tcp import (
+    HEADER,
     IOV_BATCH,
+    MAGIC,
     KvReceiver,
     KvSenderConnection,
     PendingTransfer,
@@ -131,9 +137,11 @@ def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[
             th = threading.Thread(target=send)
             th.start()
             try:
-                return await asyncio.wait_for(t.finished, 20)
+                total = await asyncio.wait_for(t.finished, 20)
             finally:
                 await asyncio.to_thread(th.join, 20)
+            assert not sender_error, sender_error  # a completed transfer leaves the sender fine too
+            return total
         finally:
             receiver.close()
 
@@ -207,35 +215,57 @@ def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
     assert not dst.k.any() and not dst.v.any()
 
 
-def test_stop_fences_off_the_blocks_from_a_late_sender() -> None:
-    """After stop() returns, nothing more lands in the request's blocks, however the sender carries on."""
+def test_stop_fences_off_the_blocks_mid_frame() -> None:
+    """A sender stalls halfway through a frame; stop() still returns at once, and nothing lands after it."""
     src, dst = filled_pool(16, seed=4), PagedKVCache(LAYOUT, 16, CPU)
-    first_chunk_sent, resume = threading.Event(), threading.Event()
-    transfer: list[PendingTransfer] = []
-    snapshot: list[torch.Tensor] = []
+    spec = ChunkSpec(0, 0, len(SRC_BLOCKS), 0, LAYOUT.num_layers)
+    k_views, v_views = src.block_views(SRC_BLOCKS, range(LAYOUT.num_layers))
+    payload = b"".join([*k_views, *v_views])
+    half = len(payload) // 2
+    stalled, resume = threading.Event(), threading.Event()
 
-    def before_chunk(spec: ChunkSpec) -> None:
-        if spec.seq == 1:
-            first_chunk_sent.set()
-            resume.wait(10)  # the decode side gives up meanwhile (its deadline passed)
+    async def main() -> tuple[float, torch.Tensor, torch.Tensor]:
+        receiver = KvReceiver("127.0.0.1")
+        try:
+            t = PendingTransfer("r", LAYOUT, Coverage(0, len(SRC_BLOCKS), LAYOUT.num_layers),
+                                PoolSink(dst, DST_BLOCKS), True, asyncio.get_running_loop())
+            token = receiver.register(t).encode()
 
-    def give_up() -> None:
-        first_chunk_sent.wait(10)
-        transfer[0].stop()
-        snapshot.append(dst.k.clone())
-        resume.set()
+            def send() -> None:
+                host, port = receiver.endpoint.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(MAGIC + struct.pack("<I", len(token)) + token)
+                    sock.sendall(HEADER.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
+                                             spec.num_layers, half, half, checksum_views(k_views, v_views)))
+                    sock.sendall(payload[:half // 2])  # the receiver is now mid-frame, in recvmsg_into
+                    stalled.set()
+                    resume.wait(10)
+                    with contextlib.suppress(OSError):  # the receiver hung up
+                        sock.sendall(payload[half // 2:])
 
-    stopper = threading.Thread(target=give_up)
-    stopper.start()
-    try:
-        with pytest.raises(TransferError):
-            run_transfer(src, SRC_BLOCKS, lambda: PoolSink(dst, DST_BLOCKS), 0, len(SRC_BLOCKS),
-                         PER_BLOCK_LAYER * 2, before_chunk=before_chunk, on_registered=transfer.append)
-    finally:
-        resume.set()
-        stopper.join(10)
-    assert torch.equal(dst.k, snapshot[0])  # the chunks sent after stop() never landed
-    assert not transfer[0].attach(None)  # type: ignore[arg-type]  # and a reconnect is refused
+            th = threading.Thread(target=send)
+            th.start()
+            try:
+                await asyncio.to_thread(stalled.wait, 10)
+                await asyncio.sleep(0.05)
+                t0 = time.monotonic()
+                t.stop()
+                took = time.monotonic() - t0
+                k_after, v_after = dst.k.clone(), dst.v.clone()
+                resume.set()
+                with pytest.raises(TransferError):
+                    await asyncio.wait_for(t.finished, 10)
+                assert not t.attach(socket.socket())  # and no second connection is taken
+                return took, k_after, v_after
+            finally:
+                resume.set()
+                await asyncio.to_thread(th.join, 10)
+        finally:
+            receiver.close()
+
+    took, k_after, v_after = asyncio.run(main())
+    assert took < 1.0
+    assert torch.equal(dst.k, k_after) and torch.equal(dst.v, v_after)
 
 
 def test_concurrent_transfers_into_one_pool_stay_apart() -> None:

@@ -79,6 +79,8 @@ class PagedKVCache:
     @cached_property
     def _pool_bytes(self) -> tuple[memoryview, memoryview]:
         """Flat writable byte views of the K and V pools (CPU pools only)."""
+        if not (self.k.is_contiguous() and self.v.is_contiguous()):
+            raise ValueError("byte views need a contiguous KV pool")
         return tuple(memoryview(t.view(torch.uint8).numpy().reshape(-1)) for t in (self.k, self.v))  # type: ignore[return-value]
 
     def block_views(self, block_ids: Sequence[int], layers: range) -> tuple[list[memoryview], list[memoryview]]:

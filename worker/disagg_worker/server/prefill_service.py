@@ -122,7 +122,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     total = await asyncio.to_thread(sender.send_all, specs, chunk_views, self._fault_hook,
                                                     corrupt_seq)
                 finally:
-                    sender.close()  # also stops a sender thread left running by a cancelled RPC
+                    sender.close()  # shut first: a sender thread left by a cancelled RPC fails at once
             else:
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)

@@ -19,7 +19,12 @@ from disagg_worker.transfer.chunks import ChunkSpec, TransferError, tensor_from_
 
 
 class KvSink(Protocol):
-    """Where a receiver puts one chunk: byte views to receive into, then a commit once verified."""
+    """Where a receiver puts one chunk: byte views to receive into, then a commit once verified.
+
+    ``in_place``: the views are the request's own blocks, so writing them must be fenced.
+    """
+
+    in_place: bool
 
     def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]: ...
 
@@ -32,6 +37,8 @@ class PoolSink:
     Safe because reserved blocks are private to the request until ``commit_import``; a corrupt or
     partial transfer leaves garbage only in blocks that fallback frees and prefill rewrites.
     """
+
+    in_place = True
 
     def __init__(self, kv: PagedKVCache, block_ids: list[int]) -> None:
         self.kv, self.block_ids = kv, block_ids
@@ -58,6 +65,8 @@ class PoolSink:
 
 class StagedSink:
     """Receive into two alternating host buffers and install each verified chunk (pools off the CPU)."""
+
+    in_place = False
 
     def __init__(self, layout: KVLayout, install: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
         self.layout, self.install = layout, install

@@ -93,10 +93,13 @@ class PendingTransfer:
     finished: asyncio.Future[int] = field(init=False)  # total bytes, or TransferError
     _conn: socket.socket | None = field(init=False, default=None)
     _stopped: bool = field(init=False, default=False)
-    _write_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _state_lock: threading.Lock = field(init=False, default_factory=threading.Lock)  # _conn and _stopped
+    _write_lock: threading.Lock = field(init=False, default_factory=threading.Lock)  # held while writing blocks
 
     def __post_init__(self) -> None:
         self.finished = self.loop.create_future()
+        # a failure nobody awaits any more (the request went away first) is not an unhandled error
+        self.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def resolve(self, result: int | BaseException) -> None:
         def set_() -> None:
@@ -106,11 +109,13 @@ class PendingTransfer:
                 self.finished.set_exception(result)
             else:
                 self.finished.set_result(result)
-        self.loop.call_soon_threadsafe(set_)
+        with contextlib.suppress(RuntimeError):  # the loop already closed (worker shutting down)
+            self.loop.call_soon_threadsafe(set_)
 
     def attach(self, conn: socket.socket) -> bool:
-        with self._write_lock:
-            if self._stopped:
+        """Bind the one connection that may deliver this transfer; False once stopped or already bound."""
+        with self._state_lock:
+            if self._stopped or self._conn is not None:
                 return False
             self._conn = conn
             return True
@@ -124,15 +129,23 @@ class PendingTransfer:
             yield
 
     def recv_into(self, conn: socket.socket, views: list[memoryview]) -> None:
-        def op(batch: list[memoryview]) -> int:
+        """Receive into the sink's views; under the write lock only where they are the request's blocks."""
+        def guarded(batch: list[memoryview]) -> int:
             with self.writing():
                 return conn.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
-        move_views(op, views)
+
+        def staged(batch: list[memoryview]) -> int:
+            if self._stopped:
+                raise TransferError("transfer stopped")
+            return conn.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
+
+        move_views(guarded if self.sink.in_place else staged, views)
 
     def stop(self) -> None:
-        """Cut the connection and wait out a receive in progress (milliseconds: the socket is shut)."""
-        self._stopped = True
-        conn = self._conn
+        """Cut the connection and wait out a write in progress (milliseconds: the socket is shut)."""
+        with self._state_lock:
+            self._stopped = True
+            conn = self._conn
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -189,14 +202,14 @@ class KvReceiver:
                     raise TransferError("bad transfer token")
                 token = bytearray(token_len)
                 _recv_exact(conn, memoryview(token))
-                with self._lock:
-                    transfer = self._pending.get(token.decode())
+                with self._lock:  # a token is good for one connection
+                    transfer = self._pending.pop(token.decode(), None)
                 if transfer is None or not transfer.attach(conn):
                     transfer = None
                     raise TransferError("unknown, expired or stopped transfer token")
                 total = self._receive_frames(conn, transfer)
                 transfer.resolve(total)
-            except (TransferError, OSError, ValueError) as exc:
+            except Exception as exc:  # every failure ends the transfer explicitly: decode then falls back
                 if transfer is not None:
                     transfer.resolve(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
                 else:
@@ -297,5 +310,8 @@ class KvSenderConnection:
         self._sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
 
     def close(self) -> None:
+        """Shut, then close: a sender thread blocked in ``sendmsg`` wakes and fails at once."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
