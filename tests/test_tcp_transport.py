@@ -23,6 +23,7 @@ from disagg_worker.transfer.tcp import (
     HEADER,
     IOV_BATCH,
     MAGIC,
+    KvConnectionPool,
     KvReceiver,
     KvSenderConnection,
     PendingTransfer,
@@ -126,9 +127,9 @@ def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[
                 on_registered(t)
 
             def send() -> None:
-                conn = KvSenderConnection(receiver.endpoint, token, 10)
+                conn = KvSenderConnection(receiver.endpoint, 10)
                 try:
-                    conn.send_all(specs, chunk_views, before_chunk, corrupt_seq)
+                    conn.send_all(token, specs, chunk_views, before_chunk, corrupt_seq)
                 except OSError as exc:
                     sender_error.append(exc)
                 finally:
@@ -193,9 +194,9 @@ def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
             specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, 1 << 20)  # it expects blocks 4.. only
 
             def send() -> None:
-                conn = KvSenderConnection(receiver.endpoint, token, 10)
+                conn = KvSenderConnection(receiver.endpoint, 10)
                 try:
-                    conn.send_all(specs, lambda spec, slot: src.block_views(SRC_BLOCKS, range(3)))
+                    conn.send_all(token, specs, lambda spec, slot: src.block_views(SRC_BLOCKS, range(3)))
                 except OSError:
                     pass  # the receiver hung up on us
                 finally:
@@ -284,9 +285,9 @@ def test_concurrent_transfers_into_one_pool_stay_apart() -> None:
             tokens = [receiver.register(t) for t in transfers]
 
             def send(i: int) -> None:
-                conn = KvSenderConnection(receiver.endpoint, tokens[i], 10)
+                conn = KvSenderConnection(receiver.endpoint, 10)
                 try:
-                    conn.send_all(specs, lambda spec, slot: srcs[i].block_views(
+                    conn.send_all(tokens[i], specs, lambda spec, slot: srcs[i].block_views(
                         SRC_BLOCKS[spec.first_block:spec.first_block + spec.num_blocks],
                         range(spec.layer_start, spec.layer_start + spec.num_layers)))
                 finally:
@@ -307,3 +308,45 @@ def test_concurrent_transfers_into_one_pool_stay_apart() -> None:
     for src, blocks in zip(srcs, reservations, strict=True):
         for s, d in zip(SRC_BLOCKS, blocks, strict=True):
             assert torch.equal(dst.k[:, d], src.k[:, s]) and torch.equal(dst.v[:, d], src.v[:, s])
+
+
+def test_pooled_connections_carry_transfers_one_after_another() -> None:
+    """Reuse after success (even after the decode side's stop()); a connection the receiver closed is dropped."""
+    src = filled_pool(16, seed=20)
+    specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, PER_BLOCK_LAYER * 5)
+
+    def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+        return src.block_views(SRC_BLOCKS[spec.first_block:spec.first_block + spec.num_blocks],
+                               range(spec.layer_start, spec.layer_start + spec.num_layers))
+
+    async def main() -> None:
+        receiver = KvReceiver("127.0.0.1")
+        pool = KvConnectionPool()
+        loop = asyncio.get_running_loop()
+        try:
+            used: list[KvSenderConnection] = []
+            for i, corrupt in enumerate([None, None, len(specs) - 1, None]):  # last chunk corrupt: the send completes
+                dst = PagedKVCache(LAYOUT, 16, CPU)
+                t = PendingTransfer(f"r{i}", LAYOUT, Coverage(0, 8, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS),
+                                    True, loop)
+                token = receiver.register(t)
+                conn = await asyncio.to_thread(pool.acquire, receiver.endpoint, 10)
+                used.append(conn)
+                await asyncio.to_thread(conn.send_all, token, specs, chunk_views, None, corrupt)
+                pool.release(conn)  # the sender cannot tell a corrupt transfer from a good one
+                if corrupt is None:
+                    assert await asyncio.wait_for(t.finished, 10) == 8 * LAYOUT.bytes_per_block
+                    for s, d in zip(SRC_BLOCKS, DST_BLOCKS, strict=True):
+                        assert torch.equal(dst.k[:, d], src.k[:, s]) and torch.equal(dst.v[:, d], src.v[:, s])
+                else:
+                    with pytest.raises(TransferError, match="checksum"):
+                        await asyncio.wait_for(t.finished, 10)
+                    await asyncio.sleep(0.05)  # the receiver has shut that connection
+                t.stop()  # what the decode worker does after every transfer
+            assert used[1] is used[0] and used[2] is used[0]  # reused, stop() after success did not cut it
+            assert used[3] is not used[2]  # the one the receiver closed was dropped
+        finally:
+            pool.close()
+            receiver.close()
+
+    asyncio.run(main())

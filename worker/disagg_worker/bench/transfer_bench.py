@@ -198,17 +198,19 @@ def export_into(k_pool: torch.Tensor, v_pool: torch.Tensor, spec: Any, staging: 
 
 def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_bytes: int) -> None:
     from disagg_worker.transfer.chunks import plan_chunks
-    from disagg_worker.transfer.tcp import KvSenderConnection
+    from disagg_worker.transfer.tcp import KvConnectionPool
 
     kv = kv_pool(num_blocks, True)
     blocks = list(range(num_blocks))
     specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
+    connections = KvConnectionPool()
     for token in tokens:  # as the prefill worker does on a CPU pool: straight from the pool's blocks
-        conn = KvSenderConnection(endpoint, token, 60)
-        conn.send_all(specs, lambda spec, slot: kv.block_views(
+        conn = connections.acquire(endpoint, 60)
+        conn.send_all(token, specs, lambda spec, slot: kv.block_views(
             blocks[spec.first_block:spec.first_block + spec.num_blocks],
             range(spec.layer_start, spec.layer_start + spec.num_layers)))
-        conn.close()
+        connections.release(conn)
+    connections.close()
 
 
 def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]:
@@ -269,7 +271,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__)
     ap.add_argument("--sizes", default="16,64,256,512", help="KV cache sizes in MiB")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed transfers per method and size (median)")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)

@@ -26,7 +26,7 @@ from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
 from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks, tensor_bytes
 from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
-from disagg_worker.transfer.tcp import KvSenderConnection
+from disagg_worker.transfer.tcp import KvConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         self.fault = os.environ.get("DISAGG_FAULT", "")
+        self.kv_connections = KvConnectionPool()  # "tcp" transport: warm connections to decode workers
 
     def _fault_hook(self, spec: ChunkSpec) -> None:
         """Runs before each chunk is sent; does nothing unless DISAGG_FAULT is set (tests only)."""
@@ -116,13 +117,18 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     k, v = export(spec, slot)
                     return [tensor_bytes(k)], [tensor_bytes(v)]
 
-                sender = await asyncio.to_thread(KvSenderConnection, request.kv_endpoint, request.transfer_token,
+                sender = await asyncio.to_thread(self.kv_connections.acquire, request.kv_endpoint,
                                                  rt.policy.kv_transfer.timeout_seconds)
+                sent = False
                 try:
-                    total = await asyncio.to_thread(sender.send_all, specs, chunk_views, self._fault_hook,
-                                                    corrupt_seq)
+                    total = await asyncio.to_thread(sender.send_all, request.transfer_token, specs, chunk_views,
+                                                    self._fault_hook, corrupt_seq)
+                    sent = True
                 finally:
-                    sender.close()  # shut first: a sender thread left by a cancelled RPC fails at once
+                    if sent:
+                        self.kv_connections.release(sender)
+                    else:  # shut first: a sender thread left by a cancelled RPC fails at once
+                        sender.close()
             else:
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)

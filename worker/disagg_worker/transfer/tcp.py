@@ -2,14 +2,15 @@
 
 The ``Prefill`` RPC stays the control channel (it carries ``kv_endpoint`` and ``transfer_token`` and
 returns ``PrefillDone``); the bulk bytes skip protobuf and gRPC's copies. The decode worker runs one
-``KvReceiver`` (a listening socket and a thread per connection): a connection starts with the
-transfer token, then frames ``header | K bytes | V bytes``. On CPU pools both ends skip every copy
+``KvReceiver`` (a listening socket and a thread per connection): a transfer starts with its token,
+then frames ``header | K bytes | V bytes``; the prefill side pools connections, so a connection
+carries transfers one after another. On CPU pools both ends skip every copy
 of their own: the sender ``sendmsg``s straight from the pool's blocks and the receiver
 ``recvmsg_into``s straight into the blocks reserved for the request (``PoolSink``), so the only
 extra pass over the bytes is the streaming checksum on each side. Each frame is checked (size,
 coverage) before a byte lands and its checksum verified while the next one arrives.
 
-Wire format (little endian): preamble ``b"DKV1"`` + u32 token length + token; frame header
+Wire format (little endian), per transfer: preamble ``b"DKV1"`` + u32 token length + token; frame header
 ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
 u64 v_bytes, u64 checksum``; a frame with ``num_blocks == 0`` ends the transfer.
 """
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -47,6 +49,23 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise TransferError("KV connection closed mid-frame")
         got += n
+
+
+def _recv_preamble(sock: socket.socket) -> str | None:
+    """The next transfer's token, or None if the connection closed cleanly before one began."""
+    pre = bytearray(8)
+    first = sock.recv_into(pre, 8)
+    if first == 0:
+        return None
+    _recv_exact(sock, memoryview(pre)[first:])
+    if pre[:4] != MAGIC:
+        raise TransferError("not a disagg KV connection")
+    token_len = struct.unpack("<I", pre[4:])[0]
+    if token_len > 256:
+        raise TransferError("bad transfer token")
+    token = bytearray(token_len)
+    _recv_exact(sock, memoryview(token))
+    return token.decode()
 
 
 def move_views(op: Callable[[list[memoryview]], int], views: list[memoryview]) -> None:
@@ -120,6 +139,11 @@ class PendingTransfer:
             self._conn = conn
             return True
 
+    def detach(self) -> None:
+        """The transfer is complete and its connection moves on to the next one."""
+        with self._state_lock:
+            self._conn = None
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold while writing into the request's blocks; refuses once ``stop()`` began."""
@@ -190,30 +214,30 @@ class KvReceiver:
             threading.Thread(target=self._serve, args=(conn,), name="kv-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        transfer: PendingTransfer | None = None
+        """Receive transfers one after another on one connection (senders pool them); an error closes it."""
         with conn:
-            try:
-                pre = bytearray(8)
-                _recv_exact(conn, memoryview(pre))
-                if pre[:4] != MAGIC:
-                    raise TransferError("not a disagg KV connection")
-                token_len = struct.unpack("<I", pre[4:])[0]
-                if token_len > 256:
-                    raise TransferError("bad transfer token")
-                token = bytearray(token_len)
-                _recv_exact(conn, memoryview(token))
-                with self._lock:  # a token is good for one connection
-                    transfer = self._pending.pop(token.decode(), None)
-                if transfer is None or not transfer.attach(conn):
-                    transfer = None
-                    raise TransferError("unknown, expired or stopped transfer token")
-                total = self._receive_frames(conn, transfer)
-                transfer.resolve(total)
-            except Exception as exc:  # every failure ends the transfer explicitly: decode then falls back
-                if transfer is not None:
-                    transfer.resolve(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
-                else:
-                    log.warning("rejected a KV connection: %s", exc)
+            while not self._closed:
+                transfer: PendingTransfer | None = None
+                try:
+                    token = _recv_preamble(conn)
+                    if token is None:  # the sender closed it between transfers
+                        return
+                    with self._lock:  # a token is good for one connection
+                        transfer = self._pending.pop(token, None)
+                    if transfer is None or not transfer.attach(conn):
+                        transfer = None
+                        raise TransferError("unknown, expired or stopped transfer token")
+                    total = self._receive_frames(conn, transfer)
+                    transfer.detach()  # the connection outlives this transfer: its stop() must not cut it
+                    transfer.resolve(total)
+                except Exception as exc:  # every failure ends the transfer explicitly: decode then falls back
+                    with contextlib.suppress(OSError):  # first, so the sender's pool sees it closed
+                        conn.shutdown(socket.SHUT_RDWR)
+                    if transfer is not None:
+                        transfer.resolve(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+                    elif not isinstance(exc, OSError):
+                        log.warning("rejected a KV connection: %s", exc)
+                    return
 
     @staticmethod
     def _receive_frames(conn: socket.socket, t: PendingTransfer) -> int:
@@ -262,14 +286,22 @@ ChunkViews = Callable[[ChunkSpec, int], tuple[list[memoryview], list[memoryview]
 
 
 class KvSenderConnection:
-    """Prefill side: one connection to a decode worker's receiver for one transfer."""
+    """Prefill side: a connection to a decode worker's receiver, carrying one transfer at a time."""
 
-    def __init__(self, endpoint: str, token: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float) -> None:
         host, _, port = endpoint.rpartition(":")
+        self.endpoint = endpoint
         self._sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw = token.encode()
-        self._sock.sendall(MAGIC + struct.pack("<I", len(raw)) + raw)
+
+    def alive(self) -> bool:
+        """Not closed by the receiver (it closes a connection after a failed transfer, or when it exits)."""
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            # an idle connection has nothing to read; readable means end of stream (or junk: drop it too)
+            return not readable
+        except (OSError, ValueError):
+            return False
 
     def send(self, spec: ChunkSpec, k: list[memoryview], v: list[memoryview], digest: int) -> int:
         kn, vn = sum(len(x) for x in k), sum(len(x) for x in v)
@@ -278,14 +310,16 @@ class KvSenderConnection:
         move_views(self._sock.sendmsg, [*k, *v])  # scatter-gather: straight from the pool, no staging copy
         return kn + vn
 
-    def send_all(self, specs: list[ChunkSpec], chunk_views: ChunkViews,
+    def send_all(self, token: str, specs: list[ChunkSpec], chunk_views: ChunkViews,
                  before_chunk: Callable[[ChunkSpec], None] | None = None, corrupt_seq: int | None = None) -> int:
-        """Send every chunk, preparing the next one (its views and checksum, slot ``i % 2``) while this one is sent.
+        """One transfer: the token, then every chunk (the next one's views and checksum, slot ``i % 2``,
+        prepared while this one is sent), then the end frame.
 
         ``chunk_views`` returns byte views of a chunk's K and V: views into the pool, or into a staging
-        buffer it exported into. ``before_chunk`` runs before each send (fault injection in tests);
-        the end frame follows the last chunk.
+        buffer it exported into. ``before_chunk`` runs before each send (fault injection in tests).
         """
+        raw = token.encode()
+        self._sock.sendall(MAGIC + struct.pack("<I", len(raw)) + raw)
 
         def prepare(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview], int]:
             k, v = chunk_views(spec, slot)
@@ -309,9 +343,54 @@ class KvSenderConnection:
     def finish(self) -> None:
         self._sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
 
+    def settimeout(self, timeout: float) -> None:
+        self._sock.settimeout(timeout)
+
     def close(self) -> None:
         """Shut, then close: a sender thread blocked in ``sendmsg`` wakes and fails at once."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+class KvConnectionPool:
+    """Prefill side: idle connections to decode workers, reused across transfers.
+
+    A reused connection skips the handshake and keeps the window TCP has grown, which is most of the
+    fixed cost of a small transfer. Only a connection whose transfer went through comes back; one the
+    receiver has closed since (after a failed transfer, or a restart) is dropped when next taken.
+    """
+
+    def __init__(self, max_idle_per_endpoint: int = 4) -> None:
+        self.max_idle = max_idle_per_endpoint
+        self._idle: dict[str, list[KvSenderConnection]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, endpoint: str, timeout: float) -> KvSenderConnection:
+        while True:
+            with self._lock:
+                idle = self._idle.get(endpoint)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return KvSenderConnection(endpoint, timeout)
+            if conn.alive():
+                conn.settimeout(timeout)
+                return conn
+            conn.close()
+
+    def release(self, conn: KvSenderConnection) -> None:
+        """Give back a connection whose transfer completed; others must be closed instead."""
+        with self._lock:
+            idle = self._idle.setdefault(conn.endpoint, [])
+            if len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
