@@ -271,7 +271,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__)
     ap.add_argument("--sizes", default="16,64,256,512", help="KV cache sizes in MiB")
-    ap.add_argument("--repeats", type=int, default=5, help="timed transfers per method and size (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed transfers per method, size and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over every size and method; each method's median is over all rounds, so a "
+                         "slow minute on a shared machine hits every method alike")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
@@ -283,27 +286,32 @@ def main(argv: list[str] | None = None) -> int:
                 lambda s: bench_tcp_transport(s, args.repeats + 1, args.chunk_bytes)),
                ("disagg gRPC (checksums verified)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, True)),
                ("disagg gRPC (no verification)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, False))]
-    results: list[dict[str, Any]] = []
+    samples: dict[tuple[str, int], list[float]] = {(name, size): [] for size in sizes for name, _ in methods}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("transfers", total=len(sizes) * len(methods))
-        for size in sizes:
-            nbytes = 2 * blocks_for_mib(size) * LAYOUT.bytes_per_block // 2
-            for name, fn in methods:
-                progress.update(task, description=f"{name}, {size} MiB")
-                times = fn(size)
-                med = statistics.median(times)
-                results.append({"method": name, "size_mib": size, "bytes": nbytes, "seconds": times,
-                                "median_seconds": med, "gb_per_s": nbytes / med / 1e9})
-                progress.advance(task)
+        task = progress.add_task("transfers", total=args.rounds * len(sizes) * len(methods))
+        for rnd in range(args.rounds):
+            for size in sizes:
+                for name, fn in methods:
+                    progress.update(task, description=f"round {rnd + 1}: {name}, {size} MiB")
+                    samples[name, size] += fn(size)
+                    progress.advance(task)
+    results: list[dict[str, Any]] = []
+    for (name, size), times in samples.items():
+        nbytes = 2 * blocks_for_mib(size) * LAYOUT.bytes_per_block // 2
+        med = statistics.median(times)
+        results.append({"method": name, "size_mib": size, "bytes": nbytes, "seconds": times,
+                        "median_seconds": med, "gb_per_s": nbytes / med / 1e9})
     raw = {r["size_mib"]: r["gb_per_s"] for r in results if r["method"] == "raw TCP"}
     for r in results:
         r["vs_raw_tcp"] = r["gb_per_s"] / raw[r["size_mib"]]
-    print_table(f"KV transfer, 127.0.0.1, chunks of {args.chunk_bytes >> 20} MiB (median of {args.repeats})",
+    print_table(f"KV transfer, 127.0.0.1, chunks of {args.chunk_bytes >> 20} MiB "
+                f"(median of {args.rounds} rounds x {args.repeats})",
                 ["method", "size MiB", "GB/s", "x raw TCP"],
                 [[r["method"], r["size_mib"], r["gb_per_s"], r["vs_raw_tcp"]] for r in results], console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "transfer.png")
-    path = write_json(out, "transfer", {"chunk_bytes": args.chunk_bytes, "layout": str(LAYOUT), "results": results})
+    path = write_json(out, "transfer", {"chunk_bytes": args.chunk_bytes, "rounds": args.rounds,
+                                        "repeats": args.repeats, "layout": str(LAYOUT), "results": results})
     console.print(f"wrote {path} and {out / 'transfer.png'}")
     return 0
