@@ -130,7 +130,7 @@ def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[
                 conn = KvSenderConnection(receiver.endpoint, 10)
                 try:
                     conn.send_all(token, specs, chunk_views, before_chunk, corrupt_seq)
-                except OSError as exc:
+                except (OSError, TransferError) as exc:  # refused, or cut off: the receiver says why
                     sender_error.append(exc)
                 finally:
                     conn.close()
@@ -197,7 +197,7 @@ def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:
                 conn = KvSenderConnection(receiver.endpoint, 10)
                 try:
                     conn.send_all(token, specs, lambda spec, slot: src.block_views(SRC_BLOCKS, range(3)))
-                except OSError:
+                except (OSError, TransferError):
                     pass  # the receiver hung up on us
                 finally:
                     conn.close()
@@ -256,7 +256,8 @@ def test_stop_fences_off_the_blocks_mid_frame() -> None:
                 resume.set()
                 with pytest.raises(TransferError):
                     await asyncio.wait_for(t.finished, 10)
-                assert not t.attach(socket.socket())  # and no second connection is taken
+                with socket.socket() as other:
+                    assert not t.attach(other)  # and no second connection is taken
                 return took, k_after, v_after
             finally:
                 resume.set()
@@ -311,7 +312,7 @@ def test_concurrent_transfers_into_one_pool_stay_apart() -> None:
 
 
 def test_pooled_connections_carry_transfers_one_after_another() -> None:
-    """Reuse after success (even after the decode side's stop()); a connection the receiver closed is dropped."""
+    """Reuse after an acknowledged transfer (even after the decode side's stop()); never after a refused one."""
     src = filled_pool(16, seed=20)
     specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, PER_BLOCK_LAYER * 5)
 
@@ -325,28 +326,56 @@ def test_pooled_connections_carry_transfers_one_after_another() -> None:
         loop = asyncio.get_running_loop()
         try:
             used: list[KvSenderConnection] = []
-            for i, corrupt in enumerate([None, None, len(specs) - 1, None]):  # last chunk corrupt: the send completes
+            for i, corrupt in enumerate([None, None, len(specs) - 1, None]):
                 dst = PagedKVCache(LAYOUT, 16, CPU)
                 t = PendingTransfer(f"r{i}", LAYOUT, Coverage(0, 8, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS),
                                     True, loop)
                 token = receiver.register(t)
                 conn = await asyncio.to_thread(pool.acquire, receiver.endpoint, 10)
                 used.append(conn)
-                await asyncio.to_thread(conn.send_all, token, specs, chunk_views, None, corrupt)
-                pool.release(conn)  # the sender cannot tell a corrupt transfer from a good one
                 if corrupt is None:
+                    await asyncio.to_thread(conn.send_all, token, specs, chunk_views)
+                    pool.release(conn)  # acknowledged: the receiver verified and installed it
                     assert await asyncio.wait_for(t.finished, 10) == 8 * LAYOUT.bytes_per_block
                     for s, d in zip(SRC_BLOCKS, DST_BLOCKS, strict=True):
                         assert torch.equal(dst.k[:, d], src.k[:, s]) and torch.equal(dst.v[:, d], src.v[:, s])
-                else:
+                else:  # the sender learns of the refusal and closes the connection; the next take is at once
+                    with pytest.raises(TransferError, match="did not accept"):
+                        await asyncio.to_thread(conn.send_all, token, specs, chunk_views, None, corrupt)
+                    conn.close()
                     with pytest.raises(TransferError, match="checksum"):
                         await asyncio.wait_for(t.finished, 10)
-                    await asyncio.sleep(0.05)  # the receiver has shut that connection
                 t.stop()  # what the decode worker does after every transfer
-            assert used[1] is used[0] and used[2] is used[0]  # reused, stop() after success did not cut it
-            assert used[3] is not used[2]  # the one the receiver closed was dropped
+            assert used[1] is used[0] and used[2] is used[0]  # reused; stop() after success did not cut it
+            assert used[3] is not used[2]
         finally:
             pool.close()
             receiver.close()
 
     asyncio.run(main())
+
+
+def test_closing_the_receiver_cuts_pooled_connections() -> None:
+    src = filled_pool(16, seed=21)
+    specs = plan_chunks(0, 8, LAYOUT.num_layers, PER_BLOCK_LAYER, 1 << 20)
+
+    async def main() -> KvSenderConnection:
+        receiver = KvReceiver("127.0.0.1")
+        t = PendingTransfer("r", LAYOUT, Coverage(0, 8, LAYOUT.num_layers),
+                            PoolSink(PagedKVCache(LAYOUT, 16, CPU), DST_BLOCKS), True, asyncio.get_running_loop())
+        conn = KvSenderConnection(receiver.endpoint, 10)
+        await asyncio.to_thread(conn.send_all, receiver.register(t), specs,
+                                lambda spec, slot: src.block_views(SRC_BLOCKS, range(LAYOUT.num_layers)))
+        await asyncio.wait_for(t.finished, 10)
+        assert conn.alive()
+        receiver.close()
+        return conn
+
+    conn = asyncio.run(main())
+    try:
+        deadline = time.monotonic() + 5
+        while conn.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not conn.alive()  # a pool would drop it rather than send into a dead receiver
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
-from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks, tensor_bytes
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks, tensor_bytes
 from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
 from disagg_worker.transfer.tcp import KvConnectionPool
 
@@ -124,6 +124,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     total = await asyncio.to_thread(sender.send_all, request.transfer_token, specs, chunk_views,
                                                     self._fault_hook, corrupt_seq)
                     sent = True
+                except (TransferError, OSError) as exc:  # the decode side refused it or went away: it falls back
+                    log.warning("KV transfer of %s to %s failed: %s", rid, request.kv_endpoint, exc)
+                    await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to {request.kv_endpoint} failed: {exc}")
                 finally:
                     if sent:
                         self.kv_connections.release(sender)

@@ -54,10 +54,12 @@ class PoolSink:
 
     def write(self, spec: ChunkSpec, k: bytes | memoryview, v: bytes | memoryview) -> None:
         """Copy a whole chunk's K and V bytes into the reserved blocks."""
-        for data, views in zip((k, v), self.views(spec, 0), strict=True):
-            src, off = memoryview(data), 0
+        pairs = list(zip((memoryview(k), memoryview(v)), self.views(spec, 0), strict=True))
+        for src, views in pairs:  # both checked before a byte lands
             if len(src) != sum(len(view) for view in views):
                 raise TransferError(f"chunk {spec.seq} has {len(src)} bytes, its blocks hold a different size")
+        for src, views in pairs:
+            off = 0
             for view in views:
                 view[:] = src[off:off + len(view)]
                 off += len(view)

@@ -12,7 +12,9 @@ coverage) before a byte lands and its checksum verified while the next one arriv
 
 Wire format (little endian), per transfer: preamble ``b"DKV1"`` + u32 token length + token; frame header
 ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
-u64 v_bytes, u64 checksum``; a frame with ``num_blocks == 0`` ends the transfer.
+u64 v_bytes, u64 checksum``; a frame with ``num_blocks == 0`` ends the transfer, and the receiver
+answers a transfer it verified and installed with one byte ``0x00`` (a failed one: end of stream).
+Only an acknowledged connection goes back to the sender's pool.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"DKV1"
 HEADER = struct.Struct("<IIIIIQQQ")
 IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
+ACK = b"\x00"  # the receiver's answer to a transfer it verified and installed
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -167,12 +171,11 @@ class PendingTransfer:
 
     def stop(self) -> None:
         """Cut the connection and wait out a write in progress (milliseconds: the socket is shut)."""
-        with self._state_lock:
+        with self._state_lock:  # shut while still ours: after detach() the connection serves another transfer
             self._stopped = True
-            conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
         with self._write_lock:
             pass
 
@@ -185,6 +188,7 @@ class KvReceiver:
         self.port = self._sock.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
         self._pending: dict[str, PendingTransfer] = {}
+        self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="kv-receiver", daemon=True)
@@ -201,9 +205,15 @@ class KvReceiver:
             self._pending.pop(token, None)
 
     def close(self) -> None:
+        """Stop listening and cut every connection (their senders drop them; transfers in flight fail)."""
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -211,33 +221,44 @@ class KvReceiver:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees its thread
+            with self._lock:
+                self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="kv-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         """Receive transfers one after another on one connection (senders pool them); an error closes it."""
-        with conn:
-            while not self._closed:
-                transfer: PendingTransfer | None = None
-                try:
-                    token = _recv_preamble(conn)
-                    if token is None:  # the sender closed it between transfers
-                        return
-                    with self._lock:  # a token is good for one connection
-                        transfer = self._pending.pop(token, None)
-                    if transfer is None or not transfer.attach(conn):
-                        transfer = None
-                        raise TransferError("unknown, expired or stopped transfer token")
-                    total = self._receive_frames(conn, transfer)
-                    transfer.detach()  # the connection outlives this transfer: its stop() must not cut it
-                    transfer.resolve(total)
-                except Exception as exc:  # every failure ends the transfer explicitly: decode then falls back
-                    with contextlib.suppress(OSError):  # first, so the sender's pool sees it closed
-                        conn.shutdown(socket.SHUT_RDWR)
-                    if transfer is not None:
-                        transfer.resolve(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
-                    elif not isinstance(exc, OSError):
-                        log.warning("rejected a KV connection: %s", exc)
+        try:
+            with conn:
+                self._serve_transfers(conn)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _serve_transfers(self, conn: socket.socket) -> None:
+        while not self._closed:
+            transfer: PendingTransfer | None = None
+            try:
+                token = _recv_preamble(conn)
+                if token is None or self._closed:  # the sender closed it between transfers, or we did
                     return
+                with self._lock:  # a token is good for one connection
+                    transfer = self._pending.pop(token, None)
+                if transfer is None or not transfer.attach(conn):
+                    transfer = None
+                    raise TransferError("unknown, expired or stopped transfer token")
+                total = self._receive_frames(conn, transfer)
+                transfer.detach()  # the connection outlives this transfer: its stop() must not cut it
+                transfer.resolve(total)
+                conn.sendall(ACK)  # only now may the sender reuse the connection
+            except Exception as exc:  # every failure ends the transfer explicitly: decode then falls back
+                with contextlib.suppress(OSError):  # the sender sees end-of-stream, not the ack
+                    conn.shutdown(socket.SHUT_RDWR)
+                if transfer is not None:
+                    transfer.resolve(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+                elif not isinstance(exc, OSError):
+                    log.warning("rejected a KV connection: %s", exc)
+                return
 
     @staticmethod
     def _receive_frames(conn: socket.socket, t: PendingTransfer) -> int:
@@ -293,6 +314,7 @@ class KvSenderConnection:
         self.endpoint = endpoint
         self._sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def alive(self) -> bool:
         """Not closed by the receiver (it closes a connection after a failed transfer, or when it exits)."""
@@ -341,7 +363,10 @@ class KvSenderConnection:
         return total
 
     def finish(self) -> None:
+        """End the transfer and wait (under the socket's timeout) until the receiver has verified it."""
         self._sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
+        if self._sock.recv(1) != ACK:
+            raise TransferError("the decode worker did not accept the KV transfer")
 
     def settimeout(self, timeout: float) -> None:
         self._sock.settimeout(timeout)
@@ -358,20 +383,35 @@ class KvConnectionPool:
     """Prefill side: idle connections to decode workers, reused across transfers.
 
     A reused connection skips the handshake and keeps the window TCP has grown, which is most of the
-    fixed cost of a small transfer. Only a connection whose transfer went through comes back; one the
-    receiver has closed since (after a failed transfer, or a restart) is dropped when next taken.
+    fixed cost of a small transfer. Only a connection whose transfer the receiver acknowledged comes
+    back; one the receiver has closed since (a restart) is dropped when next taken, and one idle for
+    ``idle_seconds`` is closed.
     """
 
-    def __init__(self, max_idle_per_endpoint: int = 4) -> None:
-        self.max_idle = max_idle_per_endpoint
-        self._idle: dict[str, list[KvSenderConnection]] = {}
+    def __init__(self, max_idle_per_endpoint: int = 4, idle_seconds: float = 60.0) -> None:
+        self.max_idle, self.idle_seconds = max_idle_per_endpoint, idle_seconds
+        self._idle: dict[str, list[tuple[float, KvSenderConnection]]] = {}
         self._lock = threading.Lock()
+
+    def _take_expired(self, now: float) -> list[KvSenderConnection]:
+        expired = []
+        for endpoint in list(self._idle):
+            keep = [(t, c) for t, c in self._idle[endpoint] if now - t < self.idle_seconds]
+            expired += [c for t, c in self._idle[endpoint] if now - t >= self.idle_seconds]
+            if keep:
+                self._idle[endpoint] = keep
+            else:
+                del self._idle[endpoint]
+        return expired
 
     def acquire(self, endpoint: str, timeout: float) -> KvSenderConnection:
         while True:
             with self._lock:
+                stale = self._take_expired(time.monotonic())
                 idle = self._idle.get(endpoint)
-                conn = idle.pop() if idle else None
+                conn = idle.pop()[1] if idle else None
+            for old in stale:
+                old.close()
             if conn is None:
                 return KvSenderConnection(endpoint, timeout)
             if conn.alive():
@@ -380,17 +420,17 @@ class KvConnectionPool:
             conn.close()
 
     def release(self, conn: KvSenderConnection) -> None:
-        """Give back a connection whose transfer completed; others must be closed instead."""
+        """Give back a connection whose transfer was acknowledged; others must be closed instead."""
         with self._lock:
             idle = self._idle.setdefault(conn.endpoint, [])
             if len(idle) < self.max_idle:
-                idle.append(conn)
+                idle.append((time.monotonic(), conn))
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
+            conns = [c for idle in self._idle.values() for _, c in idle]
             self._idle.clear()
         for conn in conns:
             conn.close()
