@@ -91,8 +91,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             chunk_bytes = request.chunk_bytes or rt.policy.kv_transfer.chunk_bytes
             specs = plan_chunks(request.first_block, num_blocks, lay.num_layers, per_block_layer, chunk_bytes)
             total = 0
-            # two reused staging pairs (K, V) sized to the largest chunk: no fresh buffer per chunk, and
-            # the tcp sender (off the CPU) exports chunk i+1 into one while chunk i leaves from the other;
+            # reused staging pairs (K, V) sized to the largest chunk, so no chunk allocates a buffer;
             # untouched, hence free, where the tcp sender reads a CPU pool in place
             elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
                         // lay.element_size)

@@ -66,7 +66,7 @@ class PoolSink:
 
 
 class StagedSink:
-    """Receive into two alternating host buffers and install each verified chunk (pools off the CPU)."""
+    """Receive into host buffers and install each verified chunk through the engine (pools off the CPU)."""
 
     in_place = False
 

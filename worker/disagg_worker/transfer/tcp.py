@@ -7,8 +7,8 @@ then frames ``header | K bytes | V bytes``; the prefill side pools connections, 
 carries transfers one after another. On CPU pools both ends skip every copy
 of their own: the sender ``sendmsg``s straight from the pool's blocks and the receiver
 ``recvmsg_into``s straight into the blocks reserved for the request (``PoolSink``), so the only
-extra pass over the bytes is the streaming checksum on each side. Each frame is checked (size,
-coverage) before a byte lands and its checksum verified while the next one arrives.
+extra pass over the bytes is the checksum on each side, taken while the chunk is still in cache (just
+before it is sent, just after it arrived). Each frame is checked (size, coverage) before a byte lands.
 
 Wire format (little endian), per transfer: preamble ``b"DKV1"`` + u32 token length + token; frame header
 ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
@@ -29,7 +29,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
@@ -262,45 +261,31 @@ class KvReceiver:
 
     @staticmethod
     def _receive_frames(conn: socket.socket, t: PendingTransfer) -> int:
-        """Receive each frame into the sink; verify + commit it on a helper thread while the next arrives."""
+        """Receive each frame into the sink, then verify and commit it while its bytes are still in cache
+        (a helper thread that verified chunk i while chunk i+1 arrived measured slower on 2 cores)."""
         header = bytearray(HEADER.size)
-        pending: list[Future[None] | None] = [None, None]
         lay = t.layout
         total = 0
-
-        def verify_and_commit(spec: ChunkSpec, slot: int, k: list[memoryview], v: list[memoryview],
-                              digest: int) -> None:
+        while True:
+            _recv_exact(conn, memoryview(header))
+            seq, first_block, num_blocks, layer_start, num_layers, kn, vn, digest = HEADER.unpack(header)
+            if num_blocks == 0:
+                if not t.coverage.complete:
+                    raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
+                return total
+            expected = num_layers * num_blocks * lay.bytes_per_block // (2 * lay.num_layers)
+            if kn != expected or vn != expected:
+                raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "
+                                    f"blocks need {expected} each")
+            t.coverage.add(first_block, num_blocks, layer_start, num_layers)  # rejects out-of-range frames
+            spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
+            k, v = t.sink.views(spec, 0)
+            t.recv_into(conn, [*k, *v])
             if t.verify and checksum_views(k, v) != digest:
-                raise TransferError(f"checksum mismatch on chunk {spec.seq}")
+                raise TransferError(f"checksum mismatch on chunk {seq}")
             with t.writing():
-                t.sink.commit(spec, slot)
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-verify") as verifier:
-            i = 0
-            while True:
-                _recv_exact(conn, memoryview(header))
-                seq, first_block, num_blocks, layer_start, num_layers, kn, vn, digest = HEADER.unpack(header)
-                if num_blocks == 0:
-                    for job in pending:
-                        if job is not None:
-                            job.result()
-                    if not t.coverage.complete:
-                        raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
-                    return total
-                expected = num_layers * num_blocks * lay.bytes_per_block // (2 * lay.num_layers)
-                if kn != expected or vn != expected:
-                    raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "
-                                        f"blocks need {expected} each")
-                t.coverage.add(first_block, num_blocks, layer_start, num_layers)  # rejects out-of-range frames
-                spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
-                slot = i % 2
-                if pending[slot] is not None:
-                    pending[slot].result()  # the slot is free again (and its chunk was fine)
-                k, v = t.sink.views(spec, slot)
-                t.recv_into(conn, [*k, *v])
-                pending[slot] = verifier.submit(verify_and_commit, spec, slot, k, v, digest)
-                total += kn + vn
-                i += 1
+                t.sink.commit(spec, 0)
+            total += kn + vn
 
 
 ChunkViews = Callable[[ChunkSpec, int], tuple[list[memoryview], list[memoryview]]]
@@ -334,31 +319,22 @@ class KvSenderConnection:
 
     def send_all(self, token: str, specs: list[ChunkSpec], chunk_views: ChunkViews,
                  before_chunk: Callable[[ChunkSpec], None] | None = None, corrupt_seq: int | None = None) -> int:
-        """One transfer: the token, then every chunk (the next one's views and checksum, slot ``i % 2``,
-        prepared while this one is sent), then the end frame.
+        """One transfer: the token, every chunk (checksummed just before it is sent, so the kernel copies
+        bytes still in cache), then the end frame and the receiver's acknowledgement.
 
-        ``chunk_views`` returns byte views of a chunk's K and V: views into the pool, or into a staging
-        buffer it exported into. ``before_chunk`` runs before each send (fault injection in tests).
+        ``chunk_views`` returns byte views of a chunk's K and V: views into the pool, or into staging
+        slot ``i % 2`` it exported into. ``before_chunk`` runs before each send (fault injection in tests).
+        A helper thread that checksummed chunk i+1 while chunk i was sent measured slower on 2 cores.
         """
         raw = token.encode()
         self._sock.sendall(MAGIC + struct.pack("<I", len(raw)) + raw)
-
-        def prepare(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview], int]:
-            k, v = chunk_views(spec, slot)
-            digest = checksum_views(k, v)
-            return k, v, digest ^ 1 if spec.seq == corrupt_seq else digest
-
         total = 0
-        if specs:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prepare") as preparer:
-                nxt = preparer.submit(prepare, specs[0], 0)
-                for i, spec in enumerate(specs):
-                    k, v, digest = nxt.result()
-                    if i + 1 < len(specs):
-                        nxt = preparer.submit(prepare, specs[i + 1], (i + 1) % 2)
-                    if before_chunk is not None:
-                        before_chunk(spec)
-                    total += self.send(spec, k, v, digest)
+        for i, spec in enumerate(specs):
+            k, v = chunk_views(spec, i % 2)
+            digest = checksum_views(k, v)
+            if before_chunk is not None:
+                before_chunk(spec)
+            total += self.send(spec, k, v, digest ^ 1 if spec.seq == corrupt_seq else digest)
         self.finish()
         return total
 
