@@ -10,7 +10,7 @@ of their own: the sender ``sendmsg``s straight from the pool's blocks and the re
 extra pass over the bytes is the checksum on each side, taken while the chunk is still in cache (just
 before it is sent, just after it arrived). Each frame is checked (size, coverage) before a byte lands.
 
-Wire format (little endian), per transfer: preamble ``b"DKV1"`` + u32 token length + token; frame header
+Wire format (little endian), per transfer: preamble ``b"DKV2"`` + u32 token length + token; frame header
 ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
 u64 v_bytes, u64 checksum``; a frame with ``num_blocks == 0`` ends the transfer, and the receiver
 answers a transfer it verified and installed with one byte ``0x00`` (a failed one: end of stream).
@@ -39,7 +39,7 @@ from disagg_worker.transfer.grpc_stream import Coverage
 from disagg_worker.transfer.sinks import KvSink
 
 log = logging.getLogger(__name__)
-MAGIC = b"DKV1"
+MAGIC = b"DKV2"  # 2: pooled connections and the acknowledgement byte (a DKV1 peer is refused at once)
 HEADER = struct.Struct("<IIIIIQQQ")
 IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
 ACK = b"\x00"  # the receiver's answer to a transfer it verified and installed
