@@ -51,6 +51,21 @@ static inline void prefetch_block(const scalar_t* kc, const scalar_t* vc, int64_
   }
 }
 
+// One block's scores of one query head into its running softmax: ``p[0, nt)`` becomes exp(score -
+// new max) in place, ``mx``/``sum`` move on, and the factor the accumulated output must be scaled
+// by is returned (1 when the max did not change).
+static inline float online_softmax_block(float* p, int64_t nt, float& mx, float& sum) {
+  float m = mx;
+  for (int64_t i = 0; i < nt; ++i) m = std::max(m, p[i]);
+  const float rescale = std::exp(mx - m);
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < nt; ++i) { p[i] = std::exp(p[i] - m); z += p[i]; }
+  sum = sum * rescale + z;
+  mx = m;
+  return rescale;
+}
+
 template <typename scalar_t, int HD>
 void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
                    const int64_t* ctx, scalar_t* out, int64_t B, int64_t nh, int64_t kvh, int64_t hd_runtime,
@@ -84,15 +99,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, co
           }
         }
         for (int64_t g = 0; g < G; ++g) {
-          float* pg = &p[g * bs];
-          float m = mx[g];
-          for (int64_t i = 0; i < nt; ++i) m = std::max(m, pg[i]);
-          const float rescale = std::exp(mx[g] - m);
-          float z = 0.f;
-#pragma omp simd reduction(+ : z)
-          for (int64_t i = 0; i < nt; ++i) { pg[i] = std::exp(pg[i] - m); z += pg[i]; }
-          sum[g] = sum[g] * rescale + z;
-          mx[g] = m;
+          const float rescale = online_softmax_block(&p[g * bs], nt, mx[g], sum[g]);
           if (rescale != 1.f) {
             float* ag = &acc[g * hd];
 #pragma omp simd
@@ -193,16 +200,7 @@ void decode_kernel_avx2(const scalar_t* q, const scalar_t* kc, const scalar_t* v
             for (int g = 0; g < G; ++g) p[g][i + t] = s[t * G + g];
         }
         for (int g = 0; g < G; ++g) {
-          float* pg = p[g];
-          float m = mx[g];
-          for (int64_t i = 0; i < nt; ++i) m = std::max(m, pg[i]);
-          const float rescale = std::exp(mx[g] - m);
-          float z = 0.f;
-#pragma omp simd reduction(+ : z)
-          for (int64_t i = 0; i < nt; ++i) { pg[i] = std::exp(pg[i] - m); z += pg[i]; }
-          sum[g] = sum[g] * rescale + z;
-          mx[g] = m;
-          const __m256 r = _mm256_set1_ps(rescale);
+          const __m256 r = _mm256_set1_ps(online_softmax_block(p[g], nt, mx[g], sum[g]));
           for (int c = 0; c < C; ++c) acc[g][c] = _mm256_mul_ps(acc[g][c], r);
         }
         for (int64_t i = 0; i < nt; ++i) {
