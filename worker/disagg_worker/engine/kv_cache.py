@@ -29,6 +29,10 @@ class KVLayout:
     def bytes_per_block(self) -> int:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
 
+    def kv_bytes(self, num_blocks: int, num_layers: int) -> int:
+        """Bytes of K (or of V, the same) for ``num_blocks`` blocks x ``num_layers`` layers."""
+        return num_layers * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
     def blocks_for_bytes(self, num_bytes: int) -> int:
         return num_bytes // self.bytes_per_block
 
@@ -101,7 +105,7 @@ class PagedKVCache:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((b, 1))
-        row = self.layout.bytes_per_block // (2 * self.layout.num_layers)  # one block of K (or V) in one layer
+        row = self.layout.kv_bytes(1, 1)
         out: tuple[list[memoryview], list[memoryview]] = ([], [])
         for pool, views in zip(self._pool_bytes, out, strict=True):
             for layer in layers:

@@ -8,7 +8,6 @@ through the engine (pools off the CPU). Transports that deliver whole chunks (gR
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,9 +25,9 @@ class KvSink(Protocol):
 
     in_place: bool
 
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]: ...
+    def views(self, spec: ChunkSpec) -> tuple[list[memoryview], list[memoryview]]: ...
 
-    def commit(self, spec: ChunkSpec, slot: int) -> None: ...
+    def commit(self, spec: ChunkSpec) -> None: ...
 
 
 class PoolSink:
@@ -43,18 +42,18 @@ class PoolSink:
     def __init__(self, kv: PagedKVCache, block_ids: list[int]) -> None:
         self.kv, self.block_ids = kv, block_ids
 
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+    def views(self, spec: ChunkSpec) -> tuple[list[memoryview], list[memoryview]]:
         blocks = self.block_ids[spec.first_block:spec.first_block + spec.num_blocks]
         if len(blocks) != spec.num_blocks:
             raise TransferError(f"chunk blocks {spec.first_block}+{spec.num_blocks} exceed the reservation")
         return self.kv.block_views(blocks, range(spec.layer_start, spec.layer_start + spec.num_layers))
 
-    def commit(self, spec: ChunkSpec, slot: int) -> None:
+    def commit(self, spec: ChunkSpec) -> None:
         pass
 
     def write(self, spec: ChunkSpec, k: bytes | memoryview, v: bytes | memoryview) -> None:
         """Copy a whole chunk's K and V bytes into the reserved blocks."""
-        pairs = list(zip((memoryview(k), memoryview(v)), self.views(spec, 0), strict=True))
+        pairs = list(zip((memoryview(k), memoryview(v)), self.views(spec), strict=True))
         for src, views in pairs:  # both checked before a byte lands
             if len(src) != sum(len(view) for view in views):
                 raise TransferError(f"chunk {spec.seq} has {len(src)} bytes, its blocks hold a different size")
@@ -66,30 +65,25 @@ class PoolSink:
 
 
 class StagedSink:
-    """Receive into host buffers and install each verified chunk through the engine (pools off the CPU)."""
+    """Receive into a host buffer and install each verified chunk through the engine (pools off the CPU)."""
 
     in_place = False
 
     def __init__(self, layout: KVLayout, install: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
         self.layout, self.install = layout, install
-        self._bufs = [bytearray(), bytearray()]
+        self._buf = bytearray()
 
-    def _shape(self, spec: ChunkSpec) -> tuple[int, ...]:
-        lay = self.layout
-        return (spec.num_layers, spec.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-
-    def _nbytes(self, spec: ChunkSpec) -> int:
-        return math.prod(self._shape(spec)) * self.layout.element_size
-
-    def views(self, spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
-        n = self._nbytes(spec)
-        if len(self._bufs[slot]) < 2 * n:
-            self._bufs[slot] = bytearray(2 * n)
-        view = memoryview(self._bufs[slot])
+    def views(self, spec: ChunkSpec) -> tuple[list[memoryview], list[memoryview]]:
+        n = self.layout.kv_bytes(spec.num_blocks, spec.num_layers)
+        if len(self._buf) < 2 * n:
+            self._buf = bytearray(2 * n)
+        view = memoryview(self._buf)
         return [view[:n]], [view[n:2 * n]]
 
-    def commit(self, spec: ChunkSpec, slot: int) -> None:
-        n, shape, dtype = self._nbytes(spec), self._shape(spec), self.layout.dtype
-        view = memoryview(self._bufs[slot])
-        self.install(spec.first_block, spec.layer_start, tensor_from_bytes(view[:n], dtype, shape),
-                     tensor_from_bytes(view[n:2 * n], dtype, shape))  # copies into the pool
+    def commit(self, spec: ChunkSpec) -> None:
+        lay = self.layout
+        n = lay.kv_bytes(spec.num_blocks, spec.num_layers)
+        shape = (spec.num_layers, spec.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        view = memoryview(self._buf)
+        self.install(spec.first_block, spec.layer_start, tensor_from_bytes(view[:n], lay.dtype, shape),
+                     tensor_from_bytes(view[n:2 * n], lay.dtype, shape))  # copies into the pool

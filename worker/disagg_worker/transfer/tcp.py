@@ -273,18 +273,18 @@ class KvReceiver:
                 if not t.coverage.complete:
                     raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
                 return total
-            expected = num_layers * num_blocks * lay.bytes_per_block // (2 * lay.num_layers)
+            expected = lay.kv_bytes(num_blocks, num_layers)
             if kn != expected or vn != expected:
                 raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "
                                     f"blocks need {expected} each")
             t.coverage.add(first_block, num_blocks, layer_start, num_layers)  # rejects out-of-range frames
             spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
-            k, v = t.sink.views(spec, 0)
+            k, v = t.sink.views(spec)
             t.recv_into(conn, [*k, *v])
             if t.verify and checksum_views(k, v) != digest:
                 raise TransferError(f"checksum mismatch on chunk {seq}")
             with t.writing():
-                t.sink.commit(spec, 0)
+                t.sink.commit(spec)
             total += kn + vn
 
 
