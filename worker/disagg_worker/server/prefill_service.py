@@ -93,7 +93,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             total = 0
             # reused staging pairs (K, V) sized to the largest chunk, so no chunk allocates a buffer;
             # untouched, hence free, where the tcp sender reads a CPU pool in place
-            elems = max(1, max((sp.num_blocks * sp.num_layers for sp in specs), default=1) * per_block_layer // 2
+            elems = max(1, max((lay.kv_bytes(sp.num_blocks, sp.num_layers) for sp in specs), default=0)
                         // lay.element_size)
             dev = eng.runner.kv.k.device
             staging = [tuple(torch.empty(elems, dtype=lay.dtype, device=dev) for _ in "kv") for _ in range(2)]
