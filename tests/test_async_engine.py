@@ -38,3 +38,30 @@ async def test_concurrent_streams_match_hf(llama: LoadedModel) -> None:
         assert engine.engine.block_manager.usage == 0
     finally:
         await engine.stop()
+
+
+async def test_a_failing_command_does_not_stop_the_engine(llama: LoadedModel) -> None:
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
+    engine.start()
+    try:
+        engine._commands.put(lambda: 1 / 0)  # fire-and-forget, like an abort: nobody awaits it
+        assert await collect(engine, "after", [5, 6, 7], 3) == hf_greedy(llama, [5, 6, 7], 3)
+        assert engine.running
+    finally:
+        await engine.stop()
+
+
+async def test_a_request_id_in_use_is_refused_and_its_stream_kept(llama: LoadedModel) -> None:
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
+    engine.start()
+    try:
+        first = engine.generate("same", [5, 6, 7], {"max_tokens": 6, "temperature": 0})
+        tokens = list((await anext(first)).new_token_ids)
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await collect(engine, "same", [8, 9], 2)
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await collect(engine, "", [8, 9], 2)
+        tokens += [t async for out in first for t in out.new_token_ids]
+        assert tokens == hf_greedy(llama, [5, 6, 7], 6)
+    finally:
+        await engine.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from disagg_worker.bench.transfer_bench import main
+from disagg_worker.bench.transfer_bench import main, repeats_for
 
 
 def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
@@ -15,6 +15,11 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
     methods = {r["method"]: r for r in result["results"]}
     assert set(methods) == {"memcpy", "raw TCP", "disagg tcp transport (verified)",
                             "disagg gRPC (checksums verified)", "disagg gRPC (no verification)"}
-    assert all(len(r["seconds"]) == 2 and r["gb_per_s"] > 0 for r in methods.values())  # one sample per round
+    assert all(r["gb_per_s"] > 0 for r in methods.values())
+    # small caches get more timed transfers (a few ms each is noisy); gRPC, seconds per transfer, does not
+    more = {"memcpy", "raw TCP", "disagg tcp transport (verified)"}
+    assert {m: len(r["seconds"]) for m, r in methods.items()} == {
+        m: 2 * (repeats_for(1, 1) if m in more else 1) for m in methods}
+    assert repeats_for(1, 1) == 8 and repeats_for(16, 3) == 12 and repeats_for(64, 3) == repeats_for(512, 3) == 3
     assert methods["raw TCP"]["vs_raw_tcp"] == 1.0
     assert (tmp_path / "transfer.png").stat().st_size > 10_000

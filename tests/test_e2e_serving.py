@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +155,11 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "logprobs": 3}, "logprobs"),
     ({"prompt": [5, 99999], "max_tokens": 2}, None),
     ({"max_tokens": 2}, "prompt"),
+    ({"prompt": [-1], "max_tokens": 1}, "prompt"),
+    ({"prompt": "hi", "stop_token_ids": [-1]}, None),
+    ({"prompt": "hi", "top_k": 2**32}, None),
+    ({"prompt": "hi", "min_tokens": 4}, "min_tokens"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
     r = httpx.post(f"{cluster.base_url}/v1/completions", json={"model": "tiny-llama", **body}, timeout=30)
@@ -184,3 +190,22 @@ def test_workers_answer_the_standard_grpc_health_check(cluster: LocalCluster) ->
         with grpc.insecure_channel(addr) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> None:
+    """A non-streaming client that times out must not leave its request decoding to max_tokens."""
+    names = [f"decode-{i}" for i in range(len(cluster.decode_addresses))]
+
+    def aborted() -> float:
+        return sum(metric_value(worker_metrics(cluster, n), "disagg_requests_finished_total", 'reason="abort"')
+                   for n in names)
+
+    before = aborted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.base_url}/v1/completions", timeout=httpx.Timeout(30, read=0.5), json={
+            "model": "tiny-llama", "prompt": "tell me everything", "max_tokens": 1900, "ignore_eos": True,
+            "temperature": 0})
+    deadline = time.monotonic() + 15
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted() == before + 1

@@ -200,3 +200,47 @@ def test_trailing_incomplete_character_is_flushed_like_decode(llama: LoadedModel
     for t in partial:
         detok.add_token(t)
     assert detok.take_new_text(finished=True) == tok.decode(partial)
+
+
+def test_an_id_without_text_adds_no_text(llama: LoadedModel) -> None:
+    """Models pad their embedding past the tokenizer's vocabulary; the tokenizer has no token for
+    such an id (None). It must add no text rather than break the request's detokenizer."""
+    tok = llama.tokenizer
+    beyond = len(tok) + 3
+    assert tok.convert_ids_to_tokens([beyond])[0] is None
+    detok = IncrementalDetokenizer(tok, [5, beyond])
+    detok.add_token(beyond)
+    ids = tok("fine")["input_ids"]
+    for t in ids:
+        detok.add_token(t)
+    assert detok.take_new_text(finished=True) == tok.decode(ids)
+
+
+def test_failed_text_fails_that_request_only(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.add_request("bad", [5, 6, 7], {"max_tokens": 5, "temperature": 0})
+    engine.add_request("good", [5, 6, 8], {"max_tokens": 5, "temperature": 0})
+    monkeypatch.setattr(engine._tracked["bad"].detok, "add_token",
+                        lambda token: (_ for _ in ()).throw(TypeError("no text for this id")))
+    outs = drain(engine)
+    bad = [o for o in outs if o.request_id == "bad"]
+    assert bad[-1].finish_reason == "error" and "no text for this id" in bad[-1].error
+    good = [o for o in outs if o.request_id == "good"]
+    assert good[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in good) == 5
+    assert engine.block_manager.usage == 0
+
+
+def test_vanishing_temperature_is_greedy(engine: LLMEngine, llama: LoadedModel) -> None:
+    """logits / 1e-30 overflows to inf and NaN probabilities: such a temperature samples as argmax."""
+    prompt = random_prompts(1, 12, 12, 5)[0]
+    engine.add_request("t", prompt, {"max_tokens": 6, "temperature": 1e-30})
+    assert [t for o in drain(engine) for t in o.new_token_ids] == hf_greedy(llama, prompt, 6)
+
+
+def test_fallback_times_and_counts_the_local_prefill_afresh(llama: LoadedModel) -> None:
+    decode = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    decode.reserve_for_import("r", [5] * 40, {"max_tokens": 2, "temperature": 0})
+    decode.fallback_to_local("r")
+    req = decode.get_request("r")
+    assert req.first_scheduled_time is None and req.num_cached_tokens == 0
+    drain(decode)
+    assert req.first_scheduled_time is not None

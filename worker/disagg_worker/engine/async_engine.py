@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from disagg_worker.engine.engine import LLMEngine, RequestOutput
-from disagg_worker.engine.request import PRIORITY_HIGH, SamplingParams
+from disagg_worker.engine.request import PRIORITY_HIGH, InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,15 +49,28 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
-        for rid, q in list(self._streams.items()):
-            q.put_nowait(RequestOutput(rid, [], "", True, "error", error="the engine stopped"))
-        self._streams.clear()
+        self._fail_streams("the engine stopped")
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("the engine thread failed; ending every open request with an error")
+            self._stopping = True
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_streams, "the engine stopped")
+            raise
+
+    def _fail_streams(self, message: str) -> None:
+        for rid, q in list(self._streams.items()):
+            q.put_nowait(RequestOutput(rid, [], "", True, "error", error=message))
+        self._streams.clear()
+
+    def _serve(self) -> None:
         while not self._stopping:
             self._run_commands()
             if not self.engine.has_unfinished():
@@ -84,7 +97,10 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            cmd()
+            try:
+                cmd()
+            except Exception:  # call() reports its own errors; this catches fire-and-forget ones (abort)
+                log.exception("engine command failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None
@@ -120,6 +136,11 @@ class AsyncEngine:
         return await fut
 
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+        """The queue of ``request_id``'s outputs; an id in use is refused (its stream stays its own)."""
+        if not request_id:
+            raise InvalidRequestError("the request id is empty")
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = q
         return q

@@ -20,7 +20,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)
         context = list(prompt_token_ids[-(_CONTEXT_TOKENS + 1):])
-        self._tokens: list[str] = tokenizer.convert_ids_to_tokens(context, skip_special_tokens=skip_special_tokens)
+        self._tokens: list[str] = self._to_tokens(context)
         self._prefix_offset = max(len(self._tokens) - _CONTEXT_TOKENS, 0)
         self._read_offset = len(self._tokens)
         self.text = ""
@@ -29,7 +29,7 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> bool:
         """Append one generated token; returns True when a stop string completed (text is cut before it)."""
-        new_tokens = self.tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=self.skip_special_tokens)
+        new_tokens = self._to_tokens([token_id])
         if not new_tokens:
             return False
         self._tokens.extend(new_tokens)
@@ -41,6 +41,12 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         return self._cut_at_stop(before)
+
+    def _to_tokens(self, ids: list[int]) -> list[str]:
+        # Models often pad the embedding past the tokenizer's vocabulary; such an id has no text
+        # (the tokenizer returns None for it), so it contributes none.
+        tokens = self.tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=self.skip_special_tokens)
+        return [t for t in tokens if t is not None]
 
     def _cut_at_stop(self, before: int) -> bool:
         if not self.stop:

@@ -218,7 +218,14 @@ class LLMEngine:
             self.steps += 1
         self.scheduler.update_from_output(sched, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
         for req in sampling:
-            outputs.append(self._postprocess(req))
+            try:
+                outputs.append(self._postprocess(req))
+            except Exception as exc:  # one request's text failed: it alone ends, the batch goes on
+                log.exception("post-processing request %s failed", req.request_id)
+                tracked = self._tracked.get(req.request_id)
+                if tracked is not None:
+                    tracked.detok = None  # what failed; the error output carries the token ids only
+                    outputs.append(self._fail(req, f"cannot turn the output into text: {exc}"))
         return outputs
 
     def _postprocess(self, req: Request) -> RequestOutput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -17,18 +18,24 @@ class InvalidRequestError(ValueError):
     """A request that can never be served as asked; it fails alone, with this message."""
 
 
+# Token ids and top_k travel as proto uint32; anything past int32 is no real vocabulary's id.
+MAX_TOKEN_ID = 2**31 - 1
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class SamplingParams(BaseModel):
-    """Per-request generation settings (OpenAI-style names). ``temperature == 0`` means greedy."""
+    """Per-request generation settings (OpenAI-style names). ``temperature`` 0 (or below
+    ``GREEDY_BELOW_TEMPERATURE``) means greedy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: int = Field(16, ge=1, description="maximum number of tokens to generate")
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_k: int = Field(0, ge=0, le=MAX_TOKEN_ID, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)], ...] = ()
     ignore_eos: bool = False
 
     @field_validator("stop", mode="before")
@@ -49,7 +56,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, sampling is argmax anyway, and logits / T would overflow to inf (NaN probabilities).
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @classmethod
     def parse(cls, **kwargs: object) -> SamplingParams:

@@ -56,7 +56,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if req.params.greedy:
                 continue
-            row = apply_temperature_top_k_top_p(logits[i], req.params)
+            row = apply_temperature_top_k_top_p(logits[i].float(), req.params)  # fp16 logits / T overflow
             probs = torch.softmax(row, dim=-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(req)).item())
         return tokens

@@ -254,6 +254,9 @@ class Scheduler:
         req = self.awaiting_kv.pop(request_id)
         self.bm.free(req)
         req.num_computed_tokens = 0
+        # timed and prefix-counted afresh when local prefill schedules it: the reservation's values
+        # would charge the failed transfer to the local prefill (and skew the router's estimates)
+        req.first_scheduled_time, req.num_cached_tokens = None, 0
         self.add_request(req)
         # it was already waiting its turn: serve it before newer arrivals
         q = self._waiting[req.priority]

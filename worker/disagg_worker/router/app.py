@@ -42,6 +42,44 @@ def _total(results: list[StreamResult]) -> StreamResult:
                         output_tokens=sum(r.output_tokens for r in results))
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the request body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected, so a
+    request nobody waits for stops generating instead of running to max_tokens."""
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _all_or_nothing(coros: list[Any]) -> list[Any]:
+    """Run ``coros`` concurrently; on the first failure cancel the others and wait for them, so the
+    streams they iterate can be closed safely."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def build_app(service: RouterService) -> FastAPI:
     app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
 
@@ -68,22 +106,22 @@ def build_app(service: RouterService) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
-    def ready() -> JSONResponse:
+    async def ready() -> JSONResponse:
         ok = service.ready()
         return JSONResponse({"ready": ok, "decode_workers": len(service.decode_pool.healthy()),
                              "prefill_workers": len(service.prefill_pool.healthy())}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         m.WORKERS_HEALTHY.labels("decode").set(len(service.decode_pool.healthy()))
         m.WORKERS_HEALTHY.labels("prefill").set(len(service.prefill_pool.healthy()))
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    def models() -> JSONResponse:
+    async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": service.model_name, "object": "model", "created": 0, "owned_by": "disagg",
-             "max_model_len": service.max_model_len}]})
+             "max_model_len": service.context_limit()}]})
 
     def check_model(name: str) -> None:
         if name != service.model_name:
@@ -95,28 +133,34 @@ def build_app(service: RouterService) -> FastAPI:
             return "high"  # QoS off: every request is one class (admitted, served in arrival order)
         return body.priority or service.policy.qos.default_priority
 
-    def prompt_ids_of(prompt: Any) -> list[list[int]]:
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return [service.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    async def prompt_ids_of(prompt: Any) -> list[list[int]]:
+        # tokenizing runs off the event loop: a long prompt must not stall every other stream
         if isinstance(prompt, str):
-            return [service.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            return await asyncio.to_thread(tokenize, [prompt])
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         if all(isinstance(t, int) for t in prompt):
             return [list(prompt)]
         if all(isinstance(p, str) for p in prompt):
-            return [service.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]
+            return await asyncio.to_thread(tokenize, prompt)
         return [list(p) for p in prompt]
 
     def max_tokens_of(body: Any, prompt_len: int, default: int | None) -> int:
-        value = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        value = getattr(body, "max_completion_tokens", None)
         if value is None:
-            return default if default is not None else max(1, service.max_model_len - prompt_len)
+            value = body.max_tokens
+        if value is None:
+            return default if default is not None else max(1, service.context_limit() - prompt_len)
         return value
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         body.check_supported()
-        prompts = prompt_ids_of(body.prompt)
+        prompts = await prompt_ids_of(body.prompt)
         params = [service.validate(p, body.sampling(max_tokens_of(body, len(p), 16))) for p in prompts]
         return await respond(request, "text_completion", prompts, params, priority_of(body), body.stream,
                              body.include_usage, chat=False)
@@ -127,7 +171,8 @@ def build_app(service: RouterService) -> FastAPI:
         body.check_supported()
         messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
         try:
-            ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            ids = await asyncio.to_thread(service.tokenizer.apply_chat_template, messages, tokenize=True,
+                                          add_generation_prompt=True)
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -143,23 +188,30 @@ def build_app(service: RouterService) -> FastAPI:
         created = int(time.time())
         results = [StreamResult() for _ in prompts]
         streams = [service.generate(p, sp, priority, r) for p, sp, r in zip(prompts, params, results, strict=True)]
-        # Pull the first message of every choice before answering, so admission and routing errors
-        # become proper HTTP errors (429/503/400) rather than a broken stream.
-        firsts = []
+
+        async def collect(first: Any, s: AsyncIterator[Any]) -> str:
+            parts = [first.text] if first is not None else []
+            async for msg in s:
+                parts.append(msg.text)
+            return "".join(parts)
+
         try:
+            # The first message of every choice (all prompts at once) before answering, so admission
+            # and routing errors become proper HTTP errors (429/503/400) rather than a broken stream.
+            firsts = await _unless_disconnected(request, _all_or_nothing([anext(s, None) for s in streams]))
+            if not stream:
+                texts = await _unless_disconnected(request, _all_or_nothing(
+                    [collect(f, s) for f, s in zip(firsts, streams, strict=True)]))
+        except ClientDisconnected:
             for s in streams:
-                firsts.append(await anext(s, None))
-        except APIError:
+                await s.aclose()
+            m.ROUTER_REQUESTS.labels(request.url.path, "499").inc()
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        except BaseException:
             for s in streams:
                 await s.aclose()
             raise
         if not stream:
-            texts = []
-            for first, s in zip(firsts, streams, strict=True):
-                parts = [first.text] if first is not None else []
-                async for msg in s:
-                    parts.append(msg.text)
-                texts.append("".join(parts))
             m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
             total = _total(results)
             choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
@@ -199,6 +251,9 @@ def build_app(service: RouterService) -> FastAPI:
                 await queue.put((i, exc))
             except Exception as exc:
                 await queue.put((i, APIError(500, f"internal error: {exc}", "server_error")))
+            except asyncio.CancelledError:  # never leave the reader waiting for an end that will not come
+                queue.put_nowait((i, APIError(502, "the stream was cancelled", "server_error")))
+                raise
 
         tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams, strict=True))]
         try:
@@ -224,6 +279,7 @@ def build_app(service: RouterService) -> FastAPI:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # before closing the streams they iterate
             for s in streams:
                 await s.aclose()
 

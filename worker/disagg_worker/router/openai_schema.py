@@ -65,6 +65,14 @@ class _Common(BaseModel):
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        extra = self.model_extra or {}
+        for name in ("top_logprobs", "min_tokens"):
+            if extra.get(name) not in (None, 0):
+                raise APIError(400, f"{name} is not supported", param=name)
+        fmt = extra.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise APIError(400, "response_format other than text (JSON mode, JSON schema) is not supported",
+                           param="response_format")
 
     @property
     def include_usage(self) -> bool:
@@ -127,3 +135,5 @@ class ChatCompletionRequest(_Common):
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
+        if (self.model_extra or {}).get("tool_choice") not in (None, "none"):
+            raise APIError(400, "tool_choice is not supported (no tools)", param="tool_choice")

@@ -9,6 +9,7 @@ priority.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ import grpc
 
 from disagg_worker import metrics as m
 from disagg_worker.engine.prefix_hash import block_hashes
-from disagg_worker.engine.request import InvalidRequestError, SamplingParams
+from disagg_worker.engine.request import MAX_TOKEN_ID, InvalidRequestError, SamplingParams
 from disagg_worker.policy import Policy
 from disagg_worker.router.openai_schema import APIError
 from disagg_worker.routing import admit_request, estimate_ttft, pick_decode_worker
@@ -93,16 +94,25 @@ class RouterService:
     def ready(self) -> bool:
         return bool(self.decode_pool.healthy())
 
+    def context_limit(self) -> int:
+        """Tokens a request may hold (prompt + output): the model's, or the smallest a healthy decode
+        worker was started with (``--max-model-len``), so a request fits whichever worker it lands on."""
+        workers = [p.max_model_len for p in self.decode_pool.healthy() if p.max_model_len > 0]
+        return min([self.max_model_len, *workers])
+
     # ---- the request path ------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> SamplingParams:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if not all(0 <= t <= MAX_TOKEN_ID for t in prompt_ids):
+            raise APIError(400, "prompt token ids must be between 0 and the vocabulary size", param="prompt")
         try:
             params = SamplingParams.parse(**sampling)
         except InvalidRequestError as exc:
             raise APIError(400, str(exc)) from None
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the request "
+        limit = self.context_limit()
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request "
                                 f"asks for {len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt + "
                                 f"{params.max_tokens} max_tokens)", param="max_tokens",
                            code="context_length_exceeded")
@@ -113,7 +123,7 @@ class RouterService:
         """Yield the chosen worker's responses; raises APIError for anything the client must see."""
         t0 = time.monotonic()
         hashes = block_hashes(prompt_ids, self.block_size)
-        request_id = uuid.uuid4().hex
+        request_id = uuid.uuid4().hex  # + the attempt: a retry is a new request to the workers
         tried: set[str] = set()
         first_token_at: float | None = None
         for attempt in range(MAX_ATTEMPTS):
@@ -137,7 +147,7 @@ class RouterService:
             peer = peers[choice.worker.endpoint]
             peer.load.pending += 1
             result.worker = peer.endpoint
-            req = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+            req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}", prompt_token_ids=prompt_ids,
                                      params=params_to_proto(params),
                                      priority=pb.PRIORITY_LOW if priority == "low" else pb.PRIORITY_HIGH,
                                      prefill_mode="auto")
@@ -168,6 +178,17 @@ class RouterService:
                 raise APIError(502, f"the decode worker {peer.endpoint} failed mid-request: "
                                     f"{code.name}: {exc.details()}", type_="server_error",
                                code="worker_failed") from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not call.cancelled() or (task is not None and task.cancelling()):
+                    raise  # our caller cancelled us (a client that went away): not the worker's doing
+                # the channel was closed under the call (the router stopped, or the worker was retired
+                # past its grace): the same as a worker that went away
+                if first_token_at is None:
+                    tried.add(peer.endpoint)
+                    continue
+                raise APIError(502, f"the call to decode worker {peer.endpoint} was cancelled mid-request",
+                               type_="server_error", code="worker_failed") from None
             finally:
                 call.cancel()
         else:

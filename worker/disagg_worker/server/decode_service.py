@@ -88,7 +88,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
         peer, _cached = self._decide(request.prefill_mode or "auto", prompt)
 
-        q = rt.engine.open_stream(rid)
+        try:
+            q = rt.engine.open_stream(rid)
+        except InvalidRequestError as exc:  # an empty id, or one in use: that stream stays untouched
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         first_msg = pb.GenerateResponse(remote_prefill=False)
         first_output: RequestOutput | None = None
         finished = False
@@ -132,6 +135,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         finally:
             if not finished:  # the caller went away (or we failed): free the request's blocks
                 rt.engine.abort_nowait(rid)
+            else:  # finished at commit (max_tokens 1, EOS first): its queue never saw the output
+                rt.engine.close_stream(rid)
 
     async def _remote_prefill(self, peer: Peer, rid: str, prompt: list[int], params: SamplingParams,
                               priority: int, t0: float) -> tuple[RequestOutput | None, pb.GenerateResponse]:
@@ -189,7 +194,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 raise TransferError("prefill stream ended without a first token")
             if side is not None:
                 t_first_chunk = t_start
-                received = await asyncio.wait_for(side.finished, max(0.1, deadline - (time.monotonic() - t_start)))
+                received = await asyncio.wait_for(asyncio.shield(side.finished),
+                                                  max(0.1, deadline - (time.monotonic() - t_start)))
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
@@ -199,7 +205,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if side is not None and not side.finished.done():
                 with contextlib.suppress(Exception):  # let the data plane report its side of the failure
                     await asyncio.wait_for(asyncio.shield(side.finished), 1.0)
-            if side is not None and side.finished.done() and side.finished.exception() is not None:
+            if (side is not None and side.finished.done() and not side.finished.cancelled()
+                    and side.finished.exception() is not None):
                 failure = side.finished.exception()  # type: ignore[assignment]  # explains the control stream's
             if side is not None:
                 side.stop()  # before fallback frees the reserved blocks: no late chunk lands in them
@@ -207,8 +214,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             log.warning("remote prefill of %s via %s failed (%s): prefilling locally", rid, peer.endpoint, reason)
             m.KV_TRANSFER_FAILURES.labels(reason).inc()
             m.PREFILL_DECISIONS.labels("fallback").inc()
-            if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
-                self.prefill_pool.mark_unhealthy(peer.endpoint)
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.prefill_pool.mark_unhealthy(peer.endpoint)  # the control stream's error, whatever the data plane's
             await rt.engine.call(lambda: eng.fallback_to_local(rid))
             return None, pb.GenerateResponse(fallback_reason=reason)
         except BaseException:

@@ -18,7 +18,7 @@ def build_app(runtime: WorkerRuntime) -> FastAPI:
     app = FastAPI(title="disagg worker", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:  # on the event loop, like the refresh loop: no racing read-modify-write
         runtime.refresh_gauges()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -29,6 +29,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# A worker that leaves DNS (scale-down, drain) keeps its channel this long, so the streams it is
+# finishing are not cut off by the router; after that they are cancelled.
+RETIRE_GRACE_SECONDS = 600.0
 
 
 def parse_endpoints(spec: str | list[str] | None) -> list[tuple[str, int]]:
@@ -92,6 +95,7 @@ class PeerPool:
         self._task: asyncio.Task[None] | None = None
         self._last_resolve = 0.0
         self.first_poll = asyncio.Event()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def __bool__(self) -> bool:
         return bool(self.targets)
@@ -118,9 +122,18 @@ class PeerPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for peer in self.peers.values():
             await peer.channel.close()
         self.peers.clear()
+
+    def _retire(self, peer: Peer) -> None:
+        """Stop routing to ``peer`` now; close its channel once its calls end (or after the grace)."""
+        task = asyncio.create_task(peer.channel.close(grace=RETIRE_GRACE_SECONDS), name=f"retire-{peer.endpoint}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _loop(self) -> None:
         while True:
@@ -142,14 +155,14 @@ class PeerPool:
             self.peers[endpoint] = Peer(endpoint, channel, WorkerLoad(endpoint, healthy=False))
         for endpoint in self.peers.keys() - found:
             if found:  # a name that stops resolving altogether keeps its last endpoints (DNS hiccup)
-                peer = self.peers.pop(endpoint)
-                await peer.channel.close()
+                self._retire(self.peers.pop(endpoint))
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(p) for p in list(self.peers.values())))
         self.first_poll.set()
 
     async def _poll(self, peer: Peer) -> None:
+        routed_before = peer.load.pending  # requests routed while this report is in flight stay counted
         try:
             report = await peer.worker.GetLoad(pb.LoadRequest(include_prefix_hashes=self.include_prefix_hashes),
                                                timeout=self.timeout)
@@ -169,6 +182,6 @@ class PeerPool:
         load.avg_decode_step_seconds = report.avg_decode_step_seconds
         load.prefill_tokens_per_second = report.prefill_tokens_per_second
         load.draining = report.draining
-        load.pending = 0
+        load.pending = max(0, load.pending - routed_before)
         load.healthy = True
         peer.model, peer.max_model_len, peer.last_ok = report.model, report.max_model_len, time.monotonic()

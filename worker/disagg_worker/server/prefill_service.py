@@ -69,7 +69,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
-        q = rt.engine.open_stream(rid)
+        try:
+            q = rt.engine.open_stream(rid)
+        except InvalidRequestError as exc:  # an id in use: that request's stream stays untouched
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             await rt.engine.call(lambda: eng.add_request(rid, prompt, params, hold_kv=True))
         except InvalidRequestError as exc:

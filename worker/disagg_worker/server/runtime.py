@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from disagg_worker.engine.engine import RequestOutput
 from disagg_worker.engine.request import PRIORITY_HIGH, PRIORITY_LOW, InvalidRequestError, SamplingParams
 from disagg_worker.policy import Policy
 from disagg_worker.rpc import pb
+
+log = logging.getLogger(__name__)
 
 MAX_REPORTED_HASHES = 1 << 16
 
@@ -98,7 +101,10 @@ class WorkerRuntime:
             now = time.monotonic()
             self.utilization = min(1.0, (engine.busy_seconds - last_busy) / max(now - last_t, 1e-6))
             last_busy, last_t = engine.busy_seconds, now
-            self.refresh_gauges()
+            try:
+                self.refresh_gauges()
+            except Exception:  # a bad round must not freeze utilisation for routing and autoscaling
+                log.exception("refreshing the metrics failed")
 
     def refresh_gauges(self) -> None:
         s = self.engine.engine.stats()
