@@ -5,7 +5,9 @@ policy, and the current replicas.
 replica count, a reason and a direction. Rules, in order:
 
 1. outside ``[minReplicas, maxReplicas]`` -> straight to the nearest bound;
-2. no fresh sample (metrics source down, no ready pod) -> hold: missing data never scales anything;
+2. no fresh sample (metrics source down, no ready pod) -> hold: missing data never scales anything,
+   and a stabilisation window with a hole in it (a sample without data, or none for ``stale_after``
+   seconds) is not sustained load either;
 3. within ``cooldownSeconds`` of the last change -> hold;
 4. scale **up** when ANY ``scaleUp`` threshold is exceeded by every sample of the last
    ``scaleUpStabilizationSeconds`` (the window must be covered by samples taken after the last
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 from disagg_worker.policy import RoleAutoscale
@@ -83,13 +86,16 @@ def target(policy: RoleAutoscale, metric: str) -> float | None:
     return down
 
 
-def _window(history: Sequence[Sample], now: float, seconds: float, last_change: float | None) -> list[Sample] | None:
-    """Samples of the last ``seconds``, or None when they do not cover the window (too little data,
-    or the window reaches back before the last change)."""
+def _window(history: Sequence[Sample], now: float, seconds: float, last_change: float | None,
+            max_gap: float = STALE_AFTER_SECONDS) -> list[Sample] | None:
+    """Samples of the last ``seconds``, or None when they do not cover the window: too little data,
+    a window reaching back before the last change, or a hole in it (a sample without data, or no
+    sample for over ``max_gap`` seconds). Load during a hole is unknown, so it is never sustained."""
     start = now - seconds
     if last_change is not None and last_change > start + EPSILON:
         return None
-    usable = [s for s in history if s.pods > 0 and s.time <= now + EPSILON]
+    known = [s for s in history if s.time <= now + EPSILON]
+    usable = [s for s in known if s.pods > 0]
     if not usable:
         return None
     if seconds <= 0:
@@ -101,7 +107,13 @@ def _window(history: Sequence[Sample], now: float, seconds: float, last_change: 
         return None
     before = [s for s in usable if s.time < start - EPSILON]
     # the sample in force at the window's start counts too (samples are taken every interval)
-    return ([before[-1]] if before and inside[0].time > start + EPSILON else []) + inside
+    window = ([before[-1]] if before and inside[0].time > start + EPSILON else []) + inside
+    if any(s.pods <= 0 and s.time >= window[0].time - EPSILON for s in known):
+        return None
+    times = [s.time for s in window] + [now]
+    if any(later - earlier > max_gap + EPSILON for earlier, later in pairwise(times)):
+        return None
+    return window
 
 
 def _sustained(window: Sequence[Sample], metric: str, above: float | None = None, below: float | None = None) -> bool:
@@ -140,7 +152,7 @@ def decide(
     latest = fresh[-1]
 
     # ---- up: any threshold, sustained
-    up_window = _window(history, now, policy.scale_up_stabilization_seconds, last_change)
+    up_window = _window(history, now, policy.scale_up_stabilization_seconds, last_change, stale_after)
     crossed: list[str] = []
     needed = 0
     if up_window is not None:
@@ -164,7 +176,7 @@ def decide(
     downs = policy.scale_down.items()
     if not downs or starting_pods or current_replicas <= low:
         return Decision(current_replicas, "within thresholds", "hold")
-    down_window = _window(history, now, policy.scale_down_stabilization_seconds, last_change)
+    down_window = _window(history, now, policy.scale_down_stabilization_seconds, last_change, stale_after)
     if down_window is None or not all(_sustained(down_window, m, below=t) for m, t in downs.items()):
         return Decision(current_replicas, "within thresholds", "hold")
     pods = latest.pods

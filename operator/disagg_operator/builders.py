@@ -360,10 +360,12 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         "containers": [container],
         "volumes": volumes,
     }
-    if component == "decode":
+    if component in ("decode", "prefill"):
+        # both drain on SIGTERM (finish what they hold); decode pods also drain before it (preStop)
         drain = parsed.policy.autoscale.drain_timeout_seconds
-        container["lifecycle"] = {"preStop": {"exec": {"command": drain_command(drain)}}}
         spec["terminationGracePeriodSeconds"] = int(drain) + DRAIN_GRACE_EXTRA_SECONDS
+        if component == "decode":
+            container["lifecycle"] = {"preStop": {"exec": {"command": drain_command(drain)}}}
     if pods.service_account_name:
         spec["serviceAccountName"] = pods.service_account_name
     if pods.image_pull_secrets:
@@ -413,7 +415,6 @@ def build_worker_service(owner: Owner, role: str) -> dict[str, Any]:
             "metadata": _metadata(owner, role),
             "spec": {
                 "clusterIP": "None",  # headless: DNS returns every ready worker
-                "publishNotReadyAddresses": False,
                 "selector": selector_labels(owner, role),
                 "ports": [
                     {"name": "grpc", "port": WORKER_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
@@ -517,7 +518,10 @@ def build_hpa(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:
 
 
 def promql(metric: str, owner: Owner, role: str, agg: str = "avg") -> str:
-    return f'{agg}({metric}{{namespace="{owner.namespace}",pod=~"{child_name(owner, role)}-.*"}})'
+    # a Deployment's pods are NAME-<replicaset hash>-<suffix>; ".*" would also match the pods of a
+    # DisaggDeployment whose name extends this one's (``chat`` vs ``chat-decode``)
+    pods = f"{child_name(owner, role)}-[a-z0-9]+-[a-z0-9]+"
+    return f'{agg}({metric}{{namespace="{owner.namespace}",pod=~"{pods}"}})'
 
 
 def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:

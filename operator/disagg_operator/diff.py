@@ -59,7 +59,10 @@ def is_owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
 
 
 def _empty(value: Any) -> bool:
-    return value is None or value == {} or value == []
+    """Values the API server leaves out when it stores an object (Go's ``omitempty`` zero values), so an
+    absent field carries them: wanting ``false``, ``""`` or ``0`` is no drift from nothing."""
+    return value is None or value == {} or value == [] or value is False or value == "" or (
+        type(value) in (int, float) and value == 0)
 
 
 def _same_scalar(want: Any, have: Any, path: Sequence[str]) -> bool:

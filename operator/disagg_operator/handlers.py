@@ -71,10 +71,20 @@ def login(**_: Any) -> kopf.ConnectionInfo:
     )
 
 
+# The newest spec generation reconciled per resource: a child event reconciles with the index's copy
+# of its owner, which may predate a spec change handled meanwhile; it must not roll that back.
+_newest_generation: dict[str, int] = {}
+
+
 def run_reconcile(body: Mapping[str, Any], logger: Any) -> None:
     """Reconcile one resource, serialised per resource; API errors become kopf retries."""
     uid = body.get("metadata", {}).get("uid", "")
+    generation = int(body.get("metadata", {}).get("generation") or 0)
     with _lock(uid):
+        if generation < _newest_generation.get(uid, 0):
+            logger.debug("Skipping a reconcile of generation %s: %s is newer", generation, _newest_generation[uid])
+            return
+        _newest_generation[uid] = generation
         try:
             result = reconcile(body, kube_mod.get_kube(), logger=logger)
         except kube_mod.ApiError as exc:

@@ -111,6 +111,9 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "events"): frozenset({"create"}),
     (GROUP, PLURAL): frozenset(),
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
+    # children carry ownerReferences with blockOwnerDeletion: clusters that enforce owner-reference
+    # permissions (OwnerReferencesPermissionEnforcement, on in OpenShift) require this
+    (GROUP, f"{PLURAL}/finalizers"): frozenset({"update"}),
 }
 # What kopf needs on top: watch the resource and the children it reacts to, patch its annotations
 # (progress and last-handled state), post its own warning Events.

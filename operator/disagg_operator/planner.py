@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from disagg_operator import metrics
-from disagg_operator.autoscale import Decision, Sample, decide
+from disagg_operator.autoscale import STALE_AFTER_SECONDS, Decision, Sample, decide
 from disagg_operator.builders import (
     ANNOTATION_DELETION_COST,
     ROLES,
@@ -54,6 +54,9 @@ from disagg_operator.spec import ParsedSpec, SpecError, parse_spec
 log = logging.getLogger(__name__)
 
 WARMUP_SECONDS = 30.0
+# A pod not ready this long after its creation (unschedulable, crash-looping, failing admission) is not
+# capacity on its way: counting it as "starting" would block every scale-down (and hold scale-ups).
+STUCK_AFTER_SECONDS = 900.0
 SCRAPE_TIMEOUT_SECONDS = 2.0
 HISTORY_SECONDS = 3600.0
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
@@ -77,6 +80,8 @@ class PodState:
     ip: str | None
     ready_since: float | None  # None: not ready
     terminating: bool
+    phase: str = ""
+    created: float | None = None
 
 
 def pod_state(pod: Mapping[str, Any]) -> PodState:
@@ -92,22 +97,31 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
         ip=status.get("podIP"),
         ready_since=ready_since,
         terminating=bool(meta.get("deletionTimestamp")),
+        phase=status.get("phase", ""),
+        created=parse_time(meta.get("creationTimestamp")),
     )
 
 
 def classify(
-    pods: Iterable[Mapping[str, Any]], now: float, warmup: float = WARMUP_SECONDS
+    pods: Iterable[Mapping[str, Any]],
+    now: float,
+    warmup: float = WARMUP_SECONDS,
+    stuck_after: float = STUCK_AFTER_SECONDS,
 ) -> tuple[list[PodState], int]:
-    """(warm pods to sample, number of pods still starting); terminating pods are neither."""
+    """(warm pods to sample, number of pods still starting). Terminating pods are neither, nor are
+    finished ones (Failed after an eviction, Succeeded) or pods stuck unready for ``stuck_after``."""
     warm: list[PodState] = []
     starting = 0
     for pod in pods:
         state = pod_state(pod)
-        if state.terminating:
+        if state.terminating or state.phase in ("Failed", "Succeeded"):
             continue
-        if state.ready_since is not None and state.ip and now - state.ready_since >= warmup:
-            warm.append(state)
-        else:
+        if state.ready_since is not None and state.ip:
+            if now - state.ready_since >= warmup:
+                warm.append(state)
+            else:
+                starting += 1
+        elif state.created is None or now - state.created < stuck_after:
             starting += 1
     return warm, starting
 
@@ -217,7 +231,10 @@ def _sample_role(
 ) -> tuple[Sample, int, dict[str, PodSample | None], list[str]]:
     pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
     warm, starting = classify(pods, now)
-    not_warm = [pod_state(p).name for p in pods if pod_state(p).name not in {w.name for w in warm}]
+    warm_names = {w.name for w in warm}
+    # pods that may still be chosen for removal: not warm, not already on their way out
+    not_warm = [st.name for st in map(pod_state, pods)
+                if st.name not in warm_names and not st.terminating and st.phase not in ("Failed", "Succeeded")]
     auto = parsed.policy.autoscale
     if auto.metrics_source == "prometheus" and auto.prometheus_url:
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now)
@@ -254,14 +271,22 @@ def plan_once(
             if deployment is None:
                 continue
             current = int((deployment.get("spec") or {}).get("replicas") or 0)
-            decision = decide(list(state.history), policy, current, starting, now, state.last_change)
+            # a sample may be up to ~2 intervals old before it (or a gap that long) counts as missing data
+            stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
+            decision = decide(list(state.history), policy, current, starting, now, state.last_change,
+                              stale_after=stale_after)
             decisions[role] = decision
             metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
             if not decision.changed:
                 continue
             if decision.direction == "down" and role == "decode":
                 for pod_name, cost in deletion_costs(per_pod, not_warm).items():
-                    kube.annotate_pod(owner.namespace, pod_name, {ANNOTATION_DELETION_COST: cost})
+                    try:
+                        kube.annotate_pod(owner.namespace, pod_name, {ANNOTATION_DELETION_COST: cost})
+                    except ApiError as exc:
+                        if exc.status != 404:
+                            raise
+                        # gone since the listing: one pod less to rank, not a reason to skip the step
             kube.scale_deployment(owner.namespace, name, decision.desired)
             state.last_change = now
             message = f"Scaled {role} from {current} to {decision.desired}: {decision.reason}"
@@ -308,8 +333,13 @@ async def run_loop(
                 await asyncio.to_thread(
                     plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), logger=logger
                 )
+            else:  # samples from before a mode switch must not count when builtin resumes
+                for state in states.values():
+                    state.history.clear()
         except SpecError:
             pass  # the reconciler reports it
         except ApiError as exc:
             logger.warning("Planner could not read or scale: %s", exc)
+        except Exception:  # one bad round (a worker cut off mid-scrape, ...) must not end the loop
+            logger.exception("Planner round failed")
         await stopped.wait(interval)

@@ -77,6 +77,19 @@ def test_scale_down_must_be_sustained_and_samples_after_the_change() -> None:
     assert decide(history, DECODE, 8, 0, NOW, NOW - 200).direction == "down"
 
 
+def test_a_hole_in_the_metrics_is_never_sustained_load() -> None:
+    """Metrics down for ten minutes, then one calm sample: the window is not covered (the sample from
+    before the outage does not speak for it), so no scale-down until a window of fresh samples."""
+    before = steady(8, NOW - 600, **CALM)
+    outage = [Sample(NOW - 600 + t, 0) for t in range(15, 600, 15)]  # scrapes that got nothing
+    history = [*before, *outage, Sample(NOW, 8, **CALM)]
+    assert decide(history, DECODE, 8, 0, NOW, None).direction == "hold"
+    silent = [*before, Sample(NOW, 8, **CALM)]  # no samples at all in between (the loop was stopped)
+    assert decide(silent, DECODE, 8, 0, NOW, None).direction == "hold"
+    recovered = [*history, *(Sample(NOW + t, 8, **CALM) for t in range(15, 136, 15))]
+    assert decide(recovered, DECODE, 8, 0, NOW + 135, None).direction == "down"
+
+
 def test_warmup_samples_are_not_in_the_history_and_starting_pods_count_as_capacity() -> None:
     # 2 ready pods drowning, 2 more starting: enough to reach the target? load 2 x 30 = 60, target 10
     history = steady(2, NOW, queue_length=30.0, kv_cache_usage=50.0)

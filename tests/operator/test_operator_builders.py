@@ -191,7 +191,9 @@ def test_keda_scaled_object_queries_prometheus() -> None:
     assert (so["minReplicaCount"], so["maxReplicaCount"]) == (1, 6)
     [trigger] = so["triggers"]
     assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
-    assert trigger["metadata"]["query"] == 'sum(disagg_kv_cache_usage_ratio{namespace="ns",pod=~"demo-decode-.*"})'
+    # the pods of demo-decode's ReplicaSets only, not those of a DisaggDeployment named demo-decode
+    pods = "demo-decode-[a-z0-9]+-[a-z0-9]+"
+    assert trigger["metadata"]["query"] == f'sum(disagg_kv_cache_usage_ratio{{namespace="ns",pod=~"{pods}"}})'
     assert trigger["metadata"]["threshold"] == "0.75"
 
 

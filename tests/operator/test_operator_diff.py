@@ -160,3 +160,14 @@ def test_sync_reason_prefers_the_hash() -> None:
     other["metadata"]["annotations"]["disagg.dev/spec-hash"] = "0" * 16
     assert sync_reason(obj, other) == "spec changed"
     assert sync_reason(obj, copy.deepcopy(obj)) is None
+
+
+def test_zero_values_the_server_omits_are_not_drift() -> None:
+    """The API server drops false, "" and 0 (Go omitempty) when it stores an object; wanting one of them
+    from an absent field must not re-apply the child on every reconcile."""
+    want = {"spec": {"publishNotReadyAddresses": False, "env": [{"name": "X", "value": ""}], "weight": 0}}
+    have = {"spec": {"env": [{"name": "X"}]}}
+    assert first_mismatch(want, have) is None
+    assert first_mismatch(want, {"spec": {"publishNotReadyAddresses": True, "env": [{"name": "X"}]}}) \
+        == "spec.publishNotReadyAddresses"
+    assert first_mismatch({"spec": {"replicas": 3}}, {"spec": {}}) == "spec.replicas"

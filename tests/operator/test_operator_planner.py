@@ -63,6 +63,20 @@ def test_classify_pods() -> None:
     assert starting == 3  # warming, pending, no-ip; the terminating pod is neither
 
 
+def test_finished_and_stuck_pods_are_not_capacity_on_its_way() -> None:
+    """An evicted (Failed) pod lingers until garbage-collected, an unschedulable one stays Pending: as
+    "starting" pods they would block every scale-down for good."""
+    evicted = pod("evicted", ready_for=None)
+    evicted["status"]["phase"] = "Failed"
+    done = pod("done", ready_for=None)
+    done["status"]["phase"] = "Succeeded"
+    stuck, fresh = pod("stuck", ready_for=None), pod("fresh", ready_for=None)
+    stuck["metadata"]["creationTimestamp"] = iso(NOW - 3600)
+    fresh["metadata"]["creationTimestamp"] = iso(NOW - 60)
+    warm, starting = classify([pod("warm"), evicted, done, stuck, fresh], NOW)
+    assert [p.name for p in warm] == ["warm"] and starting == 1  # only the fresh pod is on its way
+
+
 def test_parse_worker_metrics_in_planner_units() -> None:
     sample = parse_worker_metrics(exposition(waiting=3, kv=0.4, util=0.5), "decode")
     assert sample == PodSample(queue_length=3, gpu_utilization=50.0, kv_cache_usage=40.0, running=5, draining=False)

@@ -200,3 +200,24 @@ def test_status_patch_only_when_changed_and_keeps_last_scale() -> None:
     assert status["lastScale"] == previous["lastScale"]
     assert status_patch(status, status) is None
     assert status_patch({}, status)["conditions"]
+
+
+def test_a_stale_copy_of_the_resource_never_rolls_back_a_newer_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child event reconciles with the index's copy of its owner; when that copy predates a spec change
+    already handled, it must not re-apply the old spec."""
+    import logging
+
+    from disagg_operator import handlers
+    from disagg_operator import kube as kube_mod
+
+    c = Cluster(SMALL_SPEC)
+    monkeypatch.setattr(kube_mod, "get_kube", lambda: c.kube)
+    monkeypatch.setattr(handlers, "_newest_generation", {})
+    stale = copy.deepcopy(c.body)
+    c.edit_spec({**SMALL_SPEC, "router": {"replicas": 2}})
+    handlers.run_reconcile(copy.deepcopy(c.body), logging.getLogger("test"))
+    assert c.kube.objects["Deployment", "ns", "demo-router"]["spec"]["replicas"] == 2
+    before = len(c.kube.writes)
+    handlers.run_reconcile(stale, logging.getLogger("test"))  # generation 1 after generation 2
+    assert len(c.kube.writes) == before
+    assert c.kube.objects["Deployment", "ns", "demo-router"]["spec"]["replicas"] == 2
