@@ -22,11 +22,35 @@ from typing import IO
 
 import httpx
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """An unused port, never one this process handed out before: the probe socket is closed before the
+    child binds, and the kernel may offer the same port to the next probe."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free port found")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, however it dies (SIGKILL, a closed
+    terminal), so no worker outlives it holding its ports. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died while we were being forked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def parse_affinity(items: list[str]) -> dict[str, list[int]]:
@@ -66,13 +90,13 @@ class Process:
             out = self._log
         cpus = self.cpus
 
-        def pin() -> None:
+        def before_exec() -> None:
+            _die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
         self.popen = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                      stdin=subprocess.DEVNULL, preexec_fn=pin if cpus else None,
-                                      start_new_session=True)
+                                      stdin=subprocess.DEVNULL, preexec_fn=before_exec, start_new_session=True)
 
     @property
     def alive(self) -> bool:
@@ -195,8 +219,8 @@ class LocalCluster:
                         if client.get(proc.ready_url).status_code == 200:
                             pending.remove(proc)
                 if pending and time.monotonic() > deadline:
-                    names = ", ".join(p.name for p in pending)
-                    raise ClusterError(f"not ready after {timeout:.0f}s: {names}")
+                    tails = "\n".join(f"--- {p.name}:\n{p.log_tail()}" for p in pending)
+                    raise ClusterError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}\n{tails}")
                 if pending:
                     time.sleep(0.2)
 
@@ -228,6 +252,13 @@ class LocalCluster:
         self.stop()
 
 
+def served_model(base_url: str) -> str | None:
+    """The model name the router answers to (what a request's ``model`` must say)."""
+    with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+        return str(httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"][0]["id"])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="disagg up", description=__doc__)
     ap.add_argument("--model", default=None, help="preset or local HF dir (default: the policy's, tiny-llama)")
@@ -244,30 +275,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
     ap.add_argument("--timeout", type=float, default=300)
     args = ap.parse_args(argv)
+    try:
+        affinity = parse_affinity(args.cpu_affinity)
+    except ValueError as exc:
+        ap.error(str(exc))
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    for role, cpus in affinity.items():
+        if usable is not None and not set(cpus) <= usable:
+            ap.error(f"--cpu-affinity {role}: CPUs {sorted(set(cpus) - usable)} are not available "
+                     f"(this process may use {sorted(usable)})")
     cluster = LocalCluster(model=args.model, policy=args.policy, num_prefill=args.prefill, num_decode=args.decode,
                            monolithic=args.monolithic, num_workers=args.workers, host=args.host, port=args.port,
-                           cpu_affinity=parse_affinity(args.cpu_affinity), worker_args=args.worker_arg,
-                           log_dir=args.log_dir)
+                           cpu_affinity=affinity, worker_args=args.worker_arg, log_dir=args.log_dir)
     stop = False
+    starting = True
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
+        if starting:  # interrupt the start-up waits; start() stops whatever already runs
+            raise KeyboardInterrupt
         stop = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         cluster.start(args.timeout)
     except ClusterError as exc:
         print(f"disagg up: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("disagg up: interrupted during start-up; everything started was stopped", file=sys.stderr)
+        return 130
+    starting = False
     shape = (f"{args.workers} monolithic worker(s)" if args.monolithic
              else f"{args.prefill} prefill + {args.decode} decode workers")
-    model = args.model or "the policy's model (default tiny-llama)"
-    print(f"disagg is up: {cluster.base_url}/v1 ({shape}, {model})", flush=True)
+    served = served_model(cluster.base_url) or args.model or "tiny-llama"
+    print(f"disagg is up: {cluster.base_url}/v1 ({shape}, model {served!r})", flush=True)
     print(f"  try: curl {cluster.base_url}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{args.model or 'tiny-llama'}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
-          flush=True)
+          f"-d '{{\"model\": \"{served}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
     print("  Ctrl-C stops everything.", flush=True)
     reported: set[str] = set()
     try:

@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Iterator
 
 import grpc
 import uvicorn
@@ -95,7 +97,9 @@ async def serve(args: argparse.Namespace) -> int:
     prefill_pool = PeerPool("prefill", args.prefill_workers if args.role != "prefill" else None)
     await prefill_pool.start()
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # grpcio sets SO_REUSEPORT by default: a second worker on a taken port would bind and silently
+    # split the traffic with the first one
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(runtime), server)
     kv_receiver = None
     if args.role in ("decode", "both"):
@@ -108,12 +112,15 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
         health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC port {args.host}:{args.port}")
+        raise OSError(f"cannot bind gRPC port {args.host}:{args.port} (in use?)")
     await server.start()
-    http = uvicorn.Server(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
-                                         log_level="warning", lifespan="off"))
+    http = _DrainAwareServer(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
+                                            log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http.serve())
     log.info("%s worker ready: model %s, gRPC %s:%d, HTTP %s:%d, %d KV blocks (%d MiB)%s", args.role, model_ref,
              args.host, args.port, args.host, args.http_port, engine.num_blocks, engine.runner.kv.nbytes >> 20,
@@ -126,8 +133,9 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("draining before exit")
     health.enter_graceful_shutdown()
+    drain_deadline = time.monotonic() + policy.autoscale.drain_timeout_seconds
     await runtime.drain(policy.autoscale.drain_timeout_seconds)
-    await server.stop(grace=2)
+    await server.stop(grace=max(2.0, drain_deadline - time.monotonic()))
     http.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, 5)
@@ -137,6 +145,15 @@ async def serve(args: argparse.Namespace) -> int:
     await runtime.stop()
     await async_engine.stop()
     return 0
+
+
+class _DrainAwareServer(uvicorn.Server):
+    """uvicorn installs its own SIGTERM/SIGINT handlers and would close /ready, /metrics and /drain the
+    moment the signal arrives; the worker stops it itself, after the drain."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,10 @@ def load_model(ref: str | None = None, device: str = "auto", dtype: str = "auto"
     elif Path(ref).is_dir():
         if not (Path(ref) / "config.json").exists():
             raise ModelLoadError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model")
-        model, tokenizer = _load_pretrained(ref, local_only=True)
+        try:
+            model, tokenizer = _load_pretrained(ref, local_only=True)
+        except (OSError, ValueError) as exc:  # no weights, no tokenizer, an unknown architecture, ...
+            raise ModelLoadError(f"cannot load the model in {ref!r}: {exc}") from exc
     else:
         # Never touch the network: a hub id works only if it is already in the local HF cache.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

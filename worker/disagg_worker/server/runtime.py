@@ -138,7 +138,8 @@ class WorkerRuntime:
     @property
     def num_active(self) -> int:
         s = self.engine.engine.stats()
-        return s.num_waiting + s.num_running + s.num_awaiting_kv
+        # + KV held for export: a prefill worker's finished request whose transfer is still streaming
+        return s.num_waiting + s.num_running + s.num_awaiting_kv + len(self.engine.engine.scheduler.held)
 
     async def drain(self, wait_seconds: float) -> bool:
         """Stop taking requests; with ``wait_seconds`` > 0 wait until running ones finish. True if idle."""

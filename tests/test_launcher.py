@@ -1,0 +1,119 @@
+"""Process-level behaviour of ``disagg up`` and ``disagg worker`` with real processes on 127.0.0.1:
+no orphan survives its launcher, Ctrl-C during start-up stops everything at once, a taken gRPC port
+is a clear error (never a silent split of the traffic)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from disagg_worker.launcher import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: PID 1 in a container may never reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.1)
+    return gone(pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_child_does_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from disagg_worker.launcher import Process\n"
+        "p = Process('sleeper', [sys.executable, '-c', 'import time; time.sleep(120)'], ready_url='')\n"
+        "p.start(None)\n"
+        "print(p.popen.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+        parent.kill()  # SIGKILL: no finally, no handler runs in the launcher
+        parent.wait(10)
+        assert wait_gone(child, 10), "the child outlived its launcher"
+    finally:
+        parent.kill()
+        if child and not gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker`` (children inherit the launcher's)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes() and not gone(int(environ.parent.name)):
+                pids.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None:
+    from disagg_worker.engine.cpu_kernels import load_cpu_kernels
+
+    # built (cached) beforehand: ninja runs each compile job in its own process group, so compilers
+    # interrupted mid-build finish on their own; this test is about the router and the workers
+    load_cpu_kernels()
+    marker = f"disagg-test-{uuid.uuid4().hex}"
+    up = subprocess.Popen([sys.executable, "-m", "disagg_worker.cli", "up", "--port", str(free_port()),
+                           "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, env={**os.environ, "DISAGG_TEST_MARKER": marker})
+    try:
+        deadline = time.monotonic() + 60
+        while len(marked_processes(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)  # launcher + workers started, still loading the model: not ready yet
+        up.send_signal(signal.SIGINT)
+        _, err = up.communicate(timeout=30)
+        assert up.returncode == 130, err
+        assert "interrupted during start-up" in err
+        deadline = time.monotonic() + 10
+        while marked_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marked_processes(marker) == []
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        for pid in marked_processes(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_taken_grpc_port_is_a_clear_error() -> None:
+    """grpcio binds with SO_REUSEPORT by default: without turning that off, a second worker on a taken
+    port binds too and the kernel splits the traffic between two processes at random."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        worker = subprocess.run([sys.executable, "-m", "disagg_worker.cli", "worker", "--role", "decode",
+                                 "--port", str(port), "--http-port", str(free_port()), "--kv-cache-blocks", "64"],
+                                capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr[-2000:]
+    assert f"cannot bind gRPC port 127.0.0.1:{port}" in worker.stderr
