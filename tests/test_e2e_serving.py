@@ -209,3 +209,17 @@ def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> N
     while aborted() == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert aborted() == before + 1
+
+
+def test_transfer_metrics_count_remote_prefills_and_commit_finishes(cluster: LocalCluster) -> None:
+    """The kv_transfer phase is observed for requests whose KV moved, not as 0 for local ones; a
+    request that ends at commit (max_tokens 1 after a remote prefill) is still counted as finished."""
+    def value(name: str, labels: str) -> float:
+        return metric_value(worker_metrics(cluster, "decode-0"), name, labels)
+
+    finished = value("disagg_requests_finished_total", 'reason="length"')
+    complete(cluster, random_prompts(1, 10, 10, 41)[0], 3)  # local prefill
+    complete(cluster, random_prompts(1, 100, 100, 42)[0], 1)  # remote, finished at commit
+    transfers = value("disagg_request_phase_seconds_count", 'phase="kv_transfer"')
+    assert transfers == value("disagg_prefill_decisions_total", 'outcome="remote"') > 0
+    assert value("disagg_requests_finished_total", 'reason="length"') == finished + 2

@@ -113,6 +113,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 msg.MergeFrom(first_msg)
                 first_token_at = time.monotonic()
                 finished = first_output.finished
+                if finished:  # at commit (max_tokens 1, EOS first): the step loop never sees this output
+                    rt.record_finished(first_output)
                 yield msg
                 if finished:
                     return
@@ -193,9 +195,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if done is None:
                 raise TransferError("prefill stream ended without a first token")
             if side is not None:
-                t_first_chunk = t_start
                 received = await asyncio.wait_for(asyncio.shield(side.finished),
                                                   max(0.1, deadline - (time.monotonic() - t_start)))
+                t_first_chunk = side.first_frame_at or t_start
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
@@ -229,10 +231,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         m.PREFILL_DECISIONS.labels("remote").inc()
         m.KV_TRANSFER_BYTES.labels("received").inc(received)
         transfer_s = now - (t_first_chunk or now)
-        m.KV_TRANSFER_SECONDS.labels("received").observe(now - t_start)
+        m.KV_TRANSFER_SECONDS.labels("received").observe(now - (t_first_chunk or t_start))
         timings = pb.PhaseTimings(queue_seconds=done.queue_seconds, prefill_seconds=done.prefill_seconds,
                                   kv_transfer_seconds=transfer_s, first_token_seconds=now - t0)
-        _observe_phases(rt.role, timings)
+        _observe_phases(rt.role, timings, remote=True)
         m.TTFT.labels(rt.role).observe(now - t0)
         rt.avg_prefill_seconds.add(done.prefill_seconds)
         return out, pb.GenerateResponse(remote_prefill=True, timings=timings)
@@ -253,8 +255,9 @@ def _failure_reason(exc: BaseException) -> str:
     return "error"
 
 
-def _observe_phases(role: str, t: pb.PhaseTimings) -> None:
+def _observe_phases(role: str, t: pb.PhaseTimings, remote: bool = False) -> None:
     m.PHASE.labels(role, "queue").observe(max(t.queue_seconds, 0.0))
     m.PHASE.labels(role, "prefill").observe(max(t.prefill_seconds, 0.0))
-    m.PHASE.labels(role, "kv_transfer").observe(max(t.kv_transfer_seconds, 0.0))
+    if remote:  # a local prefill moves no KV: a 0 here would only dilute the transfer histogram
+        m.PHASE.labels(role, "kv_transfer").observe(max(t.kv_transfer_seconds, 0.0))
     m.PHASE.labels(role, "first_token").observe(max(t.first_token_seconds, 0.0))

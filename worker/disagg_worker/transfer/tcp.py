@@ -113,6 +113,7 @@ class PendingTransfer:
     verify: bool
     loop: asyncio.AbstractEventLoop
     finished: asyncio.Future[int] = field(init=False)  # total bytes, or TransferError
+    first_frame_at: float | None = field(init=False, default=None)  # time.monotonic() of the first frame
     _conn: socket.socket | None = field(init=False, default=None)
     _stopped: bool = field(init=False, default=False)
     _state_lock: threading.Lock = field(init=False, default_factory=threading.Lock)  # _conn and _stopped
@@ -278,6 +279,8 @@ class KvReceiver:
                 raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "
                                     f"blocks need {expected} each")
             t.coverage.add(first_block, num_blocks, layer_start, num_layers)  # rejects out-of-range frames
+            if t.first_frame_at is None:
+                t.first_frame_at = time.monotonic()
             spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
             k, v = t.sink.views(spec)
             t.recv_into(conn, [*k, *v])
