@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels, built on first use with torch's C++ extension loader.
 
 If a compiler or ninja is missing, or ``DISAGG_CPU_KERNELS=0``, the engine runs the pure-torch path;
-both paths are tested against Hugging Face ``generate``. The build is cached per machine (under
+both paths are tested against Hugging Face ``generate``. The build is cached per machine and checkout (under
 ``TORCH_EXTENSIONS_DIR``) and guarded by torch's file lock, so concurrent workers build it once.
 """
 
@@ -28,6 +28,19 @@ def kernels_enabled() -> bool:
     return os.environ.get("DISAGG_CPU_KERNELS", "1") not in ("0", "false", "no")
 
 
+def _build_directory() -> str | None:
+    """One build per checkout: torch keys its cache by extension name alone, so two checkouts (a CI
+    clone and a working tree) would each find the other's build out of date and rebuild (minutes)."""
+    import hashlib
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # a torch without the helper: its default directory
+        return None
+    digest = hashlib.sha1(str(CSRC.resolve()).encode()).hexdigest()[:12]
+    return _get_build_directory(f"disagg_cpu_kernels-{digest}", verbose=False)
+
+
 @functools.lru_cache(maxsize=1)
 def load_cpu_kernels() -> ModuleType | None:
     """The compiled module, or None when it cannot be built here (the torch path is used then)."""
@@ -42,7 +55,7 @@ def load_cpu_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(name="disagg_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
-                    extra_ldflags=LDFLAGS, verbose=False)
+                    extra_ldflags=LDFLAGS, build_directory=_build_directory(), verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported flags: fall back, loudly once
         log.warning("CPU kernels unavailable (%s); using the torch path", exc)
         return None
