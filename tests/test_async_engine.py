@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -40,28 +41,29 @@ async def test_concurrent_streams_match_hf(llama: LoadedModel) -> None:
         await engine.stop()
 
 
-async def test_a_failing_command_does_not_stop_the_engine(llama: LoadedModel) -> None:
+@pytest.fixture
+async def running(llama: LoadedModel) -> AsyncIterator[AsyncEngine]:
+    """A started engine on a small pool, stopped after the test whatever happened."""
     engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
     engine.start()
     try:
-        engine._commands.put(lambda: 1 / 0)  # fire-and-forget, like an abort: nobody awaits it
-        assert await collect(engine, "after", [5, 6, 7], 3) == hf_greedy(llama, [5, 6, 7], 3)
-        assert engine.running
+        yield engine
     finally:
         await engine.stop()
 
 
-async def test_a_request_id_in_use_is_refused_and_its_stream_kept(llama: LoadedModel) -> None:
-    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
-    engine.start()
-    try:
-        first = engine.generate("same", [5, 6, 7], {"max_tokens": 6, "temperature": 0})
-        tokens = list((await anext(first)).new_token_ids)
-        with pytest.raises(InvalidRequestError, match="already in use"):
-            await collect(engine, "same", [8, 9], 2)
-        with pytest.raises(InvalidRequestError, match="empty"):
-            await collect(engine, "", [8, 9], 2)
-        tokens += [t async for out in first for t in out.new_token_ids]
-        assert tokens == hf_greedy(llama, [5, 6, 7], 6)
-    finally:
-        await engine.stop()
+async def test_a_failing_command_does_not_stop_the_engine(running: AsyncEngine, llama: LoadedModel) -> None:
+    running._commands.put(lambda: 1 / 0)  # fire-and-forget, like an abort: nobody awaits it
+    assert await collect(running, "after", [5, 6, 7], 3) == hf_greedy(llama, [5, 6, 7], 3)
+    assert running.running
+
+
+async def test_a_request_id_in_use_is_refused_and_its_stream_kept(running: AsyncEngine, llama: LoadedModel) -> None:
+    first = running.generate("same", [5, 6, 7], {"max_tokens": 6, "temperature": 0})
+    tokens = list((await anext(first)).new_token_ids)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        await collect(running, "same", [8, 9], 2)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        await collect(running, "", [8, 9], 2)
+    tokens += [t async for out in first for t in out.new_token_ids]
+    assert tokens == hf_greedy(llama, [5, 6, 7], 6)
