@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
 
-from disagg_worker.engine.async_engine import AsyncEngine
+from disagg_worker.engine.async_engine import AsyncEngine, EngineStoppedError
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.models.loader import LoadedModel
@@ -67,3 +68,22 @@ async def test_a_request_id_in_use_is_refused_and_its_stream_kept(running: Async
         await collect(running, "", [8, 9], 2)
     tokens += [t async for out in first for t in out.new_token_ids]
     assert tokens == hf_greedy(llama, [5, 6, 7], 6)
+
+
+def _end_the_engine_thread() -> None:
+    raise SystemExit  # a BaseException: what no command handler catches
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the test
+async def test_calls_queued_behind_a_dying_engine_thread_get_an_error(running: AsyncEngine) -> None:
+    gate = threading.Event()
+    running._commands.put(lambda: gate.wait(5))  # hold the thread so both commands below queue up
+    running._commands.put(_end_the_engine_thread)
+    waiting = asyncio.create_task(running.call(lambda: 42))
+    await asyncio.sleep(0.05)
+    gate.set()
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(waiting, 5)  # it used to wait forever
+    assert not running.running
+    with pytest.raises(EngineStoppedError):
+        await running.call(lambda: 42)

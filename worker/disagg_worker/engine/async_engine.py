@@ -8,6 +8,7 @@ step. A request's stream always ends: with a finished output, an error output, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._pending: set[asyncio.Future[Any]] = set()  # call()s whose command has not run yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -64,6 +66,15 @@ class AsyncEngine:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_streams, "the engine stopped")
             raise
+        finally:  # commands still queued will never run: their callers get an error, not a hang
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is waiting
+                    self._loop.call_soon_threadsafe(self._fail_pending)
+
+    def _fail_pending(self) -> None:
+        for fut in list(self._pending):
+            _set_exception(fut, EngineStoppedError("the engine stopped before running the command"))
+        self._pending.clear()
 
     def _fail_streams(self, message: str) -> None:
         for rid, q in list(self._streams.items()):
@@ -121,6 +132,8 @@ class AsyncEngine:
             raise EngineStoppedError("the engine is not running")
         assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
         loop = self._loop
 
         def run() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -41,16 +41,22 @@ def _build_directory() -> str | None:
     return _get_build_directory(f"disagg_cpu_kernels-{digest}", verbose=False)
 
 
+def _prefer_interpreter_ninja() -> None:
+    """Put the ninja that pip installed next to the interpreter first on PATH, when there is one.
+
+    Always that one, not whichever comes first: two ninja versions write incompatible ``.ninja_log``
+    files, so a system ninja and the venv's would each rebuild the other's build from scratch."""
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / "ninja").exists():
+        os.environ["PATH"] = str(bin_dir) + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.lru_cache(maxsize=1)
 def load_cpu_kernels() -> ModuleType | None:
     """The compiled module, or None when it cannot be built here (the torch path is used then)."""
     if not kernels_enabled():
         return None
-    if shutil.which("ninja") is None:
-        # pip installs ninja's binary next to the interpreter; make it findable for the loader
-        import sys
-
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    _prefer_interpreter_ninja()
     try:
         from torch.utils.cpp_extension import load
 

@@ -27,7 +27,13 @@ from disagg_worker.routing import should_offload_prefill
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.peers import Peer, PeerPool
 from disagg_worker.server.prefill_service import layout_message
-from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, params_to_proto, priority_from_proto
+from disagg_worker.server.runtime import (
+    WorkerRuntime,
+    params_from_proto,
+    params_to_proto,
+    priority_from_proto,
+    priority_to_proto,
+)
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError
 from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
 from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
@@ -158,7 +164,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         lay = eng.runner.layout
         req = pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
                                 first_block=first_block, layout=layout_message(rt),
-                                chunk_bytes=rt.policy.kv_transfer.chunk_bytes)
+                                chunk_bytes=rt.policy.kv_transfer.chunk_bytes, priority=priority_to_proto(priority))
         deadline = rt.policy.kv_transfer.timeout_seconds
         t_start = time.monotonic()
         received = 0

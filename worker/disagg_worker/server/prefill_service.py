@@ -23,7 +23,7 @@ import torch
 from disagg_worker import metrics as m
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
-from disagg_worker.server.runtime import WorkerRuntime, params_from_proto
+from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, priority_from_proto
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks, tensor_bytes
 from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
 from disagg_worker.transfer.tcp import KvConnectionPool
@@ -74,7 +74,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         except InvalidRequestError as exc:  # an id in use: that request's stream stays untouched
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            await rt.engine.call(lambda: eng.add_request(rid, prompt, params, hold_kv=True))
+            priority = priority_from_proto(request.priority)
+            await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, hold_kv=True))
         except InvalidRequestError as exc:
             rt.engine.close_stream(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

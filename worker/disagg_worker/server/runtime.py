@@ -170,4 +170,9 @@ def priority_from_proto(value: int) -> int:
     return PRIORITY_LOW if value == pb.PRIORITY_LOW else PRIORITY_HIGH
 
 
-__all__ = ["InvalidRequestError", "WorkerRuntime", "params_from_proto", "params_to_proto", "priority_from_proto"]
+def priority_to_proto(value: int) -> int:
+    return pb.PRIORITY_LOW if value == PRIORITY_LOW else pb.PRIORITY_HIGH
+
+
+__all__ = ["InvalidRequestError", "WorkerRuntime", "params_from_proto", "params_to_proto", "priority_from_proto",
+           "priority_to_proto"]

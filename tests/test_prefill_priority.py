@@ -1,0 +1,87 @@
+"""A request's QoS class reaches the prefill worker's queue: a remote prefill is queued there with the
+priority the client asked for (it used to be high for everyone, so a burst of low-priority long
+prompts delayed high-priority ones on the prefill pool). Real decode and prefill servicers with real
+engines, in-process gRPC on 127.0.0.1; the answer still equals Hugging Face greedy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from disagg_worker.engine.async_engine import AsyncEngine
+from disagg_worker.engine.engine import EngineConfig, LLMEngine
+from disagg_worker.engine.request import PRIORITY_HIGH, PRIORITY_LOW
+from disagg_worker.models.loader import LoadedModel
+from disagg_worker.policy import Policy
+from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.server.decode_service import DecodeServicer
+from disagg_worker.server.peers import PeerPool
+from disagg_worker.server.prefill_service import PrefillServicer
+from disagg_worker.server.runtime import WorkerRuntime
+from disagg_worker.worker_main import WorkerServicer
+from tests.conftest import hf_greedy
+
+
+@dataclass
+class Pair:
+    decode: pb_grpc.DecodeStub
+    prefill_priorities: list[int]  # what the prefill engine was asked to queue, in order
+
+
+@pytest.fixture
+async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
+    policy = Policy()  # the default kvTransfer backend (gRPC stream)
+    runtimes, servers = [], []
+    prefill_pool = None
+    try:
+        for role in ("prefill", "decode"):
+            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
+            engine.start()
+            runtimes.append(WorkerRuntime(engine, role, policy, "tiny-llama"))
+        prefill_rt, decode_rt = runtimes
+        seen: list[int] = []
+        real_add = prefill_rt.engine.engine.add_request
+
+        def spy(*args: object, **kwargs: object) -> object:
+            seen.append(args[3] if len(args) > 3 else kwargs.get("priority", PRIORITY_HIGH))  # type: ignore[arg-type]
+            return real_add(*args, **kwargs)  # type: ignore[arg-type]
+
+        prefill_rt.engine.engine.add_request = spy  # type: ignore[method-assign]
+        prefill_server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), prefill_server)
+        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), prefill_server)
+        prefill_port = prefill_server.add_insecure_port("127.0.0.1:0")
+        servers.append(prefill_server)
+        await prefill_server.start()
+        prefill_pool = PeerPool("prefill", f"127.0.0.1:{prefill_port}")
+        await prefill_pool.start()
+        decode_server = grpc.aio.server()
+        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(decode_rt, prefill_pool), decode_server)
+        decode_port = decode_server.add_insecure_port("127.0.0.1:0")
+        servers.append(decode_server)
+        await decode_server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}") as channel:
+            yield Pair(pb_grpc.DecodeStub(channel), seen)
+    finally:
+        for server in servers:
+            await server.stop(grace=None)
+        if prefill_pool is not None:
+            await prefill_pool.stop()
+        for rt in runtimes:
+            await rt.engine.stop()
+
+
+@pytest.mark.parametrize(("priority", "queued_as"),
+                         [(pb.PRIORITY_LOW, PRIORITY_LOW), (pb.PRIORITY_HIGH, PRIORITY_HIGH)])
+async def test_remote_prefill_is_queued_with_the_requests_priority(pair: Pair, llama: LoadedModel, priority: int,
+                                                                   queued_as: int) -> None:
+    prompt = list(range(40, 90))
+    request = pb.GenerateRequest(request_id=f"r-{priority}", prompt_token_ids=prompt, priority=priority,
+                                 prefill_mode="remote", params=pb.SamplingParams(max_tokens=6, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert messages[0].remote_prefill and not messages[0].fallback_reason
+    assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
+    assert pair.prefill_priorities == [queued_as]
