@@ -45,6 +45,20 @@ K8sObject = Annotated[
     WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 
+# A core/v1 Volume. ``name`` is declared so that the CRD's CEL rule matching volumeMounts to volumes
+# can read it (CEL cannot see preserved unknown fields) and bounded so that the rule's estimated cost
+# fits the API server's budget.
+VOLUME_NAME_MAX = 63
+K8sVolume = Annotated[
+    dict[str, Any],
+    WithJsonSchema({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": VOLUME_NAME_MAX}},
+    }),
+]
+
 
 class SpecError(ValueError):
     """The spec is invalid; ``errors`` lists one message per problem, each naming its field."""
@@ -75,7 +89,9 @@ class Toleration(_Model):
 
 
 class VolumeMount(_Model):
-    name: str = Field(min_length=1, description="name of a volume listed in this role's volumes")
+    name: str = Field(
+        min_length=1, max_length=VOLUME_NAME_MAX, description="name of a volume listed in this role's volumes"
+    )
     mount_path: str = Field(min_length=1, pattern=r"^/", description="absolute path in the container")
     read_only: bool = False
     sub_path: str | None = None
@@ -101,7 +117,7 @@ class PodSettings(_Model):
     affinity: K8sObject | None = Field(None, description="a core/v1 Affinity")
     priority_class_name: str | None = None
     env: list[EnvVar] = Field(default_factory=list, max_length=128, description="extra environment variables")
-    volumes: list[K8sObject] = Field(
+    volumes: list[K8sVolume] = Field(
         default_factory=list,
         max_length=32,
         description=("extra core/v1 Volumes, e.g. a PVC holding the model"),
@@ -291,6 +307,8 @@ def _volume_errors(role: str, pod: PodSettings) -> list[str]:
     for i, vol_name in enumerate(names):
         if not isinstance(vol_name, str) or not vol_name:
             errors.append(f"spec.{role}.volumes[{i}].name: required")
+        elif len(vol_name) > VOLUME_NAME_MAX:
+            errors.append(f"spec.{role}.volumes[{i}].name: at most {VOLUME_NAME_MAX} characters")
         elif vol_name in RESERVED_VOLUMES:
             errors.append(f"spec.{role}.volumes[{i}].name: {vol_name!r} is reserved by the operator")
     if len(set(names)) != len(names):

@@ -130,6 +130,11 @@ def test_monitoring_values_render_service_monitor_and_dashboard() -> None:
                    "disagg_prefix_cache_hit_ratio", "disagg_utilization_ratio", "disagg_draining",
                    "disagg_scale_decisions_total", "disagg_desired_replicas"):
         assert metric in exprs
+    # the operator labels its series with the DisaggDeployment's namespace, which the dashboard
+    # filters on; Prometheus keeps that label only with honorLabels
+    [monitor] = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert all(e["honorLabels"] is True for e in monitor["spec"]["endpoints"])
+    assert 'namespace=~"$namespace"' in exprs
 
 
 def test_minimal_values_use_an_existing_service_account() -> None:

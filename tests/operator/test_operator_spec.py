@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from typing import Any
@@ -219,3 +220,58 @@ def test_volume_mount_cel_matches_the_operator(volumes: list[str], mounts: list[
     except SpecError:
         ok = False
     assert cel_ok == ok == set(mounts).issubset(volumes)
+
+
+_MACRO = re.compile(r"(self(?:\.\w+)+)\.(?:all|exists|exists_one|filter|map)\((\w+),")
+_CHAIN = re.compile(r"\b(\w+)((?:\.\w+)+)")
+_FUNCTIONS = {"all", "exists", "exists_one", "filter", "map", "size", "startsWith", "endsWith", "matches"}
+
+
+def _resolve(schema: dict[str, Any], fields: list[str]) -> str | None:
+    """Follow declared properties (and list items); the first field CEL could not see, if any."""
+    for name in fields:
+        if name in _FUNCTIONS:
+            return None
+        if schema.get("type") == "array":
+            schema = schema["items"]
+        props = schema.get("properties") or {}
+        if name not in props:
+            return name
+        schema = props[name]
+    return None
+
+
+def _rules(schema: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    out = [(schema, r["rule"]) for r in schema.get("x-kubernetes-validations", [])]
+    for prop in (schema.get("properties") or {}).values():
+        out += _rules(prop)
+    if "items" in schema:
+        out += _rules(schema["items"])
+    return out
+
+
+def test_cel_rules_read_only_declared_fields() -> None:
+    """The API server compiles CEL against the declared schema: a field kept by
+    x-kubernetes-preserve-unknown-fields is invisible to it, and a rule naming one makes the CRD
+    itself fail to install ("undefined field"). cel-python (used above) is untyped and cannot see that."""
+    problems = []
+    for scope, rule in _rules(crd_schema()):
+        bound = {var: path.split(".")[1:] for path, var in _MACRO.findall(rule)}
+        for head, tail in _CHAIN.findall(rule):
+            fields = tail.split(".")[1:]
+            if head == "self":
+                if fields[:1] == ["metadata"] and fields[1:2] in (["name"], ["generateName"]):
+                    continue
+                missing = _resolve(scope, fields)
+            elif head in bound:
+                items_of = _resolve(scope, bound[head])
+                assert items_of is None, (rule, head)
+                node = scope
+                for name in bound[head]:
+                    node = node["properties"][name]
+                missing = _resolve(node["items"], fields)
+            else:
+                continue
+            if missing is not None:
+                problems.append(f"{rule!r}: {head}{tail} reads undeclared field {missing!r}")
+    assert not problems, problems
