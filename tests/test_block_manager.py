@@ -136,6 +136,53 @@ def test_preemption_frees_the_newest_low_priority_request() -> None:
     assert a.num_preemptions == 0
 
 
+def test_a_high_priority_request_admitted_later_is_not_preempted_for_a_low_one() -> None:
+    bm = BlockManager(4, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), bm)
+    low = make_request("low", list(range(5)), max_tokens=20, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # low runs first: 6 tokens, 2 blocks
+    high = make_request("high", list(range(100, 108)), max_tokens=20)
+    s.add_request(high)
+    s.update_from_output(s.schedule(), {"low": 1, "high": 1})  # 4 blocks in use: the pool is full
+    out = s.schedule()  # high needs a third block; low still has room in its second one
+    assert out.preempted == [low]
+    assert [x.request.request_id for x in out.scheduled] == ["high"]
+    bm.check_invariants(s.live_requests())
+
+
+def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
+    bm = BlockManager(64, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)
+    long = make_request("long", list(range(199)), max_tokens=4)
+    s.add_request(long)
+    s.update_from_output(s.schedule(), {})  # the long prompt starts its chunked prefill
+    short = make_request("short", list(range(3)), max_tokens=20)
+    assert s.reserve_for_import(short) == 0  # a remote prefill lands behind it (decode worker)
+    s.commit_import("short", 1)
+    for _ in range(5):
+        out = s.schedule()
+        assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("short", 1), ("long", 15)]
+        s.update_from_output(out, {"short": 1})
+
+
+def test_a_hash_collision_with_another_prefix_is_not_reused() -> None:
+    """Block names are xxh3 (fast, not collision-resistant): a block whose name and tokens match but
+    whose KV was computed after another prefix must not be reused."""
+    bm = BlockManager(8, 2)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), bm)
+    a = make_request("a", [1, 2, 7, 8, 9], max_tokens=1)  # blocks [1 2] [7 8], cached
+    c = make_request("c", [3, 4, 5, 6, 9], max_tokens=1)  # blocks [3 4] [5 6], cached
+    for r in (a, c):
+        s.add_request(r)
+    out = s.schedule()
+    c_head = c.block_ids[0]
+    s.update_from_output(out, {"a": 1, "c": 1})  # both finish; their blocks stay cached
+    b = make_request("b", [3, 4, 7, 8, 9], max_tokens=1)
+    b.block_hashes = [c.block_hashes[0], a.block_hashes[1]]  # as if hash([3 4] then [7 8]) collided
+    assert bm.find_cached_prefix(b) == [c_head]  # [7 8]'s KV was computed after [1 2]
+
+
 def test_finish_and_held_kv_release() -> None:
     bm = BlockManager(8, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64), bm)

@@ -244,3 +244,37 @@ def test_fallback_times_and_counts_the_local_prefill_afresh(llama: LoadedModel) 
     assert req.first_scheduled_time is None and req.num_cached_tokens == 0
     drain(decode)
     assert req.first_scheduled_time is not None
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_with_stop(engine: LLMEngine,
+                                                                             llama: LoadedModel) -> None:
+    prompt = random_prompts(1, 20, 20, 4)[0]
+    tokens = hf_greedy(llama, prompt, 30)
+    n = next(k for k in range(12, 31)  # a length whose text's last 3 characters appear nowhere before
+             if len(text := engine.tokenizer.decode(tokens[:k], skip_special_tokens=True)) > 3
+             and text[-3:] not in text[:-1])
+    text = engine.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+    engine.add_request("s", prompt, {"max_tokens": n, "temperature": 0, "stop": [text[-3:]]})
+    outs = drain(engine)
+    assert "".join(o.new_text for o in outs) == text[:-3]
+    assert outs[-1].finish_reason == "stop"  # the text was cut: "length" would be a lie
+
+
+def test_a_held_request_that_fails_frees_its_blocks(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.add_request("held", [5, 6, 7, 8, 9], {"max_tokens": 1, "temperature": 0}, hold_kv=True)
+    monkeypatch.setattr(engine._tracked["held"].detok, "add_token",
+                        lambda token: (_ for _ in ()).throw(TypeError("no text for this id")))
+    outs = drain(engine)
+    assert outs[-1].finish_reason == "error"
+    assert "held" not in engine.scheduler.held and engine.block_manager.usage == 0
+
+
+def test_a_step_that_can_run_nothing_reports_a_stall(llama: LoadedModel) -> None:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=4, max_model_len=16), llama)
+    engine.add_request("held", list(range(5, 18)), {"max_tokens": 1, "temperature": 0}, hold_kv=True)
+    drain(engine)  # its KV waits for an export: every block is held
+    engine.add_request("waits", [5, 6, 7], {"max_tokens": 2, "temperature": 0})
+    assert engine.step() == [] and engine.stalled  # the async loop then waits instead of spinning
+    engine.release("held")
+    outs = drain(engine)
+    assert not engine.stalled and outs[-1].finished and outs[-1].num_output_tokens == 2

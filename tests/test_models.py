@@ -77,6 +77,19 @@ def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
         load_model(str(tmp_path), "cpu", "float32")
 
 
+def test_batch_dependent_rope_is_rejected(tmp_path: Path) -> None:
+    """transformers' dynamic/longrope rotary takes its scale from the longest position in the call: in
+    a continuous batch one request's output would depend on its neighbours'."""
+    import json
+
+    save_preset("tiny-llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="rope_type 'dynamic'"):
+        load_model(str(tmp_path), "cpu", "float32")
+
+
 @pytest.mark.parametrize(("device", "dtype", "match"), [("tpu", "float32", "unknown device"),
                                                         ("cpu", "float8", "unknown dtype")])
 def test_bad_device_or_dtype(device: str, dtype: str, match: str) -> None:

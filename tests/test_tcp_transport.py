@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -108,7 +109,8 @@ def test_streaming_checksum_equals_the_chunk_checksum() -> None:
 def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[], KvSink], dst_first: int,
                  num_blocks: int, chunk_bytes: int, corrupt_seq: int | None = None,
                  before_chunk: Callable[[ChunkSpec], None] | None = None,
-                 on_registered: Callable[[PendingTransfer], None] | None = None) -> int:
+                 on_registered: Callable[[PendingTransfer], None] | None = None,
+                 max_frame_bytes: int | None = None, receiver: KvReceiver | None = None) -> int:
     """Send ``src_blocks[dst_first:]`` from a sender thread into a receiver; the transfer's byte count or its error."""
     specs = plan_chunks(dst_first, num_blocks, LAYOUT.num_layers, PER_BLOCK_LAYER, chunk_bytes)
 
@@ -117,17 +119,17 @@ def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[
                                range(spec.layer_start, spec.layer_start + spec.num_layers))
 
     async def main() -> int:
-        receiver = KvReceiver("127.0.0.1")
+        rx = receiver or KvReceiver("127.0.0.1")
         sender_error: list[BaseException] = []
         try:
             t = PendingTransfer("r", LAYOUT, Coverage(dst_first, num_blocks, LAYOUT.num_layers), make_sink(), True,
-                                asyncio.get_running_loop())
-            token = receiver.register(t)
+                                asyncio.get_running_loop(), max_frame_bytes=max_frame_bytes)
+            token = rx.register(t)
             if on_registered is not None:
                 on_registered(t)
 
             def send() -> None:
-                conn = KvSenderConnection(receiver.endpoint, 10)
+                conn = KvSenderConnection(rx.endpoint, 10)
                 try:
                     conn.send_all(token, specs, chunk_views, before_chunk, corrupt_seq)
                 except (OSError, TransferError) as exc:  # refused, or cut off: the receiver says why
@@ -144,7 +146,8 @@ def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[
             assert not sender_error, sender_error  # a completed transfer leaves the sender fine too
             return total
         finally:
-            receiver.close()
+            if receiver is None:
+                rx.close()
 
     return asyncio.run(main())
 
@@ -180,6 +183,43 @@ def test_a_corrupt_chunk_fails_the_transfer(staged: bool) -> None:
     sink: KvSink = StagedSink(LAYOUT, lambda *a: None) if staged else PoolSink(dst, DST_BLOCKS)
     with pytest.raises(TransferError, match="checksum mismatch on chunk 1"):
         run_transfer(src, SRC_BLOCKS, lambda: sink, 0, len(SRC_BLOCKS), PER_BLOCK_LAYER * 2, corrupt_seq=1)
+
+
+def test_a_frame_over_the_chunk_size_is_refused_before_anything_is_allocated() -> None:
+    src = filled_pool(16, seed=2)
+    sink = StagedSink(LAYOUT, lambda *a: None)
+    with pytest.raises(TransferError, match=r"over the \d+-byte chunk size"):  # a peer ignoring the negotiated size
+        run_transfer(src, SRC_BLOCKS, lambda: sink, 0, len(SRC_BLOCKS), 1 << 20, max_frame_bytes=2 * PER_BLOCK_LAYER)
+    assert len(sink._buf) == 0  # refused on its header: no staging buffer for what it claimed
+
+
+def test_the_receiver_keeps_listening_after_a_failed_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accept() error (out of file descriptors, say) used to end the accept loop for good: every later
+    transfer on a new connection then waited out its deadline and fell back."""
+    receiver = KvReceiver("127.0.0.1")
+    try:
+        real_accept = socket.socket.accept
+        failures = [OSError(errno.EMFILE, "Too many open files")]
+
+        def flaky_accept(sock: socket.socket) -> tuple[socket.socket, object]:
+            if failures:
+                raise failures.pop()
+            return real_accept(sock)
+
+        monkeypatch.setattr(socket.socket, "accept", flaky_accept)
+        host, port = receiver.endpoint.rsplit(":", 1)
+        socket.create_connection((host, int(port))).close()  # the loop takes it; its next accept() fails
+        for _ in range(100):
+            if not failures:
+                break
+            time.sleep(0.01)
+        assert not failures
+        src, dst = filled_pool(16, seed=5), PagedKVCache(LAYOUT, 16, CPU)
+        total = run_transfer(src, SRC_BLOCKS, lambda: PoolSink(dst, DST_BLOCKS), 0, len(SRC_BLOCKS), 1 << 20,
+                             receiver=receiver)
+        assert total == len(SRC_BLOCKS) * LAYOUT.bytes_per_block
+    finally:
+        receiver.close()
 
 
 def test_a_frame_outside_the_reservation_is_refused_before_it_lands() -> None:

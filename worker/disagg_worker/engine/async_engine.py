@@ -21,6 +21,7 @@ from disagg_worker.engine.request import PRIORITY_HIGH, InvalidRequestError, Sam
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STALLED_WAIT_SECONDS = 0.005
 
 
 class EngineStoppedError(RuntimeError):
@@ -101,6 +102,9 @@ class AsyncEngine:
                     log.exception("on_step hook failed")
             if outputs:
                 self._deliver(outputs)
+            elif self.engine.stalled:  # what frees blocks or slots arrives as a command, which wakes us
+                self._wake.wait(STALLED_WAIT_SECONDS)
+                self._wake.clear()
 
     def _run_commands(self) -> None:
         while True:

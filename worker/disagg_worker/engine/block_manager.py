@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from disagg_worker.engine.prefix_hash import block_hashes
+from disagg_worker.engine.prefix_hash import ROOT_HASH, block_hashes
 from disagg_worker.engine.request import Request, SamplingParams
 
 _PROBE_PARAMS = SamplingParams()
@@ -24,6 +24,7 @@ class Block:
     ref_count: int = 0
     block_hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None  # kept to verify a hash hit
+    parent_hash: bytes | None = None  # the previous block's name: its KV depends on the whole prefix
 
 
 class BlockManager:
@@ -78,8 +79,10 @@ class BlockManager:
             bid = self._cached.get(request.block_hashes[i])
             if bid is None:
                 break
-            if self.blocks[bid].token_ids != tuple(tokens[i * bs:(i + 1) * bs]):
-                break  # a hash collision: never reuse KV of different tokens
+            block = self.blocks[bid]
+            parent = request.block_hashes[i - 1] if i else ROOT_HASH
+            if block.token_ids != tuple(tokens[i * bs:(i + 1) * bs]) or block.parent_hash != parent:
+                break  # a hash collision: never reuse KV of different tokens or of another prefix
             hits.append(bid)
         return hits
 
@@ -136,6 +139,7 @@ class BlockManager:
                 self._cached[h] = block.block_id
                 block.block_hash = h
                 block.token_ids = tuple(tokens[i * bs:(i + 1) * bs])
+                block.parent_hash = request.block_hashes[i - 1] if i else ROOT_HASH
         request.num_registered_blocks = num_full
 
     def free(self, request: Request) -> None:
@@ -183,6 +187,7 @@ class BlockManager:
             del self._cached[block.block_hash]  # type: ignore[arg-type]
         block.block_hash = None
         block.token_ids = None
+        block.parent_hash = None
 
     # ---- invariants (tests call this after every operation) -------------------------------
     def check_invariants(self, live_requests: Iterable[Request]) -> None:

@@ -111,6 +111,9 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self.busy_seconds = 0.0
         self.steps = 0
+        # the last step ran nothing although requests wait (blocks held for export or import, or
+        # every batch slot reserved): stepping again at once would only spin
+        self.stalled = False
         self.last_step_seconds = 0.0
 
     def _pool_blocks(self, bytes_per_block: int) -> int:
@@ -200,6 +203,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
+        self.stalled = sched.is_empty and self.scheduler.has_work()
         if sched.is_empty:
             return outputs
         t0 = time.perf_counter()
@@ -259,6 +263,9 @@ class LLMEngine:
 
     def _fail(self, req: Request, message: str) -> RequestOutput:
         self.scheduler.finish(req, FinishReason.ERROR)
+        if req.finish_reason is not FinishReason.ERROR:  # it had just finished when its text failed
+            req.finish_reason = FinishReason.ERROR
+            self.scheduler.release_held(req.request_id)  # nobody will export it
         out = self._output(self._tracked[req.request_id], error=message)
         self._forget(req.request_id)
         return out

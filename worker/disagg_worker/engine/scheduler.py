@@ -119,6 +119,11 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
+        # High priority first, so that a preemption (which takes from the unscheduled tail) never
+        # evicts a high-priority request for a low one; within a priority, decodes before prefill
+        # chunks, so that a long chunked prefill cannot take the whole budget and stall the decodes.
+        # The sort is stable: admission order otherwise.
+        self.running.sort(key=lambda r: (r.priority, r.num_tokens - r.num_computed_tokens > 1))
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -196,6 +201,8 @@ class Scheduler:
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End a request wherever it is; its blocks are freed unless it holds them for export."""
         if req.is_finished:
+            if reason is FinishReason.STOP and req.finish_reason is FinishReason.LENGTH:
+                req.finish_reason = reason  # a stop string completed by the last allowed token
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)

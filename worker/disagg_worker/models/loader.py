@@ -14,6 +14,7 @@ from typing import Any
 from disagg_worker.models.presets import DEFAULT_PRESET, PRESETS, build_model, build_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -75,6 +76,14 @@ def _check_architecture(config: Any, ref: str) -> None:
             f"model {ref!r} has architecture {config.model_type!r}; disagg runs "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (decoder-only, rotary, RMSNorm)"
         )
+    for attr in ("rope_scaling", "rope_parameters"):  # the name depends on the transformers version
+        rope = getattr(config, attr, None)
+        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+        if kind in BATCH_DEPENDENT_ROPE:
+            raise ModelLoadError(
+                f"model {ref!r} uses rope_type {kind!r}, whose frequencies depend on the longest position "
+                "in the forward pass: in a continuous batch one request would change another's output"
+            )
 
 
 def _load_pretrained(ref: str, local_only: bool) -> tuple[Any, Any]:

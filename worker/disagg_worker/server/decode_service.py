@@ -178,11 +178,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         pool_sink = PoolSink(eng.runner.kv, block_ids) if eng.runner.kv.k.device.type == "cpu" else None
         if self.kv_receiver is not None:
             sink: KvSink = pool_sink or StagedSink(lay, lambda fb, ls, k, v: eng.import_kv(rid, fb, k, v, ls))
-            side = PendingTransfer(rid, lay, coverage, sink, verify, asyncio.get_running_loop())
+            side = PendingTransfer(rid, lay, coverage, sink, verify, asyncio.get_running_loop(),
+                                   max_frame_bytes=rt.policy.kv_transfer.chunk_bytes)
             token = self.kv_receiver.register(side)
             req.kv_endpoint, req.transfer_token = self.kv_receiver.endpoint, token
-        call = peer.prefill.Prefill(req, timeout=deadline)
+        call: grpc.aio.UnaryStreamCall | None = None
         try:
+            # inside the try: a channel that closed meanwhile (the peer left DNS) raises here
+            call = peer.prefill.Prefill(req, timeout=deadline)
             async for resp in call:
                 if resp.HasField("chunk"):
                     t_first_chunk = t_first_chunk or time.monotonic()
@@ -207,12 +210,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
-        except (TransferError, grpc.aio.AioRpcError, asyncio.TimeoutError, ValueError, KeyError) as exc:
-            call.cancel()
+        except Exception as exc:  # whatever failed, the request is not lost: it prefills locally
+            if call is not None:
+                call.cancel()
             failure: BaseException = exc
-            if side is not None and not side.finished.done():
+            if side is not None and side.attached and not side.finished.done():
+                left = deadline - (time.monotonic() - t_start)
                 with contextlib.suppress(Exception):  # let the data plane report its side of the failure
-                    await asyncio.wait_for(asyncio.shield(side.finished), 1.0)
+                    await asyncio.wait_for(asyncio.shield(side.finished), min(1.0, max(0.01, left)))
             if (side is not None and side.finished.done() and not side.finished.cancelled()
                     and side.finished.exception() is not None):
                 failure = side.finished.exception()  # type: ignore[assignment]  # explains the control stream's
@@ -227,7 +232,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await rt.engine.call(lambda: eng.fallback_to_local(rid))
             return None, pb.GenerateResponse(fallback_reason=reason)
         except BaseException:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise
         finally:
             if side is not None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -68,18 +68,17 @@ class Peer:
     model: str = ""
     max_model_len: int = 0
     last_ok: float = 0.0
+    # Stubs are made once, while the channel is open: grpcio (1.85) can crash the process (SIGSEGV)
+    # building a stub on a channel that was closed meanwhile, e.g. a peer retired between being chosen
+    # and being called. A call on a closed channel only raises.
+    worker: pb_grpc.WorkerStub = field(init=False)
+    decode: pb_grpc.DecodeStub = field(init=False)
+    prefill: pb_grpc.PrefillStub = field(init=False)
 
-    @property
-    def worker(self) -> pb_grpc.WorkerStub:
-        return pb_grpc.WorkerStub(self.channel)
-
-    @property
-    def decode(self) -> pb_grpc.DecodeStub:
-        return pb_grpc.DecodeStub(self.channel)
-
-    @property
-    def prefill(self) -> pb_grpc.PrefillStub:
-        return pb_grpc.PrefillStub(self.channel)
+    def __post_init__(self) -> None:
+        self.worker = pb_grpc.WorkerStub(self.channel)
+        self.decode = pb_grpc.DecodeStub(self.channel)
+        self.prefill = pb_grpc.PrefillStub(self.channel)
 
 
 class PeerPool:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -29,6 +30,7 @@ from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
 from disagg_worker.transfer.tcp import KvConnectionPool
 
 log = logging.getLogger(__name__)
+MAX_CONCURRENT_SENDS = 16  # tcp transfers in flight from one prefill worker; more wait their turn
 
 
 def layout_message(runtime: WorkerRuntime) -> pb.KvLayout:
@@ -42,6 +44,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.rt = runtime
         self.fault = os.environ.get("DISAGG_FAULT", "")
         self.kv_connections = KvConnectionPool()  # "tcp" transport: warm connections to decode workers
+        # blocking tcp sends get their own threads: in asyncio's default pool, transfers held up by
+        # backpressure would starve the KV exports and DNS lookups that share it
+        self._senders = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_SENDS, thread_name_prefix="kv-send")
 
     def _fault_hook(self, spec: ChunkSpec) -> None:
         """Runs before each chunk is sent; does nothing unless DISAGG_FAULT is set (tests only)."""
@@ -120,12 +125,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     k, v = export(spec, slot)
                     return [tensor_bytes(k)], [tensor_bytes(v)]
 
-                sender = await asyncio.to_thread(self.kv_connections.acquire, request.kv_endpoint,
-                                                 rt.policy.kv_transfer.timeout_seconds)
+                loop = asyncio.get_running_loop()
+                sender = None
                 sent = False
                 try:
-                    total = await asyncio.to_thread(sender.send_all, request.transfer_token, specs, chunk_views,
-                                                    self._fault_hook, corrupt_seq)
+                    sender = await loop.run_in_executor(self._senders, self.kv_connections.acquire,
+                                                        request.kv_endpoint, rt.policy.kv_transfer.timeout_seconds)
+                    total = await loop.run_in_executor(self._senders, sender.send_all, request.transfer_token, specs,
+                                                       chunk_views, self._fault_hook, corrupt_seq)
                     sent = True
                 except (TransferError, OSError) as exc:  # the decode side refused it or went away: it falls back
                     log.warning("KV transfer of %s to %s failed: %s", rid, request.kv_endpoint, exc)
@@ -133,7 +140,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 finally:
                     if sent:
                         self.kv_connections.release(sender)
-                    else:  # shut first: a sender thread left by a cancelled RPC fails at once
+                    elif sender is not None:  # shut first: a sender thread left by a cancelled RPC fails at once
                         sender.close()
             else:
                 for spec in specs:

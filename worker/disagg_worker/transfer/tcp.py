@@ -43,6 +43,7 @@ MAGIC = b"DKV2"  # 2: pooled connections and the acknowledgement byte (a DKV1 pe
 HEADER = struct.Struct("<IIIIIQQQ")
 IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
 ACK = b"\x00"  # the receiver's answer to a transfer it verified and installed
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -112,7 +113,10 @@ class PendingTransfer:
     sink: KvSink
     verify: bool
     loop: asyncio.AbstractEventLoop
+    # the negotiated chunk size: a frame claiming more is refused before anything is allocated for it
+    max_frame_bytes: int | None = None
     finished: asyncio.Future[int] = field(init=False)  # total bytes, or TransferError
+    attached: bool = field(init=False, default=False)  # a connection came for it (the data plane is involved)
     first_frame_at: float | None = field(init=False, default=None)  # time.monotonic() of the first frame
     _conn: socket.socket | None = field(init=False, default=None)
     _stopped: bool = field(init=False, default=False)
@@ -141,6 +145,7 @@ class PendingTransfer:
             if self._stopped or self._conn is not None:
                 return False
             self._conn = conn
+            self.attached = True
             return True
 
     def detach(self) -> None:
@@ -219,12 +224,24 @@ class KvReceiver:
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees its thread
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="kv-conn", daemon=True).start()
+            except OSError as exc:
+                if self._closed:
+                    return
+                # out of file descriptors and the like: the listener must outlive it, or every later
+                # transfer on a new connection would wait out its deadline
+                log.warning("KV receiver cannot accept a connection (%s); retrying", exc)
+                time.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees its thread
+                with self._lock:
+                    self._conns.add(conn)
+                threading.Thread(target=self._serve, args=(conn,), name="kv-conn", daemon=True).start()
+            except (OSError, RuntimeError) as exc:  # no thread for it: refuse this connection, keep listening
+                log.warning("KV receiver dropped a connection: %s", exc)
+                with self._lock:
+                    self._conns.discard(conn)
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         """Receive transfers one after another on one connection (senders pool them); an error closes it."""
@@ -274,6 +291,8 @@ class KvReceiver:
                 if not t.coverage.complete:
                     raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
                 return total
+            if t.max_frame_bytes is not None and kn + vn > max(t.max_frame_bytes, 2 * lay.kv_bytes(1, 1)):
+                raise TransferError(f"frame {seq} has {kn}+{vn} bytes, over the {t.max_frame_bytes}-byte chunk size")
             expected = lay.kv_bytes(num_blocks, num_layers)
             if kn != expected or vn != expected:
                 raise TransferError(f"frame {seq} has {kn}+{vn} bytes, {num_layers} layers x {num_blocks} "

@@ -1,7 +1,12 @@
-"""A request's QoS class reaches the prefill worker's queue: a remote prefill is queued there with the
-priority the client asked for (it used to be high for everyone, so a burst of low-priority long
-prompts delayed high-priority ones on the prefill pool). Real decode and prefill servicers with real
-engines, in-process gRPC on 127.0.0.1; the answer still equals Hugging Face greedy."""
+"""Remote prefill between real decode and prefill servicers with real engines, in-process gRPC on
+127.0.0.1 (faster to set up than worker processes, and the pieces can be reached into):
+
+- a request's QoS class reaches the prefill worker's queue (it used to be high for everyone, so a
+  burst of low-priority long prompts delayed high-priority ones on the prefill pool);
+- a prefill worker whose channel closed under the request (it left DNS) means local prefill, not an
+  error, and no transfer registration is left behind.
+
+The answer equals Hugging Face greedy either way."""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from tests.conftest import hf_greedy
 class Pair:
     decode: pb_grpc.DecodeStub
     prefill_priorities: list[int]  # what the prefill engine was asked to queue, in order
+    prefill_pool: PeerPool
 
 
 @pytest.fixture
@@ -64,7 +70,7 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
         servers.append(decode_server)
         await decode_server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}") as channel:
-            yield Pair(pb_grpc.DecodeStub(channel), seen)
+            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool)
     finally:
         for server in servers:
             await server.stop(grace=None)
@@ -85,3 +91,14 @@ async def test_remote_prefill_is_queued_with_the_requests_priority(pair: Pair, l
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
     assert pair.prefill_priorities == [queued_as]
+
+
+async def test_a_closed_prefill_channel_falls_back_to_local_prefill(pair: Pair, llama: LoadedModel) -> None:
+    [peer] = pair.prefill_pool.healthy()
+    await peer.channel.close()  # as when the peer is retired between the choice and the call
+    prompt = list(range(40, 90))
+    request = pb.GenerateRequest(request_id="closed", prompt_token_ids=prompt, prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=6, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert not messages[0].remote_prefill and messages[0].fallback_reason == "error"
+    assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
