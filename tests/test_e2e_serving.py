@@ -160,6 +160,10 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "top_k": 2**32}, None),
     ({"prompt": "hi", "min_tokens": 4}, "min_tokens"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "logprobs": 0}, "logprobs"),  # legacy completions: 0 still asks for logprobs
+    ({"prompt": ["hi"] * 257, "max_tokens": 1}, "prompt"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
 ])
 def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
     r = httpx.post(f"{cluster.base_url}/v1/completions", json={"model": "tiny-llama", **body}, timeout=30)
@@ -170,6 +174,44 @@ def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param
         assert err["param"] == param
     assert httpx.post(f"{cluster.base_url}/v1/completions", timeout=30, json={
         "model": "tiny-llama", "prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "function_call": "auto"}, "function_call"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"]}, "modalities"),
+])
+def test_unsupported_chat_features_are_refused_not_ignored(cluster: LocalCluster, body: dict, param: str) -> None:
+    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **body},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_openai_defaults_and_spellings_are_accepted(cluster: LocalCluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    missing = httpx.get(f"{cluster.base_url}/v1/no-such-thing", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    url = f"{cluster.base_url}/v1/completions"
+    greedy = httpx.post(url, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 6, "temperature": 0,
+                                   "stream": None, "echo": None}, timeout=30)
+    assert greedy.status_code == 200, greedy.text
+    top_p_zero = httpx.post(url, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 6, "top_p": 0,
+                                       "seed": -7}, timeout=30)
+    assert top_p_zero.status_code == 200, top_p_zero.text
+    assert top_p_zero.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+    def chat(role: str) -> str:
+        reply = client.chat.completions.create(model="tiny-llama", max_tokens=8, temperature=0, messages=[
+            {"role": role, "content": "Be terse."}, {"role": "user", "content": "Hello"}])
+        return reply.choices[0].message.content or ""
+
+    assert chat("developer") == chat("system")  # OpenAI's newer name for the system role
 
 
 def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:

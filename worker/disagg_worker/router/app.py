@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg_worker import metrics as m
 from disagg_worker.router.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -95,6 +96,14 @@ def build_app(service: RouterService) -> FastAPI:
         m.ROUTER_REQUESTS.labels(request.url.path, "400").inc()
         return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", param=param), status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown paths and wrong methods, in OpenAI's error shape (the path label stays bounded)
+        m.ROUTER_REQUESTS.labels("other", str(exc.status_code)).inc()
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", param=None, code=code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
@@ -117,11 +126,18 @@ def build_app(service: RouterService) -> FastAPI:
         m.WORKERS_HEALTHY.labels("prefill").set(len(service.prefill_pool.healthy()))
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "disagg",
+                "max_model_len": service.context_limit()}
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": service.model_name, "object": "model", "created": 0, "owned_by": "disagg",
-             "max_model_len": service.context_limit()}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        check_model(model_id)
+        return JSONResponse(model_card())
 
     def check_model(name: str) -> None:
         if name != service.model_name:
@@ -134,7 +150,8 @@ def build_app(service: RouterService) -> FastAPI:
         return body.priority or service.policy.qos.default_priority
 
     def tokenize(texts: list[str]) -> list[list[int]]:
-        return [service.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # with the tokenizer's special tokens (BOS for Llama-family models), as other OpenAI servers do
+        return [service.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
     async def prompt_ids_of(prompt: Any) -> list[list[int]]:
         # tokenizing runs off the event loop: a long prompt must not stall every other stream
@@ -162,14 +179,16 @@ def build_app(service: RouterService) -> FastAPI:
         body.check_supported()
         prompts = await prompt_ids_of(body.prompt)
         params = [service.validate(p, body.sampling(max_tokens_of(body, len(p), 16))) for p in prompts]
-        return await respond(request, "text_completion", prompts, params, priority_of(body), body.stream,
+        return await respond(request, "text_completion", prompts, params, priority_of(body), body.streaming,
                              body.include_usage, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         body.check_supported()
-        messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        # "developer" is OpenAI's newer name for "system"; chat templates only know the latter
+        messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
+                    for msg in body.messages]
         try:
             ids = await asyncio.to_thread(service.tokenizer.apply_chat_template, messages, tokenize=True,
                                           add_generation_prompt=True)
@@ -179,7 +198,7 @@ def build_app(service: RouterService) -> FastAPI:
             ids = ids["input_ids"]
         prompt = list(ids)
         params = service.validate(prompt, body.sampling(max_tokens_of(body, len(prompt), None)))
-        return await respond(request, "chat.completion", [prompt], [params], priority_of(body), body.stream,
+        return await respond(request, "chat.completion", [prompt], [params], priority_of(body), body.streaming,
                              body.include_usage, chat=True)
 
     async def respond(request: Request, kind: str, prompts: list[list[int]], params: list[Any], priority: str,

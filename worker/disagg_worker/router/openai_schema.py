@@ -13,6 +13,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own generation)
+
 
 class APIError(Exception):
     """Becomes an OpenAI error body with this HTTP status."""
@@ -42,12 +44,12 @@ class _Common(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     n: int | None = 1
-    stream: bool = False
+    stream: bool | None = False  # null is the default, as in OpenAI's API (the SDK sends it for None)
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     priority: Literal["high", "low"] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
@@ -73,33 +75,53 @@ class _Common(BaseModel):
         if fmt not in (None, {"type": "text"}):
             raise APIError(400, "response_format other than text (JSON mode, JSON schema) is not supported",
                            param="response_format")
+        if extra.get("modalities") not in (None, ["text"]) or extra.get("audio") is not None:
+            raise APIError(400, "only text output is supported", param="modalities")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise APIError(400, "top_p must be between 0 and 1", param="top_p")
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
     def sampling(self, max_tokens: int) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if top_p == 0:  # a nucleus of probability 0 keeps the most likely token only: greedy
+            temperature, top_p = 0.0, 1.0
         return {
             "max_tokens": max_tokens,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "temperature": temperature,
+            "top_p": top_p,
             "top_k": self.top_k or 0,
-            "seed": self.seed,
+            # OpenAI's seed is any int64; the engine's RNG takes non-negative ones (same seed, same map)
+            "seed": None if self.seed is None else self.seed % 2**63,
             "stop": tuple(stop),
             "stop_token_ids": tuple(self.stop_token_ids or ()),
-            "ignore_eos": self.ignore_eos,
+            "ignore_eos": bool(self.ignore_eos),
         }
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs is not None:  # legacy completions: 0 asks for the sampled tokens' logprobs
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
+                and len(self.prompt) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
         if self.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, 1):
@@ -115,6 +137,8 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
+        if self.content is None and self.role != "assistant":
+            raise APIError(400, f"a {self.role} message needs content", param="messages")
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
@@ -135,5 +159,15 @@ class ChatCompletionRequest(_Common):
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
+        extra = self.model_extra or {}
+        if extra.get("functions"):
+            raise APIError(400, "functions are not supported", param="functions")
+        if extra.get("function_call") not in (None, "none"):
+            raise APIError(400, "function_call is not supported (no functions)", param="function_call")
+        for msg in self.messages:
+            extra_fields = msg.model_extra or {}
+            if msg.role == "tool" or extra_fields.get("tool_calls") or extra_fields.get("function_call"):
+                raise APIError(400, "tool and function call messages are not supported (no tools)",
+                               param="messages")
         if (self.model_extra or {}).get("tool_choice") not in (None, "none"):
             raise APIError(400, "tool_choice is not supported (no tools)", param="tool_choice")
