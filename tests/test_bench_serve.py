@@ -188,6 +188,14 @@ def rec(i: int, status: str = "ok", *, ttft: float | None = 0.1, e2e: float | No
     return r
 
 
+def test_ttft_counts_requests_that_failed_after_their_first_token() -> None:
+    late = rec(1, "timeout")
+    late.ttft_s = 9.0  # a first token after 9 s, then the client gave up
+    summary = summarize([rec(0, ttft=0.1), late], SLO())
+    assert summary["ttft_ms"]["max"] == pytest.approx(9000.0)  # not hidden by the timeout
+    assert summary["ttft_ms"]["count"] == 2 and summary["tpot_ms"]["count"] == 1
+
+
 def test_percentile_matches_numpy() -> None:
     rng = random.Random(0)
     for n in (1, 2, 5, 101):
@@ -250,12 +258,13 @@ def test_summarize_edge_cases() -> None:
 
 
 def test_compare_ratios() -> None:
-    mono = {"tpot_ms": {"p99": 90.0}, "ttft_ms": {"p99": 400.0}, "goodput_req_s": 1.0}
-    dis = {"tpot_ms": {"p99": 30.0}, "ttft_ms": {"p99": 100.0}, "goodput_req_s": 2.5}
+    # disagg's slow tail gives it the longer wall clock, which must not count against its goodput
+    mono = {"tpot_ms": {"p99": 90.0}, "ttft_ms": {"p99": 400.0}, "goodput_req_s": 1.0, "goodput_fraction": 0.3}
+    dis = {"tpot_ms": {"p99": 30.0}, "ttft_ms": {"p99": 100.0}, "goodput_req_s": 0.5, "goodput_fraction": 0.75}
     c = compare(mono, dis)
     assert c["tpot_p99_mono_over_disagg"] == pytest.approx(3.0) and c["tpot_target_met"]
     assert c["goodput_disagg_over_mono"] == pytest.approx(2.5) and c["goodput_target_met"]
-    c0 = compare({**mono, "goodput_req_s": 0.0}, {**dis, "tpot_ms": {"p99": None}})
+    c0 = compare({**mono, "goodput_fraction": 0.0}, {**dis, "tpot_ms": {"p99": None}})
     assert c0["goodput_disagg_over_mono"] is None and c0["tpot_p99_mono_over_disagg"] is None
     assert not c0["tpot_target_met"] and not c0["goodput_target_met"]
 

@@ -123,8 +123,11 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
     """Send one request; whatever happens, ``rec`` ends with a status and an end time."""
     t_send = time.perf_counter()
     rec.start_s = t_send - t0
+    # latency counts from the scheduled arrival: time the client lost before sending is the system's
+    # wait too (open loop; otherwise a saturated client would hide queueing)
+    t_arrival = min(t_send, t0 + rec.arrival_s)
     try:
-        await asyncio.wait_for(_stream_one(client, url, body, rec, t_send), timeout_s)
+        await asyncio.wait_for(_stream_one(client, url, body, rec, t_arrival), timeout_s)
     except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
         rec.status = "timeout"
         rec.error = f"no complete answer within {timeout_s:g} s" + (f" ({type(exc).__name__})"

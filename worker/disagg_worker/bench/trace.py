@@ -216,8 +216,16 @@ def generate_trace(cfg: TraceConfig) -> list[TraceRequest]:
     return trace
 
 
+WARMUP_LONG_PROMPT = 512  # over the default split threshold: warms the remote-prefill path too
+
+
 def warmup_requests(n: int, seed: int, token_prompts: bool, token_id_range: tuple[int, int]) -> list[TraceRequest]:
-    """A few short requests sent before the measured trace (kernel loads, connection set-up)."""
+    """Requests sent before the measured trace (kernel loads, connection set-up): short ones, and a long
+    one last, so that a disaggregated system's prefill worker, channel and KV connection are warm too."""
     rng = _stream(seed, "warmup")
-    return [TraceRequest(-1 - i, 0.0, "short", "high", 16, 8, make_prompt(16, rng, token_prompts, token_id_range))
-            for i in range(n)]
+    out = []
+    for i in range(n):
+        kind, length = ("long", WARMUP_LONG_PROMPT) if n > 1 and i == n - 1 else ("short", 16)
+        out.append(TraceRequest(-1 - i, 0.0, kind, "high", length, 8,
+                                make_prompt(length, rng, token_prompts, token_id_range)))
+    return out
