@@ -166,6 +166,27 @@ def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
         s.update_from_output(out, {"short": 1})
 
 
+def test_an_older_chunked_prefill_preempts_a_newer_decode_scheduled_before_it() -> None:
+    """Decodes run before prefill chunks, but the preemption victim is still the newest request: it is
+    taken back out of this step rather than the older prefill preempting itself."""
+    bm = BlockManager(7, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64), bm)
+    old = make_request("old", list(range(100, 140)), max_tokens=4)
+    s.add_request(old)
+    s.update_from_output(s.schedule(), {})  # 8 of its 40 prompt tokens
+    new = make_request("new", [1, 2, 3, 4], max_tokens=20)
+    assert s.reserve_for_import(new) == 0
+    s.commit_import("new", 5)  # a remote prefill joins as a decode
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("new", 1), ("old", 7)]
+    s.update_from_output(out, {"new": 6})
+    out = s.schedule()  # old needs 2 more blocks, 1 is free: the newer request gives its blocks back
+    assert out.preempted == [new]
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("old", 7)]
+    assert old.num_preemptions == 0
+    bm.check_invariants(s.live_requests())
+
+
 def test_a_hash_collision_with_another_prefix_is_not_reused() -> None:
     """Block names are xxh3 (fast, not collision-resistant): a block whose name and tokens match but
     whose KV was computed after another prefix must not be reused."""

@@ -197,6 +197,8 @@ def test_openai_defaults_and_spellings_are_accepted(cluster: LocalCluster) -> No
         client.models.retrieve("gpt-4")
     missing = httpx.get(f"{cluster.base_url}/v1/no-such-thing", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["message"]
+    metrics = httpx.get(f"{cluster.base_url}/metrics", timeout=30).text
+    assert "gpt-4" not in metrics and "no-such-thing" not in metrics  # labels by route, not by URL
     url = f"{cluster.base_url}/v1/completions"
     greedy = httpx.post(url, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 6, "temperature": 0,
                                    "stream": None, "echo": None}, timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -46,9 +47,10 @@ def _prefer_interpreter_ninja() -> None:
 
     Always that one, not whichever comes first: two ninja versions write incompatible ``.ninja_log``
     files, so a system ninja and the venv's would each rebuild the other's build from scratch."""
-    bin_dir = Path(sys.executable).parent
-    if (bin_dir / "ninja").exists():
-        os.environ["PATH"] = str(bin_dir) + os.pathsep + os.environ.get("PATH", "")
+    ours = Path(sys.executable).parent / "ninja"
+    found = shutil.which("ninja")
+    if ours.exists() and (found is None or Path(found) != ours):
+        os.environ["PATH"] = str(ours.parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 @functools.lru_cache(maxsize=1)

@@ -119,21 +119,27 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        # High priority first, so that a preemption (which takes from the unscheduled tail) never
-        # evicts a high-priority request for a low one; within a priority, decodes before prefill
+        # High priority first (it gets the budget first); within a priority, decodes before prefill
         # chunks, so that a long chunked prefill cannot take the whole budget and stall the decodes.
-        # The sort is stable: admission order otherwise.
+        # The sort is stable: admission order otherwise. A preemption still takes the lowest-priority,
+        # newest request, wherever this order put it.
         self.running.sort(key=lambda r: (r.priority, r.num_tokens - r.num_computed_tokens > 1))
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate_slots(req, num_new):
-                victim = self._pick_victim(i)
+                victim = self._pick_victim()
+                already = self.running.index(victim) < i  # scheduled earlier in this step: take it back
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
+                if already:
+                    taken = next(s for s in scheduled if s.request is victim)
+                    scheduled.remove(taken)
+                    budget += taken.num_new_tokens
+                    i -= 1
             else:
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
                 budget -= num_new
@@ -165,9 +171,9 @@ class Scheduler:
         # requests receiving remote KV join the running batch when committed: they count already
         return len(self.running) + len(self.awaiting_kv)
 
-    def _pick_victim(self, first_unscheduled: int) -> Request:
-        candidates = self.running[first_unscheduled:]
-        return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+    def _pick_victim(self) -> Request:
+        """The lowest-priority, newest running request, wherever the step order put it."""
+        return max(self.running, key=lambda r: (r.priority, r.arrival_time))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -81,19 +81,26 @@ async def _all_or_nothing(coros: list[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def route_label(request: Request) -> str:
+    """The matched route's template (``/v1/models/{model_id:path}``), never the raw path: a metric label
+    per requested URL would grow without bound."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
 def build_app(service: RouterService) -> FastAPI:
     app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        m.ROUTER_REQUESTS.labels(request.url.path, str(exc.status)).inc()
+        m.ROUTER_REQUESTS.labels(route_label(request), str(exc.status)).inc()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-        m.ROUTER_REQUESTS.labels(request.url.path, "400").inc()
+        m.ROUTER_REQUESTS.labels(route_label(request), "400").inc()
         return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -107,7 +114,7 @@ def build_app(service: RouterService) -> FastAPI:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        m.ROUTER_REQUESTS.labels(request.url.path, "500").inc()
+        m.ROUTER_REQUESTS.labels(route_label(request), "500").inc()
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
 
     @app.get("/health")
@@ -224,14 +231,14 @@ def build_app(service: RouterService) -> FastAPI:
         except ClientDisconnected:
             for s in streams:
                 await s.aclose()
-            m.ROUTER_REQUESTS.labels(request.url.path, "499").inc()
+            m.ROUTER_REQUESTS.labels(route_label(request), "499").inc()
             return Response(status_code=499)  # nobody reads it: the client is gone
         except BaseException:
             for s in streams:
                 await s.aclose()
             raise
         if not stream:
-            m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
+            m.ROUTER_REQUESTS.labels(route_label(request), "200").inc()
             total = _total(results)
             choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                          "finish_reason": r.finish_reason} if chat else
@@ -239,7 +246,7 @@ def build_app(service: RouterService) -> FastAPI:
                        for i, (t, r) in enumerate(zip(texts, results, strict=True))]
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": service.model_name,
                                  "choices": choices, "usage": _usage(total)})
-        m.ROUTER_REQUESTS.labels(request.url.path, "200").inc()
+        m.ROUTER_REQUESTS.labels(route_label(request), "200").inc()
         return StreamingResponse(sse_events(rid, created, firsts, streams, results, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from disagg_worker import metrics as m
+from disagg_worker.engine.async_engine import EngineStoppedError
 from disagg_worker.engine.engine import RequestOutput
 from disagg_worker.engine.request import InvalidRequestError, SamplingParams
 from disagg_worker.routing import should_offload_prefill
@@ -210,6 +211,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
+        except EngineStoppedError:  # nothing can prefill it here either: the stream ends with an error
+            if call is not None:
+                call.cancel()
+            raise
         except Exception as exc:  # whatever failed, the request is not lost: it prefills locally
             if call is not None:
                 call.cancel()
