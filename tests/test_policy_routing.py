@@ -58,6 +58,8 @@ def test_a_whole_disaggdeployment_is_accepted_as_a_policy_file(tmp_path: Path) -
     ({"autoscale": {"prefill": {"scaleUp": {"queueLength": 2}, "scaleDown": {"queueLength": 4}}}},
      "scaleDown.queueLength"),
     ({"qos": {"ttftSloMs": 0}}, "qos.ttftSloMs"),
+    ({"qos": {"ttftSloMs": float("inf")}}, "qos.ttftSloMs"),
+    ({"splitPolicy": {"prefixCacheWeight": float("nan")}}, "splitPolicy.prefixCacheWeight"),
     ({"qos": {"unknownKnob": 1}}, "qos.unknownKnob"),
     ({"kvTransfer": {"backend": "carrier-pigeon"}}, "kvTransfer.backend"),
 ])
@@ -91,8 +93,11 @@ def test_should_offload_prefill(prompt: int, cached: int, queue: int | None, exp
 
 def test_overlap_ratio_respects_min_cache_hit_ratio() -> None:
     cache = CachePolicy(min_cache_hit_ratio=0.75)
-    assert cache_overlap_ratio(12, 16, 256, cache) == 0.75
+    # of the reusable part: the full blocks before the last token (15 of a 256-token prompt's 16)
+    assert cache_overlap_ratio(12, 16, 256, cache) == pytest.approx(0.8)
     assert cache_overlap_ratio(11, 16, 256, cache) == 0.0
+    assert cache_overlap_ratio(1, 16, 22, cache) == 1.0  # all a 22-token prompt can reuse (was 0.73: miss)
+    assert cache_overlap_ratio(0, 16, 10, cache) == 0.0  # nothing reusable in a prompt under one block
     assert cache_overlap_ratio(12, 16, 256, CachePolicy(reuse_prefix=False)) == 0.0
 
 
@@ -154,3 +159,18 @@ def test_estimate_ttft_is_seed_001s_formula() -> None:
 def test_admit_request(priority: str, est_ms: float, qos: QoS, admitted: bool, reason: str) -> None:
     a = admit_request(priority, est_ms / 1000, qos)
     assert a.admitted is admitted and a.reason == reason
+
+
+def test_a_failed_request_misses_every_slo() -> None:
+    from disagg_worker.router.service import SloTracker
+
+    slo = SloTracker(parse_policy({"qos": {"ttftSloMs": 200, "tpotSloMs": 50}}))
+    slo.record("low", 0.1, 0.01)  # served within both
+    slo.record("low", None, None, failed=True)  # rejected, or no worker could serve it
+    assert slo.counts["low"] == {"n": 2, "ttft_ok": 1, "tpot_ok": 1, "both_ok": 1}
+
+
+def test_load_reports_with_nonsense_timings_read_as_unknown() -> None:
+    from disagg_worker.server.peers import _finite
+
+    assert [_finite(x) for x in (float("nan"), float("inf"), -1.0, 0.25)] == [0.0, 0.0, 0.0, 0.25]

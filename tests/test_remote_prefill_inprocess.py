@@ -4,7 +4,8 @@
 - a request's QoS class reaches the prefill worker's queue (it used to be high for everyone, so a
   burst of low-priority long prompts delayed high-priority ones on the prefill pool);
 - a prefill worker whose channel closed under the request (it left DNS) means local prefill, not an
-  error, and no transfer registration is left behind.
+  error, and no transfer registration is left behind;
+- a worker whose engine stopped answers load polls with UNAVAILABLE, so it leaves the pool.
 
 The answer equals Hugging Face greedy either way."""
 
@@ -35,6 +36,7 @@ class Pair:
     decode: pb_grpc.DecodeStub
     prefill_priorities: list[int]  # what the prefill engine was asked to queue, in order
     prefill_pool: PeerPool
+    prefill_runtime: WorkerRuntime
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
         servers.append(decode_server)
         await decode_server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}") as channel:
-            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool)
+            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool, prefill_rt)
     finally:
         for server in servers:
             await server.stop(grace=None)
@@ -102,3 +104,10 @@ async def test_a_closed_prefill_channel_falls_back_to_local_prefill(pair: Pair, 
     messages = [m async for m in pair.decode.Generate(request, timeout=60)]
     assert not messages[0].remote_prefill and messages[0].fallback_reason == "error"
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
+
+
+async def test_a_worker_whose_engine_stopped_leaves_the_pool(pair: Pair) -> None:
+    assert pair.prefill_pool.healthy()
+    await pair.prefill_runtime.engine.stop()  # as if its engine thread had died
+    await pair.prefill_pool.poll_once()
+    assert not pair.prefill_pool.healthy()  # its frozen load report used to keep it looking idle

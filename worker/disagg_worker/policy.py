@@ -21,7 +21,10 @@ class PolicyError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .inf / .nan would turn routing scores into NaN (which never wins a
+    # comparison, so the first worker always would)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              allow_inf_nan=False)
 
 
 class ModelRef(_Model):

@@ -64,10 +64,13 @@ class Choice:
 
 
 def cache_overlap_ratio(cached_blocks: int, block_size: int, prompt_length: int, cache: CachePolicy) -> float:
-    """Fraction of the prompt the worker holds; 0 below ``minCacheHitRatio`` or with reuse off."""
-    if not cache.reuse_prefix or prompt_length <= 0:
+    """Fraction of the prompt's reusable part the worker holds; 0 below ``minCacheHitRatio`` or with reuse
+    off. Reusable: the full blocks before the last token (a partial block is never cached, and the last
+    token is always computed), so a short prompt wholly cached counts as a full hit."""
+    reusable = (prompt_length - 1) // block_size * block_size if block_size > 0 else 0
+    if not cache.reuse_prefix or reusable <= 0:
         return 0.0
-    ratio = min(1.0, cached_blocks * block_size / prompt_length)
+    ratio = min(1.0, cached_blocks * block_size / reusable)
     return ratio if ratio >= cache.min_cache_hit_ratio else 0.0
 
 

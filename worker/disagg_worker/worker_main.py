@@ -43,6 +43,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.rt = runtime
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+        if not self.rt.engine.running:  # frozen numbers would keep requests coming to a dead engine
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
         return self.rt.load_report(request.include_prefix_hashes)
 
 

@@ -10,6 +10,7 @@ priority.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -50,12 +51,13 @@ class SloTracker:
         self.qos = policy.qos
         self.counts: dict[str, dict[str, int]] = {}
 
-    def record(self, priority: str, ttft: float | None, tpot: float | None) -> None:
+    def record(self, priority: str, ttft: float | None, tpot: float | None, *, failed: bool = False) -> None:
+        """One finished request; ``failed`` (rejected, or no worker could serve it) misses every SLO."""
         c = self.counts.setdefault(priority, {"n": 0, "ttft_ok": 0, "tpot_ok": 0, "both_ok": 0})
         c["n"] += 1
         m.SLO_REQUESTS.labels(priority).inc()
-        ttft_ok = ttft is not None and ttft * 1000 <= self.qos.ttft_slo_ms
-        tpot_ok = tpot is None or tpot * 1000 <= self.qos.tpot_slo_ms
+        ttft_ok = not failed and ttft is not None and ttft * 1000 <= self.qos.ttft_slo_ms
+        tpot_ok = not failed and (tpot is None or tpot * 1000 <= self.qos.tpot_slo_ms)
         c["ttft_ok"] += ttft_ok
         c["tpot_ok"] += tpot_ok
         c["both_ok"] += ttft_ok and tpot_ok
@@ -63,6 +65,8 @@ class SloTracker:
             m.SLO_VIOLATIONS.labels("ttft", priority).inc()
         if not tpot_ok:
             m.SLO_VIOLATIONS.labels("tpot", priority).inc()
+        if not (ttft_ok and tpot_ok):
+            m.SLO_VIOLATIONS.labels("both", priority).inc()
         for slo, key in (("ttft", "ttft_ok"), ("tpot", "tpot_ok"), ("both", "both_ok")):
             m.SLO_ATTAINMENT.labels(slo, priority).set(c[key] / c["n"])
 
@@ -120,7 +124,21 @@ class RouterService:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
-        """Yield the chosen worker's responses; raises APIError for anything the client must see."""
+        """Yield the chosen worker's responses; raises APIError for anything the client must see.
+
+        A request the system failed (rejected by QoS, no worker, a worker that died) counts as an SLO
+        violation: attainment must not look better for the requests it did not serve."""
+        async with contextlib.aclosing(self._generate(prompt_ids, params, priority, result)) as responses:
+            try:
+                async for msg in responses:
+                    yield msg
+            except APIError as exc:
+                if exc.status >= 429:  # not the client's own mistake (400, 404)
+                    self.slo.record(priority, None, None, failed=True)
+                raise
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
+                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
         t0 = time.monotonic()
         hashes = block_hashes(prompt_ids, self.block_size)
         request_id = uuid.uuid4().hex  # + the attempt: a retry is a new request to the workers

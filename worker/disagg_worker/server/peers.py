@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ def resolve(host: str, port: int) -> list[str]:
         return []
     addrs = sorted({f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos})
     return addrs
+
+
+def _finite(value: float) -> float:
+    """A reported time or rate fit for the admission estimate: NaN, inf or negative read as unknown (0)."""
+    return value if math.isfinite(value) and value >= 0 else 0.0
 
 
 @dataclass
@@ -177,9 +183,9 @@ class PeerPool:
         load.block_size = report.block_size or load.block_size
         if self.include_prefix_hashes:
             load.prefix_hashes = frozenset(report.prefix_hashes)
-        load.avg_prefill_seconds = report.avg_prefill_seconds
-        load.avg_decode_step_seconds = report.avg_decode_step_seconds
-        load.prefill_tokens_per_second = report.prefill_tokens_per_second
+        load.avg_prefill_seconds = _finite(report.avg_prefill_seconds)
+        load.avg_decode_step_seconds = _finite(report.avg_decode_step_seconds)
+        load.prefill_tokens_per_second = _finite(report.prefill_tokens_per_second)
         load.draining = report.draining
         load.pending = max(0, load.pending - routed_before)
         load.healthy = True
