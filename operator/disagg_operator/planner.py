@@ -83,6 +83,12 @@ class PodState:
     phase: str = ""
     created: float | None = None
 
+    @property
+    def leaving(self) -> bool:
+        """Terminating, or finished (Failed after an eviction, Succeeded): neither capacity nor a pod
+        the next scale-down may pick."""
+        return self.terminating or self.phase in ("Failed", "Succeeded")
+
 
 def pod_state(pod: Mapping[str, Any]) -> PodState:
     meta = pod.get("metadata", {})
@@ -114,7 +120,7 @@ def classify(
     starting = 0
     for pod in pods:
         state = pod_state(pod)
-        if state.terminating or state.phase in ("Failed", "Succeeded"):
+        if state.leaving:
             continue
         if state.ready_since is not None and state.ip:
             if now - state.ready_since >= warmup:
@@ -233,8 +239,7 @@ def _sample_role(
     warm, starting = classify(pods, now)
     warm_names = {w.name for w in warm}
     # pods that may still be chosen for removal: not warm, not already on their way out
-    not_warm = [st.name for st in map(pod_state, pods)
-                if st.name not in warm_names and not st.terminating and st.phase not in ("Failed", "Succeeded")]
+    not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
     auto = parsed.policy.autoscale
     if auto.metrics_source == "prometheus" and auto.prometheus_url:
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now)

@@ -27,6 +27,11 @@ class Block:
     parent_hash: bytes | None = None  # the previous block's name: its KV depends on the whole prefix
 
 
+def _parent(request: Request, i: int) -> bytes:
+    """The name block ``i`` of ``request`` is chained to (its KV depends on everything before it)."""
+    return request.block_hashes[i - 1] if i else ROOT_HASH
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -80,8 +85,7 @@ class BlockManager:
             if bid is None:
                 break
             block = self.blocks[bid]
-            parent = request.block_hashes[i - 1] if i else ROOT_HASH
-            if block.token_ids != tuple(tokens[i * bs:(i + 1) * bs]) or block.parent_hash != parent:
+            if block.token_ids != tuple(tokens[i * bs:(i + 1) * bs]) or block.parent_hash != _parent(request, i):
                 break  # a hash collision: never reuse KV of different tokens or of another prefix
             hits.append(bid)
         return hits
@@ -139,7 +143,7 @@ class BlockManager:
                 self._cached[h] = block.block_id
                 block.block_hash = h
                 block.token_ids = tuple(tokens[i * bs:(i + 1) * bs])
-                block.parent_hash = request.block_hashes[i - 1] if i else ROOT_HASH
+                block.parent_hash = _parent(request, i)
         request.num_registered_blocks = num_full
 
     def free(self, request: Request) -> None:

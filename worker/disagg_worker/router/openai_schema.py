@@ -169,5 +169,5 @@ class ChatCompletionRequest(_Common):
             if msg.role == "tool" or extra_fields.get("tool_calls") or extra_fields.get("function_call"):
                 raise APIError(400, "tool and function call messages are not supported (no tools)",
                                param="messages")
-        if (self.model_extra or {}).get("tool_choice") not in (None, "none"):
+        if extra.get("tool_choice") not in (None, "none"):
             raise APIError(400, "tool_choice is not supported (no tools)", param="tool_choice")

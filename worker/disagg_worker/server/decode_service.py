@@ -212,12 +212,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
             out = await rt.engine.call(lambda: eng.commit_import(rid, done.first_token))
         except EngineStoppedError:  # nothing can prefill it here either: the stream ends with an error
-            if call is not None:
-                call.cancel()
             raise
         except Exception as exc:  # whatever failed, the request is not lost: it prefills locally
             if call is not None:
-                call.cancel()
+                call.cancel()  # at once, before waiting on the data plane and falling back
             failure: BaseException = exc
             if side is not None and side.attached and not side.finished.done():
                 left = deadline - (time.monotonic() - t_start)
@@ -236,11 +234,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 self.prefill_pool.mark_unhealthy(peer.endpoint)  # the control stream's error, whatever the data plane's
             await rt.engine.call(lambda: eng.fallback_to_local(rid))
             return None, pb.GenerateResponse(fallback_reason=reason)
-        except BaseException:
-            if call is not None:
-                call.cancel()
-            raise
         finally:
+            if call is not None:
+                call.cancel()  # a no-op once the stream has ended; stops it on any other way out
             if side is not None:
                 side.stop()  # the data plane never writes into these blocks again (fallback/abort free them)
                 self.kv_receiver.unregister(token)  # type: ignore[union-attr]
