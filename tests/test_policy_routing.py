@@ -14,6 +14,7 @@ from disagg_worker.routing import (
     WorkerLoad,
     admit_request,
     cache_overlap_ratio,
+    estimate_request_ttft,
     estimate_ttft,
     pick_decode_worker,
     should_offload_prefill,
@@ -146,6 +147,29 @@ def test_pending_requests_spread_a_burst() -> None:
 
 def test_estimate_ttft_is_seed_001s_formula() -> None:
     assert estimate_ttft(4, 0.1, 10, 0.02) == pytest.approx(0.6)
+
+
+def _estimate(prompt: int, cached: int, prefill: list[WorkerLoad]) -> float:
+    decode = WorkerLoad("d", num_waiting=2, avg_prefill_seconds=0.1, avg_decode_step_seconds=0.02)
+    return estimate_request_ttft(prompt, cached, decode, prefill, SplitPolicy(prompt_length_threshold=256,
+                                                                               prefill_queue_max=8))
+
+
+def test_the_ttft_estimate_counts_the_prefill_queue_only_for_requests_that_go_there() -> None:
+    busy = WorkerLoad("p1", num_waiting=6, avg_prefill_seconds=0.5)
+    idle = WorkerLoad("p2", num_waiting=1, avg_prefill_seconds=0.3)
+    # a long prompt goes to the least-loaded prefill worker: its queue at its own prefill time
+    assert _estimate(1000, 0, [busy, idle]) == pytest.approx(1 * 0.3 + 2 * 0.1)
+    # a short prompt, or a long one mostly cached, is prefilled on the decode worker
+    assert _estimate(100, 0, [busy, idle]) == pytest.approx(2 * 0.1)
+    assert _estimate(1000, 900, [busy, idle]) == pytest.approx(2 * 0.1)
+    # a prefill pool at prefillQueueMax is not used either; no prefill pool: local
+    full = WorkerLoad("p3", num_waiting=8, avg_prefill_seconds=0.5)
+    assert _estimate(1000, 0, [full]) == pytest.approx(2 * 0.1)
+    assert _estimate(1000, 0, []) == pytest.approx(2 * 0.1)
+    # a prefill worker with no timing yet borrows the pool's mean
+    fresh = WorkerLoad("p4", num_waiting=0, num_running=1)
+    assert _estimate(1000, 0, [busy, fresh]) == pytest.approx(1 * 0.5 + 2 * 0.1)
 
 
 @pytest.mark.parametrize(("priority", "est_ms", "qos", "admitted", "reason"), [

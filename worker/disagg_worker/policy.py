@@ -114,7 +114,8 @@ class QoS(_Model):
     ttft_slo_ms: float = Field(200, gt=0)
     tpot_slo_ms: float = Field(50, gt=0)
     default_priority: Literal["high", "low"] = "high"
-    priority_scheduling: bool = Field(True, description="serve high before low in every queue; off = one class")
+    priority_scheduling: bool = Field(True, description="serve high before low in every queue; off = one class: "
+                                                        "every request is served as high, none is rejected early")
     retry_after_seconds: int = Field(1, ge=0)
 
 

@@ -4,8 +4,8 @@
   long and the prefill pool has room.
 - ``pick_decode_worker`` runs on the router: a multi-factor score of prefix-cache overlap, queue
   length and decode load, with hotspot prevention.
-- ``estimate_ttft`` / ``admit_request``: QoS early rejection of low-priority work when the estimated
-  time to first token would break the SLO.
+- ``estimate_ttft`` / ``estimate_request_ttft`` / ``admit_request``: QoS early rejection of
+  low-priority work when the estimated time to first token would break the SLO.
 """
 
 from __future__ import annotations
@@ -106,6 +106,24 @@ def estimate_ttft(prefill_queue: float, avg_prefill_seconds: float, decode_backl
                   avg_decode_seconds: float) -> float:
     """Seed 001: prefill queue x mean prefill time + decode backlog x mean decode time (seconds)."""
     return prefill_queue * avg_prefill_seconds + decode_backlog * avg_decode_seconds
+
+
+def estimate_request_ttft(prompt_length: int, cached_tokens: int, decode: WorkerLoad, prefill: Sequence[WorkerLoad],
+                          split: SplitPolicy) -> float:
+    """``estimate_ttft`` for the path this request will take on ``decode``.
+
+    The decode worker offloads to its least-loaded prefill worker when ``should_offload_prefill`` says
+    so (as ``DecodeService`` decides); only then does that worker's queue count, at its own mean
+    prefill time (the pool's when it has none yet). A prompt prefilled locally waits for the decode
+    backlog alone; a busy prefill pool it will never use does not get it rejected.
+    """
+    per_request = max(decode.avg_prefill_seconds, decode.avg_decode_step_seconds)
+    target = min(prefill, key=lambda w: (w.load, w.endpoint), default=None)
+    if target is None or not should_offload_prefill(prompt_length, cached_tokens, target.load, split):
+        return estimate_ttft(0, 0.0, decode.queue_length, per_request)
+    known = [w.avg_prefill_seconds for w in prefill if w.avg_prefill_seconds > 0]
+    prefill_time = target.avg_prefill_seconds or (sum(known) / len(known) if known else 0.0)
+    return estimate_ttft(target.load, prefill_time, decode.queue_length, per_request)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The router's request path, independent of HTTP: admit, pick a decode worker, stream its tokens.
 
-Admission (``admit_request``) uses a live TTFT estimate from the workers' load reports; the decode
+Admission (``admit_request``) uses a live TTFT estimate from the workers' load reports, for the path
+the request will take (``estimate_request_ttft``: remote prefill or local); the decode
 worker is chosen by seed 001's multi-factor score. A worker that cannot take the request before any
 token was produced (unreachable, draining) is skipped and the next best is tried; a worker that fails
 after tokens were streamed ends the request with an explicit error. SLO attainment is tracked per
@@ -25,7 +26,7 @@ from disagg_worker.engine.prefix_hash import block_hashes
 from disagg_worker.engine.request import MAX_TOKEN_ID, InvalidRequestError, SamplingParams
 from disagg_worker.policy import Policy
 from disagg_worker.router.openai_schema import APIError
-from disagg_worker.routing import admit_request, estimate_ttft, pick_decode_worker
+from disagg_worker.routing import admit_request, estimate_request_ttft, pick_decode_worker
 from disagg_worker.rpc import pb
 from disagg_worker.server.peers import PeerPool
 from disagg_worker.server.runtime import params_to_proto
@@ -84,17 +85,6 @@ class RouterService:
         self.block_size = policy.cache.block_size
 
     # ---- admission -------------------------------------------------------------------------
-    def estimated_ttft(self, decode_load: Any) -> float:
-        prefill = [p.load for p in self.prefill_pool.healthy()]
-        prefill_queue = prefill_time = 0.0
-        if prefill:
-            prefill_queue = sum(w.load for w in prefill) / len(prefill)
-            times = [w.avg_prefill_seconds for w in prefill if w.avg_prefill_seconds > 0]
-            prefill_time = sum(times) / len(times) if times else 0.0
-        backlog = decode_load.queue_length
-        per_request = max(decode_load.avg_prefill_seconds, decode_load.avg_decode_step_seconds)
-        return estimate_ttft(prefill_queue, prefill_time, backlog, per_request)
-
     def ready(self) -> bool:
         return bool(self.decode_pool.healthy())
 
@@ -152,7 +142,8 @@ class RouterService:
                 raise APIError(503, "no decode worker is available", type_="service_unavailable",
                                code="no_workers")
             if attempt == 0:
-                est = self.estimated_ttft(choice.worker)
+                est = estimate_request_ttft(len(prompt_ids), choice.cached_blocks * self.block_size, choice.worker,
+                                            [p.load for p in self.prefill_pool.healthy()], self.policy.split_policy)
                 m.ESTIMATED_TTFT.set(est)
                 admission = admit_request(priority, est, self.policy.qos)
                 if not admission.admitted:
