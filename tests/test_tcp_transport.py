@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
-from disagg_worker.transfer.chunks import ChunkSpec, TransferError, checksum, plan_chunks
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError, chunk_checksum, plan_chunks
 from disagg_worker.transfer.grpc_stream import Coverage
 from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
 from disagg_worker.transfer.tcp import (
@@ -28,7 +28,6 @@ from disagg_worker.transfer.tcp import (
     KvReceiver,
     KvSenderConnection,
     PendingTransfer,
-    checksum_views,
     move_views,
 )
 
@@ -101,9 +100,13 @@ def test_move_views_survives_short_transfers_and_many_buffers() -> None:
         move_views(lambda batch: 0, [memoryview(bytearray(4))])
 
 
-def test_streaming_checksum_equals_the_chunk_checksum() -> None:
+def test_the_chunk_checksum_streams_over_parts_and_covers_the_placement() -> None:
     k, v = bytes(range(200)), bytes(range(50, 250))
-    assert checksum_views([memoryview(k[:33]), memoryview(k[33:])], [memoryview(v)]) == checksum(k, v)
+    spec = ChunkSpec(1, 4, 2, 0, 3)
+    assert chunk_checksum(spec, [memoryview(k[:33]), memoryview(k[33:])], [memoryview(v)]) == chunk_checksum(
+        spec, [k], [v])
+    for moved in (ChunkSpec(0, 4, 2, 0, 3), ChunkSpec(1, 6, 2, 0, 3), ChunkSpec(1, 4, 2, 1, 2)):
+        assert chunk_checksum(moved, [k], [v]) != chunk_checksum(spec, [k], [v])
 
 
 def run_transfer(src: PagedKVCache, src_blocks: list[int], make_sink: Callable[[], KvSink], dst_first: int,
@@ -183,6 +186,49 @@ def test_a_corrupt_chunk_fails_the_transfer(staged: bool) -> None:
     sink: KvSink = StagedSink(LAYOUT, lambda *a: None) if staged else PoolSink(dst, DST_BLOCKS)
     with pytest.raises(TransferError, match="checksum mismatch on chunk 1"):
         run_transfer(src, SRC_BLOCKS, lambda: sink, 0, len(SRC_BLOCKS), PER_BLOCK_LAYER * 2, corrupt_seq=1)
+
+
+def test_frames_with_swapped_placements_do_not_verify() -> None:
+    """Each frame's bytes intact, but two frames' block ranges swapped in flight: both are in range and
+    together cover the transfer exactly, so only a checksum over the placement catches it (one over
+    the bytes alone would install each chunk in the other's blocks)."""
+    src, dst = filled_pool(16, seed=5), PagedKVCache(LAYOUT, 16, CPU)
+    specs = plan_chunks(0, 4, LAYOUT.num_layers, PER_BLOCK_LAYER, 2 * LAYOUT.bytes_per_block)
+    assert len(specs) == 2
+
+    async def main() -> None:
+        receiver = KvReceiver("127.0.0.1")
+        try:
+            t = PendingTransfer("r", LAYOUT, Coverage(0, 4, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS[:4]), True,
+                                asyncio.get_running_loop())
+            token = receiver.register(t).encode()
+
+            def send() -> None:
+                host, port = receiver.endpoint.rsplit(":", 1)
+                with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(MAGIC + struct.pack("<I", len(token)) + token)
+                    for spec, claimed in zip(specs, reversed(specs), strict=True):
+                        k, v = src.block_views(SRC_BLOCKS[spec.first_block:spec.first_block + spec.num_blocks],
+                                               range(spec.layer_start, spec.layer_start + spec.num_layers))
+                        n = sum(len(x) for x in k)
+                        sock.sendall(HEADER.pack(claimed.seq, claimed.first_block, claimed.num_blocks,
+                                                 claimed.layer_start, claimed.num_layers, n, n,
+                                                 chunk_checksum(spec, k, v)))
+                        sock.sendall(b"".join([*k, *v]))
+                    sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
+                    sock.recv(1)
+
+            th = threading.Thread(target=send)
+            th.start()
+            try:
+                with pytest.raises(TransferError, match="checksum mismatch"):
+                    await asyncio.wait_for(t.finished, 10)
+            finally:
+                await asyncio.to_thread(th.join, 10)
+        finally:
+            receiver.close()
+
+    asyncio.run(main())
 
 
 def test_a_frame_over_the_chunk_size_is_refused_before_anything_is_allocated() -> None:
@@ -277,7 +323,7 @@ def test_stop_fences_off_the_blocks_mid_frame() -> None:
                 with socket.create_connection((host, int(port)), timeout=10) as sock:
                     sock.sendall(MAGIC + struct.pack("<I", len(token)) + token)
                     sock.sendall(HEADER.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
-                                             spec.num_layers, half, half, checksum_views(k_views, v_views)))
+                                             spec.num_layers, half, half, chunk_checksum(spec, k_views, v_views)))
                     sock.sendall(payload[:half // 2])  # the receiver is now mid-frame, in recvmsg_into
                     stalled.set()
                     resume.wait(10)

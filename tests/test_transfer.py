@@ -49,6 +49,8 @@ def test_bf16_round_trip() -> None:
 
 @pytest.mark.parametrize(("mutate", "match"), [
     (lambda c: setattr(c, "k", bytes([c.k[0] ^ 1]) + c.k[1:]), "checksum"),
+    (lambda c: setattr(c, "first_block", 1), "checksum"),  # intact bytes, garbled placement
+    (lambda c: setattr(c, "layer_start", 1), "checksum"),
     (lambda c: setattr(c, "request_id", "other"), "arrived on the transfer"),
     (lambda c: c.shape.__setitem__(2, 8), "shape"),
     (lambda c: setattr(c, "dtype", "float16"), "dtype"),

@@ -7,7 +7,9 @@ head_dim]``. Plans keep every chunk under a byte budget so memory stays bounded 
 
 from __future__ import annotations
 
+import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +53,18 @@ def plan_chunks(first_block: int, num_blocks: int, num_layers: int, bytes_per_bl
     return specs
 
 
-def checksum(k: bytes | memoryview, v: bytes | memoryview) -> int:
-    h = xxhash.xxh3_64()
-    h.update(k)
-    h.update(v)
+PLACEMENT = struct.Struct("<IIIII")
+
+
+def chunk_checksum(spec: ChunkSpec, k: Iterable[bytes | memoryview], v: Iterable[bytes | memoryview]) -> int:
+    """xxh3_64 over the chunk's placement (seq, first block, blocks, first layer, layers), then its K
+    bytes, then its V bytes (each given as consecutive parts). Covering the placement means bytes that
+    arrive intact but with their block or layer range garbled in flight do not verify: they would
+    otherwise land in the wrong blocks with a good checksum."""
+    h = xxhash.xxh3_64(PLACEMENT.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
+                                      spec.num_layers))
+    for part in (*k, *v):
+        h.update(part)
     return h.intdigest()
 
 

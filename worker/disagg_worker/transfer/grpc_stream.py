@@ -16,7 +16,7 @@ from disagg_worker.rpc import pb
 from disagg_worker.transfer.chunks import (
     ChunkSpec,
     TransferError,
-    checksum,
+    chunk_checksum,
     dtype_from_name,
     tensor_bytes,
     tensor_from_bytes,
@@ -31,14 +31,16 @@ def encode_chunk(request_id: str, spec: ChunkSpec, k: torch.Tensor, v: torch.Ten
     kb, vb = bytes(tensor_bytes(k)), bytes(tensor_bytes(v))
     return pb.KvChunk(request_id=request_id, seq=spec.seq, first_block=spec.first_block,
                       num_blocks=spec.num_blocks, layer_start=spec.layer_start, num_layers=spec.num_layers,
-                      dtype=dtype_name(k.dtype), shape=list(k.shape), k=kb, v=vb, checksum=checksum(kb, vb))
+                      dtype=dtype_name(k.dtype), shape=list(k.shape), k=kb, v=vb,
+                      checksum=chunk_checksum(spec, [kb], [vb]))
 
 
 def decode_chunk(chunk: pb.KvChunk, layout: KVLayout, request_id: str, verify: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     if chunk.request_id != request_id:
         raise TransferError(f"chunk for {chunk.request_id!r} arrived on the transfer of {request_id!r}")
-    if verify and checksum(chunk.k, chunk.v) != chunk.checksum:
+    spec = ChunkSpec(chunk.seq, chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
+    if verify and chunk_checksum(spec, [chunk.k], [chunk.v]) != chunk.checksum:
         raise TransferError(f"checksum mismatch on chunk {chunk.seq}")
     dtype = dtype_from_name(chunk.dtype)
     if dtype != layout.dtype:

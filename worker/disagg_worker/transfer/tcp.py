@@ -10,9 +10,10 @@ of their own: the sender ``sendmsg``s straight from the pool's blocks and the re
 extra pass over the bytes is the checksum on each side, taken while the chunk is still in cache (just
 before it is sent, just after it arrived). Each frame is checked (size, coverage) before a byte lands.
 
-Wire format (little endian), per transfer: preamble ``b"DKV2"`` + u32 token length + token; frame header
-``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
-u64 v_bytes, u64 checksum``; a frame with ``num_blocks == 0`` ends the transfer, and the receiver
+Wire format (little endian), per transfer: preamble ``b"DKV3"`` + u32 token length + token; frame
+header ``u32 seq, u32 first_block, u32 num_blocks, u32 layer_start, u32 num_layers, u64 k_bytes,
+u64 v_bytes, u64 checksum`` (``chunk_checksum``: the placement fields, then K, then V); a frame with
+``num_blocks == 0`` ends the transfer, and the receiver
 answers a transfer it verified and installed with one byte ``0x00`` (a failed one: end of stream).
 Only an acknowledged connection goes back to the sender's pool.
 """
@@ -31,15 +32,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import xxhash
-
 from disagg_worker.engine.kv_cache import KVLayout
-from disagg_worker.transfer.chunks import ChunkSpec, TransferError
+from disagg_worker.transfer.chunks import ChunkSpec, TransferError, chunk_checksum
 from disagg_worker.transfer.grpc_stream import Coverage
 from disagg_worker.transfer.sinks import KvSink
 
 log = logging.getLogger(__name__)
-MAGIC = b"DKV2"  # 2: pooled connections and the acknowledgement byte (a DKV1 peer is refused at once)
+MAGIC = b"DKV3"  # 3: the checksum covers the frame's placement (2: pooled connections, the ack byte)
 HEADER = struct.Struct("<IIIIIQQQ")
 IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
 ACK = b"\x00"  # the receiver's answer to a transfer it verified and installed
@@ -89,14 +88,6 @@ def move_views(op: Callable[[list[memoryview]], int], views: list[memoryview]) -
                 off, n = off + n, 0
             else:
                 n, i, off = n - left, i + 1, 0
-
-
-def checksum_views(k: list[memoryview], v: list[memoryview]) -> int:
-    """``checksum`` of the concatenated K bytes then V bytes (xxh3 streams; it is the same digest)."""
-    h = xxhash.xxh3_64()
-    for view in (*k, *v):
-        h.update(view)
-    return h.intdigest()
 
 
 @dataclass
@@ -303,7 +294,7 @@ class KvReceiver:
             spec = ChunkSpec(seq, first_block, num_blocks, layer_start, num_layers)
             k, v = t.sink.views(spec)
             t.recv_into(conn, [*k, *v])
-            if t.verify and checksum_views(k, v) != digest:
+            if t.verify and chunk_checksum(spec, k, v) != digest:
                 raise TransferError(f"checksum mismatch on chunk {seq}")
             with t.writing():
                 t.sink.commit(spec)
@@ -353,7 +344,7 @@ class KvSenderConnection:
         total = 0
         for i, spec in enumerate(specs):
             k, v = chunk_views(spec, i % 2)
-            digest = checksum_views(k, v)
+            digest = chunk_checksum(spec, k, v)
             if before_chunk is not None:
                 before_chunk(spec)
             total += self.send(spec, k, v, digest ^ 1 if spec.seq == corrupt_seq else digest)
