@@ -16,8 +16,13 @@ replica count, a reason and a direction. Rules, in order:
    way, at most ``maxStep`` more and at most ``maxReplicas``;
 5. scale **down** when ALL ``scaleDown`` thresholds hold for every sample of the last
    ``scaleDownStabilizationSeconds`` and no pod is starting: remove as many pods (at most
-   ``maxStep``, never below ``minReplicas``) as keep the projected per-pod load of every metric at or
-   below its target, so that the next decision is not a scale-up (no flapping);
+   ``maxStep``, never below ``minReplicas``) as keep the projected per-pod load of every metric, at
+   the window's worst, at or below its target, so that the next decision is not a scale-up (no
+   flapping). Unlike the scale-up window, this one may reach back past the last change (as the HPA's
+   scale-down stabilisation does): each sample is read as the load it means for the pods serving now
+   (its per-pod value x its pods / today's pods). A falling load then steps down every cooldown
+   instead of once per window, and a sample taken when more pods shared the load is not mistaken for
+   a lighter one;
 6. otherwise hold.
 
 Samples are per-pod averages over the role's ready, warmed-up pods (``Sample``); pods that are not
@@ -116,6 +121,14 @@ def _window(history: Sequence[Sample], now: float, seconds: float, last_change: 
     return window
 
 
+def _spread_over(sample: Sample, pods: int) -> Sample:
+    """``sample``'s load spread over ``pods`` pods instead of its own (total load is what carries over)."""
+    def scaled(metric: str) -> float | None:
+        value = sample.value(metric)
+        return None if value is None else value * sample.pods / pods
+    return Sample(sample.time, pods, **{metric: scaled(metric) for metric in METRICS})
+
+
 def _sustained(window: Sequence[Sample], metric: str, above: float | None = None, below: float | None = None) -> bool:
     for sample in window:
         value = sample.value(metric)
@@ -176,10 +189,11 @@ def decide(
     downs = policy.scale_down.items()
     if not downs or starting_pods or current_replicas <= low:
         return Decision(current_replicas, "within thresholds", "hold")
-    down_window = _window(history, now, policy.scale_down_stabilization_seconds, last_change, stale_after)
+    pods = latest.pods
+    window = _window(history, now, policy.scale_down_stabilization_seconds, None, stale_after)
+    down_window = None if window is None else [_spread_over(sample, pods) for sample in window]
     if down_window is None or not all(_sustained(down_window, m, below=t) for m, t in downs.items()):
         return Decision(current_replicas, "within thresholds", "hold")
-    pods = latest.pods
     removable = 0
     for k in range(1, policy.max_step + 1):
         if current_replicas - k < low or pods - k < 1:

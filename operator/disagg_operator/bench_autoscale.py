@@ -143,7 +143,7 @@ def measure_service_times(
 # ---- workload ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with equal fields are still two requests
 class Request:
     arrival: float
     prompt: int
@@ -312,7 +312,8 @@ class Cluster:
         for pod in sorted(pods, key=lambda p: (p.ready(now), p.load()))[: len(pods) - desired]:
             pod.draining = True
             if role == "prefill" or not pod.ready(now):
-                for req in list(pod.queue):  # hand queued work to the others
+                # hand queued work to the others; the prompt in progress (the head) finishes here
+                for req in list(pod.queue)[1 if pod.busy_left > 0 else 0:]:
                     pod.queue.remove(req)
                     (self.submit if role == "prefill" else self._to_decode)(req, now)
             else:
@@ -467,7 +468,7 @@ def default_config(
     bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
     workload = Workload(duration, peak, 0.08 * peak, bursts)
 
-    def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
+    def role(up: Thresholds, down: Thresholds, hi: int, down_window: float) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
         # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default), a
         # 5 s sampling interval, and a slow, sustained scale-down (which is what prevents flapping).
@@ -477,20 +478,26 @@ def default_config(
             scale_up=up,
             scale_down=down,
             scale_up_stabilization_seconds=0,
-            scale_down_stabilization_seconds=150,
+            scale_down_stabilization_seconds=down_window,
             cooldown_seconds=30,
             max_step=4,
         )
 
     return BenchConfig(
         workload=workload,
-        # Utilisation targets (between the thresholds) of about 40 %: the headroom that absorbs a burst
-        # of a third of the peak rate for the half-minute a new pod needs.
+        # Utilisation targets (between the thresholds) of about half: the headroom that absorbs a burst
+        # of a third of the peak rate for the half-minute a new pod needs. The queue thresholds sit
+        # above the per-pod noise of a Poisson queue at that utilisation (below them, every scale-down
+        # waited for a sample with nobody queued anywhere). Decode's scale-down window is the longer:
+        # its KV usage moves with requests that live for seconds, and near the peak a shorter window
+        # flapped between two pod counts.
         prefill=role(
-            Thresholds(queue_length=0.5, gpu_utilization=55), Thresholds(queue_length=0.2, gpu_utilization=30), max_p
+            Thresholds(queue_length=0.8, gpu_utilization=62), Thresholds(queue_length=0.3, gpu_utilization=40), max_p,
+            135,
         ),
         decode=role(
-            Thresholds(queue_length=0.2, kv_cache_usage=45), Thresholds(queue_length=0.05, kv_cache_usage=20), max_d
+            Thresholds(queue_length=0.2, kv_cache_usage=55), Thresholds(queue_length=0.05, kv_cache_usage=40), max_d,
+            240,
         ),
         interval=5.0,
         startup=startup,

@@ -69,12 +69,34 @@ def test_scale_up_must_be_sustained_over_the_window() -> None:
     assert decide(history, DECODE, 4, 0, NOW + 15, None).direction == "up"
 
 
-def test_scale_down_must_be_sustained_and_samples_after_the_change() -> None:
+def test_scale_down_must_be_sustained_and_reads_earlier_samples_at_todays_pod_count() -> None:
     history = steady(8, NOW, span=100, **CALM)  # only 100 s of a 120 s window
     assert decide(history, DECODE, 8, 0, NOW, None).direction == "hold"
-    history = steady(8, NOW, **CALM)
-    assert decide(history, DECODE, 8, 0, NOW, NOW - 90).direction == "hold"  # the window reaches before it
-    assert decide(history, DECODE, 8, 0, NOW, NOW - 200).direction == "down"
+    # the window may reach back past the last change (a falling load steps down every cooldown)
+    assert decide(steady(8, NOW, **CALM), DECODE, 8, 0, NOW, NOW - 90).direction == "down"
+    # went from 8 pods to 4 90 s ago, each pod at kv 20 throughout: the 8-pod samples mean kv 40 for
+    # 4 pods, above scaleDown's 30, so the load has not been low for the whole window
+    calm = dict(queue_length=1.0, kv_cache_usage=20.0)
+    before = [x for x in steady(8, NOW, **calm) if x.time < NOW - 90]
+    after = [x for x in steady(4, NOW, **calm) if x.time >= NOW - 90]
+    assert decide(before + after, DECODE, 4, 0, NOW, NOW - 90).direction == "hold"
+    assert decide(steady(4, NOW, **calm), DECODE, 4, 0, NOW, NOW - 90).direction == "down"  # 4 pods all along
+
+
+def test_a_falling_load_steps_down_every_cooldown_not_every_window() -> None:
+    """Total load falls steadily; each step is taken once the whole window, read at today's pods, is calm."""
+    policy = DECODE.model_copy(update={"scale_down_stabilization_seconds": 300, "cooldown_seconds": 60})
+    pool = Pool(policy, replicas=10)
+    downs = []
+    for i in range(160):
+        now = i * 15.0
+        d = pool.step(now, max(10.0, 120.0 - now / 10))  # queue: from 12 per pod at 10 pods down to 10 total
+        if d.direction == "down":
+            downs.append(now)
+    assert pool.replicas == DECODE.min_replicas
+    gaps = [b - a for a, b in itertools.pairwise(downs)]
+    assert gaps and min(gaps) < policy.scale_down_stabilization_seconds
+    assert reversals(pool.decisions) == 0
 
 
 def test_a_hole_in_the_metrics_is_never_sustained_load() -> None:

@@ -55,3 +55,27 @@ def test_oracle_needs_less_with_higher_targets_and_never_more_than_static_max() 
         "scale_up": Thresholds(gpu_utilization=90), "scale_down": Thresholds(gpu_utilization=70)}))
     low = (cfg.prefill.min_replicas + cfg.decode.min_replicas) / (cfg.prefill.max_replicas + cfg.decode.max_replicas)
     assert low < oracle_ratio(hotter, st) < oracle_ratio(cfg, st) <= 1.0
+
+
+
+def test_a_prefill_pod_removed_mid_prompt_finishes_that_prompt_and_hands_on_the_rest() -> None:
+    """The prompt in progress is the head of the pod's queue: handing it on too ran it twice and then
+    crashed the simulator (pop from an empty queue) when the draining pod's prompt time ran out."""
+    from disagg_operator.bench_autoscale import Cluster, Request
+
+    st = ServiceTimes({64: 0.01}, {1: 0.006, 16: 0.018})  # 0.64 s per 64-token prompt
+    cluster = Cluster(st, 2, 1, max_batch=16, kv_tokens=10_000, startup=0.0)
+    leaving, staying = cluster.pools["prefill"]
+    mine = [Request(0.0, 64, 4) for _ in range(3)]
+    leaving.queue.extend(mine)
+    staying.queue.extend(Request(0.0, 64, 4) for _ in range(5))  # more loaded: it stays
+    cluster.step(0.0, 0.1)
+    cluster.resize("prefill", 1, 0.1)
+    assert leaving.draining and list(leaving.queue) == mine[:1] and leaving.busy_left > 0
+    now = 0.1
+    while any(r.first_token is None for r in mine):
+        cluster.step(now, 0.1)
+        now += 0.1
+        assert now < 60
+    assert abs(mine[0].first_token - 0.64) < 1e-6  # finished where it started, not run again elsewhere
+    assert leaving not in cluster.pools["prefill"]  # drained, then gone
