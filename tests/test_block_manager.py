@@ -183,6 +183,22 @@ def test_a_high_priority_request_that_does_not_fit_leaves_the_running_low_priori
     bm.check_invariants(s.live_requests())
 
 
+def test_admitting_a_high_priority_request_never_preempts_a_running_low_priority_one() -> None:
+    """It goes first for the token budget, not for blocks: a running request's next block is kept for it."""
+    bm = BlockManager(6, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # 21 tokens in 6 blocks of 4: its next decode needs the 6th
+    high = make_request("high", [100, 101, 102], max_tokens=4)  # needs 1 block: only if low gets none
+    s.add_request(high)
+    out = s.schedule()
+    assert [x.request.request_id for x in out.scheduled] == ["low"] and not out.preempted
+    s.update_from_output(out, {"low": 1})
+    assert high.status is RequestStatus.WAITING and low.num_preemptions == 0
+    bm.check_invariants(s.live_requests())
+
+
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
     bm = BlockManager(64, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)

@@ -51,13 +51,22 @@ UP_ONLY_TARGET = 0.8
 
 @dataclass(frozen=True)
 class Sample:
-    """Per-pod averages over ``pods`` ready, warmed-up pods at ``time`` (None: not measured)."""
+    """Per-pod averages over ``pods`` ready, warmed-up pods at ``time`` (None: not measured).
+
+    ``serving``: the pods that shared the load when it was sampled, answered or not (a scrape that
+    timed out, a pod still warming up); None when that is ``pods``. The total load is the average
+    times ``serving``: the pods that answered stand for those that did not."""
 
     time: float
     pods: int
     queue_length: float | None = None
     gpu_utilization: float | None = None
     kv_cache_usage: float | None = None
+    serving: int | None = None
+
+    @property
+    def sharing(self) -> int:
+        return max(self.pods, self.serving or 0)
 
     def value(self, metric: str) -> float | None:
         return getattr(self, metric)
@@ -122,10 +131,11 @@ def _window(history: Sequence[Sample], now: float, seconds: float, last_change: 
 
 
 def _spread_over(sample: Sample, pods: int) -> Sample:
-    """``sample``'s load spread over ``pods`` pods instead of its own (total load is what carries over)."""
+    """``sample``'s load spread over ``pods`` pods instead of the ones that shared it (the total load
+    is what carries over)."""
     def scaled(metric: str) -> float | None:
         value = sample.value(metric)
-        return None if value is None else value * sample.pods / pods
+        return None if value is None else value * sample.sharing / pods
     return Sample(sample.time, pods, **{metric: scaled(metric) for metric in METRICS})
 
 
@@ -189,7 +199,7 @@ def decide(
     downs = policy.scale_down.items()
     if not downs or starting_pods or current_replicas <= low:
         return Decision(current_replicas, "within thresholds", "hold")
-    pods = latest.pods
+    pods = latest.sharing
     window = _window(history, now, policy.scale_down_stabilization_seconds, None, stale_after)
     down_window = None if window is None else [_spread_over(sample, pods) for sample in window]
     if down_window is None or not all(_sustained(down_window, m, below=t) for m, t in downs.items()):

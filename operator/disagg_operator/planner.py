@@ -132,18 +132,22 @@ def classify(
     return warm, starting
 
 
-def aggregate(samples: Iterable[PodSample | None], now: float) -> Sample:
-    """Per-pod averages over the pods that answered (``pods`` = how many did)."""
+def aggregate(samples: Iterable[PodSample | None], now: float, serving: int | None = None) -> Sample:
+    """Per-pod averages over the pods that answered (``pods`` = how many did); ``serving``: the pods
+    taking traffic, answered or not (pods that answered as draining are taken off it)."""
+    samples = list(samples)
     got = [s for s in samples if s is not None and not s.draining]
     if not got:
         return Sample(time=now, pods=0)
     n = len(got)
+    draining = sum(1 for s in samples if s is not None and s.draining)
     return Sample(
         time=now,
         pods=n,
         queue_length=sum(s.queue_length for s in got) / n,
         gpu_utilization=sum(s.gpu_utilization for s in got) / n,
         kv_cache_usage=sum(s.kv_cache_usage for s in got) / n,
+        serving=None if serving is None else max(n, serving - draining),
     )
 
 
@@ -183,7 +187,7 @@ def query_prometheus(base_url: str, query: str, *, timeout: float = 5.0) -> list
 
 
 def prometheus_sample(
-    base_url: str, owner: Owner, role: str, warm: list[PodState], now: float
+    base_url: str, owner: Owner, role: str, warm: list[PodState], now: float, serving: int | None = None
 ) -> tuple[Sample, dict[str, PodSample | None]]:
     """Role averages and per-pod KV usage from Prometheus (only pods the API reports warm count)."""
     names = {p.name for p in warm}
@@ -206,7 +210,7 @@ def prometheus_sample(
             gpu_utilization=100 * vals.get("disagg_utilization_ratio", 0.0),
             kv_cache_usage=100 * vals.get("disagg_kv_cache_usage_ratio", 0.0),
         )
-    return aggregate(samples.values(), now), samples
+    return aggregate(samples.values(), now, serving), samples
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -238,16 +242,20 @@ def _sample_role(
     pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
     warm, starting = classify(pods, now)
     warm_names = {w.name for w in warm}
+    # taking traffic: warm pods (whether their scrape answers or not) and ready pods still warming up
+    warming = sum(1 for st in map(pod_state, pods)
+                  if st.name not in warm_names and not st.leaving and st.ready_since is not None and st.ip)
+    serving = len(warm) + warming
     # pods that may still be chosen for removal: not warm, not already on their way out
     not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
     auto = parsed.policy.autoscale
     if auto.metrics_source == "prometheus" and auto.prometheus_url:
-        sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now)
+        sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)
     else:
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(warm)))) as pool:
             results = list(pool.map(lambda p: scrape(p.ip or "", role), warm))
         per_pod = {p.name: r for p, r in zip(warm, results, strict=True)}
-        sample = aggregate(per_pod.values(), now)
+        sample = aggregate(per_pod.values(), now, serving)
     return sample, starting, per_pod, not_warm
 
 

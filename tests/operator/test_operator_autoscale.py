@@ -83,6 +83,16 @@ def test_scale_down_must_be_sustained_and_reads_earlier_samples_at_todays_pod_co
     assert decide(steady(4, NOW, **calm), DECODE, 4, 0, NOW, NOW - 90).direction == "down"  # 4 pods all along
 
 
+def test_a_sample_only_some_pods_answered_is_spread_over_all_that_served() -> None:
+    """Six of eight scrapes timed out at the peak: the two that answered stand for all eight, so the
+    peak is not read as a quarter of itself."""
+    history = steady(8, NOW, **CALM)
+    history[-3] = Sample(history[-3].time, 2, queue_length=3.5, kv_cache_usage=70.0, serving=8)
+    assert decide(history, DECODE, 8, 0, NOW, None).direction == "hold"
+    history[-3] = Sample(history[-3].time, 2, queue_length=3.5, kv_cache_usage=70.0)  # no serving count known
+    assert decide(history, DECODE, 8, 0, NOW, None).direction == "down"
+
+
 def test_a_falling_load_steps_down_every_cooldown_not_every_window() -> None:
     """Total load falls steadily; each step is taken once the whole window, read at today's pods, is calm."""
     policy = DECODE.model_copy(update={"scale_down_stabilization_seconds": 300, "cooldown_seconds": 60})

@@ -92,6 +92,9 @@ def test_aggregate_and_deletion_costs() -> None:
     s = aggregate([a, b, None, drained], NOW)
     assert (s.pods, s.queue_length, s.gpu_utilization, s.kv_cache_usage) == (2, 3, 50, 40)
     assert aggregate([None], NOW).pods == 0
+    assert s.serving is None and s.sharing == 2
+    # 5 pods took traffic: one did not answer, one answered as draining (it takes none any more)
+    assert aggregate([a, b, None, drained], NOW, serving=5).sharing == 4
     costs = deletion_costs({"a": a, "b": b, "c": None}, starting=["d"])
     assert costs == {"a": "1000", "b": "7000", "c": "-1", "d": "-1"}
     assert sorted(costs, key=lambda k: int(costs[k]))[:2] == ["c", "d"]  # no KV state goes first
@@ -219,3 +222,21 @@ def test_cooldown_survives_a_restart() -> None:
                                                       "time": iso(NOW - 5)}}})
     assert states["decode"].last_change == NOW - 5
     assert states["prefill"].last_change is None
+
+
+def test_a_round_records_every_pod_taking_traffic_not_just_those_that_answered() -> None:
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")],
+                           "decode": [pod("d0", ip="10.0.0.10"), pod("d1", ip="10.0.0.11"), pod("d2", ip="10.0.0.12"),
+                                      pod("warming", ip="10.0.0.13", ready_for=5.0), pod("pending", ready_for=None),
+                                      pod("gone", ip="10.0.0.14", terminating=True)]},
+                          {"prefill": 1, "decode": 5})
+    states = {r: RoleState() for r in ("prefill", "decode")}
+
+    def scrape(ip: str, role: str) -> PodSample | None:
+        return None if ip == "10.0.0.12" else PodSample(queue_length=1, gpu_utilization=50, kv_cache_usage=40)
+
+    plan_once(BODY, parse_spec(SPEC, name="demo"), states, kube=cluster, lock=threading.Lock(), now=NOW,
+              scrape=scrape)
+    [sample] = states["decode"].history
+    # d0, d1 answered; d2 timed out and "warming" is ready but not sampled yet: both take traffic too
+    assert (sample.pods, sample.serving, sample.sharing) == (2, 4, 4)

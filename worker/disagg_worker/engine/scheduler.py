@@ -3,9 +3,11 @@
 One rule covers prefill, chunked prefill, prefix hits, recompute after preemption and decode: a
 request's computed tokens chase its total tokens, within a per-step token budget. The budget goes
 priority by priority, high first: a priority's running requests (decodes, then prefill chunks), then
-its waiting requests, admitted while budget, sequence slots and blocks allow; the head of a queue that
-does not fit holds back everyone after it. When blocks run out the lowest-priority, newest running
-request is preempted (its blocks freed, recomputed later). No tensors: this is tested on ints.
+its waiting requests, admitted while budget, sequence slots and blocks allow (the blocks left after
+what the lower-priority running requests need this step: an admission never preempts); the head of
+a queue that does not fit holds back everyone after it. When blocks run out the lowest-priority,
+newest running request is preempted (its blocks freed, recomputed later). No tensors: this is tested
+on ints.
 """
 
 from __future__ import annotations
@@ -139,13 +141,18 @@ class Scheduler:
                     budget -= num_new
             # A preemption means memory is short: admit nobody new this step.
             if admitting and not preempted:
-                budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled)
+                later = [r for r in step_order if r.priority > prio and r.status is RequestStatus.RUNNING]
+                budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled, later)
         return SchedulerOutput(list(scheduled.values()), preempted)
 
-    def _admit(self, queue: deque[Request], budget: int, scheduled: dict[str, ScheduledRequest]) -> tuple[int, bool]:
+    def _admit(self, queue: deque[Request], budget: int, scheduled: dict[str, ScheduledRequest],
+               later: list[Request]) -> tuple[int, bool]:
         """Admit ``queue``'s requests in order while budget, sequence slots and blocks allow.
 
-        Returns the budget left and whether admission may go on (False: the head did not fit)."""
+        The token budget goes to them before the ``later`` (lower-priority) running requests, but
+        blocks do not: an admission leaves the blocks those need this step, so it never preempts a
+        running request (it waits until memory frees, as before). Returns the budget left and
+        whether admission may go on (False: the head did not fit)."""
         while queue:
             if budget <= 0 or self._num_slots_taken() >= self.config.max_num_seqs:
                 return budget, False
@@ -153,7 +160,10 @@ class Scheduler:
             hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
             num_computed = len(hit) * self.bm.block_size
             num_new = min(req.num_tokens - num_computed, budget)
-            if not self.bm.allocate_slots(req, num_new, hit):
+            left = budget - num_new
+            kept = sum(self.bm.num_new_blocks_needed(r, min(r.num_tokens - r.num_computed_tokens, left)) for r in later)
+            if not self.bm.can_allocate(req, num_new, hit, keep_free=kept) or not self.bm.allocate_slots(
+                    req, num_new, hit):
                 return budget, False
             queue.popleft()
             if req.first_scheduled_time is None:

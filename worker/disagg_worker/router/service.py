@@ -142,7 +142,9 @@ class RouterService:
                 raise APIError(503, "no decode worker is available", type_="service_unavailable",
                                code="no_workers")
             if attempt == 0:
-                est = estimate_request_ttft(len(prompt_ids), choice.cached_blocks * self.block_size, choice.worker,
+                # as the decode worker counts its hit: never the block holding the last prompt token
+                reusable = min(choice.cached_blocks, (len(prompt_ids) - 1) // self.block_size)
+                est = estimate_request_ttft(len(prompt_ids), reusable * self.block_size, choice.worker,
                                             [p.load for p in self.prefill_pool.healthy()], self.policy.split_policy)
                 m.ESTIMATED_TTFT.set(est)
                 admission = admit_request(priority, est, self.policy.qos)
