@@ -199,6 +199,20 @@ def test_admitting_a_high_priority_request_never_preempts_a_running_low_priority
     bm.check_invariants(s.live_requests())
 
 
+def test_a_low_priority_prefill_chunk_left_short_by_an_admission_runs_smaller_instead_of_preempting() -> None:
+    bm = BlockManager(14, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256), bm)
+    low = make_request("low", list(range(50)), max_tokens=4, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {})  # 32 of its 50 prompt tokens: 8 blocks, 6 free
+    high = make_request("high", list(range(100, 110)), max_tokens=4)  # 3 blocks: 3 left for low's 5
+    s.add_request(high)
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("high", 10), ("low", 12)]
+    assert not out.preempted and low.num_preemptions == 0
+    bm.check_invariants(s.live_requests())
+
+
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
     bm = BlockManager(64, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)

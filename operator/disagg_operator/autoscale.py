@@ -184,12 +184,13 @@ def decide(
                 crossed.append(metric)
                 level = min(s.value(metric) or 0.0 for s in up_window)  # the sustained level
                 goal = target(policy, metric) or threshold
-                needed = max(needed, math.ceil(level * latest.pods / max(goal, EPSILON) - EPSILON))
+                needed = max(needed, math.ceil(level * latest.sharing / max(goal, EPSILON) - EPSILON))
     if crossed:
         reason = ", ".join(f"{_label(m)} above {policy.scale_up.items()[m]:g}" for m in crossed)
         if current_replicas >= high:
             return Decision(current_replicas, f"{reason}; at maxReplicas", "hold")
-        capacity = latest.pods + starting_pods
+        # warming pods are in both ``sharing`` and ``starting_pods``: not counted twice
+        capacity = max(latest.sharing, latest.pods + starting_pods)
         if starting_pods and needed <= capacity:
             return Decision(current_replicas, f"{reason}; {starting_pods} pod(s) starting", "hold")
         desired = min(high, current_replicas + policy.max_step, max(needed, current_replicas + 1))

@@ -91,6 +91,12 @@ def test_a_sample_only_some_pods_answered_is_spread_over_all_that_served() -> No
     assert decide(history, DECODE, 8, 0, NOW, None).direction == "hold"
     history[-3] = Sample(history[-3].time, 2, queue_length=3.5, kv_cache_usage=70.0)  # no serving count known
     assert decide(history, DECODE, 8, 0, NOW, None).direction == "down"
+    # and on the way up: 2 of 4 answered, 4 more starting; the load of 4 busy pods needs more than 8
+    busy = [Sample(NOW, 2, queue_length=30.0, kv_cache_usage=80.0, serving=4)]
+    assert decide(busy, PREFILL.model_copy(update={"scale_up": Thresholds(queue_length=16, kv_cache_usage=75),
+                                                  "scale_down": Thresholds(queue_length=4, kv_cache_usage=30),
+                                                  "max_replicas": 12, "max_step": 4}),
+                  8, 4, NOW, None).direction == "up"
 
 
 def test_a_falling_load_steps_down_every_cooldown_not_every_window() -> None:

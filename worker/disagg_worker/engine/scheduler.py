@@ -3,9 +3,10 @@
 One rule covers prefill, chunked prefill, prefix hits, recompute after preemption and decode: a
 request's computed tokens chase its total tokens, within a per-step token budget. The budget goes
 priority by priority, high first: a priority's running requests (decodes, then prefill chunks), then
-its waiting requests, admitted while budget, sequence slots and blocks allow (the blocks left after
-what the lower-priority running requests need this step: an admission never preempts); the head of
-a queue that does not fit holds back everyone after it. When blocks run out the lowest-priority,
+its waiting requests, admitted while budget, sequence slots and blocks allow (keeping the block a
+lower-priority running decode may need; a lower-priority prefill chunk left short runs smaller or
+waits a step: an admission never preempts); the head of a queue that does not fit holds back
+everyone after it. When blocks run out the lowest-priority,
 newest running request is preempted (its blocks freed, recomputed later). No tensors: this is tested
 on ints.
 """
@@ -120,6 +121,7 @@ class Scheduler:
         self.running.sort(key=lambda r: (r.priority, r.num_tokens - r.num_computed_tokens > 1))
         step_order = list(self.running)
         admitting = True  # until the head of a queue does not fit: it holds back everyone after it
+        admitted = False  # a higher priority than the one being scheduled admitted requests this step
         for prio in sorted({r.priority for r in step_order} | {p for p, q in self._waiting.items() if q}):
             for req in (r for r in step_order if r.priority == prio):
                 if budget <= 0:
@@ -127,6 +129,12 @@ class Scheduler:
                 if req.status is not RequestStatus.RUNNING:
                     continue  # preempted earlier in this step
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if admitted and not self.bm.can_allocate(req, num_new):
+                    # a higher-priority admission took the blocks this prefill chunk wanted: run what
+                    # still fits, or wait a step, but never preempt anyone for it
+                    num_new = self._tokens_that_fit(req, num_new)
+                    if num_new == 0:
+                        continue
                 while not self.bm.allocate_slots(req, num_new):
                     victim = self._pick_victim()
                     self._preempt(victim)
@@ -141,18 +149,26 @@ class Scheduler:
                     budget -= num_new
             # A preemption means memory is short: admit nobody new this step.
             if admitting and not preempted:
-                later = [r for r in step_order if r.priority > prio and r.status is RequestStatus.RUNNING]
-                budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled, later)
+                decodes = [r for r in step_order if r.priority > prio and r.status is RequestStatus.RUNNING
+                           and r.num_tokens - r.num_computed_tokens == 1]
+                before = len(scheduled)
+                budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled, decodes)
+                admitted = admitted or len(scheduled) > before
         return SchedulerOutput(list(scheduled.values()), preempted)
 
+    def _tokens_that_fit(self, req: Request, wanted: int) -> int:
+        """How many of ``wanted`` next tokens of ``req`` fit in its blocks plus the free ones."""
+        room = (len(req.block_ids) + self.bm.num_free_blocks) * self.bm.block_size - req.num_computed_tokens
+        return max(0, min(wanted, room))
+
     def _admit(self, queue: deque[Request], budget: int, scheduled: dict[str, ScheduledRequest],
-               later: list[Request]) -> tuple[int, bool]:
+               later_decodes: list[Request]) -> tuple[int, bool]:
         """Admit ``queue``'s requests in order while budget, sequence slots and blocks allow.
 
-        The token budget goes to them before the ``later`` (lower-priority) running requests, but
-        blocks do not: an admission leaves the blocks those need this step, so it never preempts a
-        running request (it waits until memory frees, as before). Returns the budget left and
-        whether admission may go on (False: the head did not fit)."""
+        They go before the lower-priority running requests for the token budget, and for blocks too,
+        except the one block each of ``later_decodes`` may need this step: an admission never preempts
+        a running request (a lower-priority prefill chunk it leaves short runs smaller or waits a
+        step). Returns the budget left and whether admission may go on (False: the head did not fit)."""
         while queue:
             if budget <= 0 or self._num_slots_taken() >= self.config.max_num_seqs:
                 return budget, False
@@ -160,8 +176,7 @@ class Scheduler:
             hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
             num_computed = len(hit) * self.bm.block_size
             num_new = min(req.num_tokens - num_computed, budget)
-            left = budget - num_new
-            kept = sum(self.bm.num_new_blocks_needed(r, min(r.num_tokens - r.num_computed_tokens, left)) for r in later)
+            kept = sum(self.bm.num_new_blocks_needed(r, 1) for r in later_decodes) if budget > num_new else 0
             if not self.bm.can_allocate(req, num_new, hit, keep_free=kept) or not self.bm.allocate_slots(
                     req, num_new, hit):
                 return budget, False
