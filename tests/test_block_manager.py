@@ -213,6 +213,21 @@ def test_a_low_priority_prefill_chunk_left_short_by_an_admission_runs_smaller_in
     bm.check_invariants(s.live_requests())
 
 
+def test_a_remote_prefill_does_not_take_blocks_ahead_of_waiting_higher_priority_requests() -> None:
+    bm = BlockManager(8, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # 6 of 8 blocks
+    high = make_request("high", list(range(100, 112)), max_tokens=4)  # 3 blocks: waits for memory
+    s.add_request(high)
+    s.update_from_output(s.schedule(), {"low": 1})
+    assert high.status is RequestStatus.WAITING
+    assert s.reserve_for_import(make_request("import-low", [1, 2, 3], priority=1)) is None
+    assert s.reserve_for_import(make_request("import-high", [1, 2, 3])) == 0  # same priority: may go
+    bm.check_invariants(s.live_requests())
+
+
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
     bm = BlockManager(64, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)

@@ -258,10 +258,13 @@ class Scheduler:
         """Reserve blocks for ``req``'s whole prompt, reusing any cached prefix.
 
         Returns the number of leading prompt tokens already cached (the KV to import starts there),
-        or None when there are not enough free blocks or batch slots right now.
+        or None when there are not enough free blocks or batch slots right now, or when requests of
+        a higher priority are waiting (the caller then queues this one for local prefill).
         """
         if self._num_slots_taken() >= self.config.max_num_seqs:
             return None
+        if any(q for prio, q in self._waiting.items() if prio < req.priority):
+            return None  # higher-priority requests wait for memory here: they get it first
         hit = self.bm.find_cached_prefix(req)
         num_cached = len(hit) * self.bm.block_size
         if not self.bm.allocate_slots(req, req.num_prompt_tokens - num_cached, hit):
