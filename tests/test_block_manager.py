@@ -151,6 +151,83 @@ def test_a_high_priority_request_admitted_later_is_not_preempted_for_a_low_one()
     bm.check_invariants(s.live_requests())
 
 
+def test_a_waiting_high_priority_request_is_admitted_before_a_running_low_priority_prefill_chunk() -> None:
+    bm = BlockManager(64, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)
+    low = make_request("low", list(range(199)), max_tokens=4, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {})  # the low-priority long prompt starts its chunked prefill
+    high = make_request("high", list(range(300, 310)), max_tokens=4)
+    s.add_request(high)
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("high", 10), ("low", 6)]
+    s.update_from_output(out, {"high": 1})
+    out = s.schedule()  # high decodes first, low's chunk gets the rest
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("high", 1), ("low", 15)]
+    bm.check_invariants(s.live_requests())
+
+
+def test_a_high_priority_request_that_does_not_fit_leaves_the_running_low_priority_ones_running() -> None:
+    bm = BlockManager(8, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # 21 tokens: 6 of 8 blocks
+    high = make_request("high", list(range(100, 140)), max_tokens=4)  # needs 10 blocks: never fits now
+    s.add_request(high)
+    for _ in range(3):
+        out = s.schedule()
+        assert [x.request.request_id for x in out.scheduled] == ["low"] and not out.preempted
+        s.update_from_output(out, {"low": 1})
+    assert high.status is RequestStatus.WAITING
+    bm.check_invariants(s.live_requests())
+
+
+def test_admitting_a_high_priority_request_never_preempts_a_running_low_priority_one() -> None:
+    """It goes first for the token budget, not for blocks: a running request's next block is kept for it."""
+    bm = BlockManager(6, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # 21 tokens in 6 blocks of 4: its next decode needs the 6th
+    high = make_request("high", [100, 101, 102], max_tokens=4)  # needs 1 block: only if low gets none
+    s.add_request(high)
+    out = s.schedule()
+    assert [x.request.request_id for x in out.scheduled] == ["low"] and not out.preempted
+    s.update_from_output(out, {"low": 1})
+    assert high.status is RequestStatus.WAITING and low.num_preemptions == 0
+    bm.check_invariants(s.live_requests())
+
+
+def test_a_low_priority_prefill_chunk_left_short_by_an_admission_runs_smaller_instead_of_preempting() -> None:
+    bm = BlockManager(14, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256), bm)
+    low = make_request("low", list(range(50)), max_tokens=4, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {})  # 32 of its 50 prompt tokens: 8 blocks, 6 free
+    high = make_request("high", list(range(100, 110)), max_tokens=4)  # 3 blocks: 3 left for low's 5
+    s.add_request(high)
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("high", 10), ("low", 12)]
+    assert not out.preempted and low.num_preemptions == 0
+    bm.check_invariants(s.live_requests())
+
+
+def test_a_remote_prefill_does_not_take_blocks_ahead_of_waiting_higher_priority_requests() -> None:
+    bm = BlockManager(8, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
+    s.add_request(low)
+    s.update_from_output(s.schedule(), {"low": 1})  # 6 of 8 blocks
+    high = make_request("high", list(range(100, 112)), max_tokens=4)  # 3 blocks: waits for memory
+    s.add_request(high)
+    s.update_from_output(s.schedule(), {"low": 1})
+    assert high.status is RequestStatus.WAITING
+    assert s.reserve_for_import(make_request("import-low", [1, 2, 3], priority=1)) is None
+    assert s.reserve_for_import(make_request("import-high", [1, 2, 3])) == 0  # same priority: may go
+    bm.check_invariants(s.live_requests())
+
+
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
     bm = BlockManager(64, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)

@@ -99,10 +99,13 @@ class BlockManager:
         total = request.num_computed_tokens + len(hit_blocks) * self.block_size + num_new_tokens
         return max(0, self.blocks_for_tokens(total) - len(request.block_ids) - len(hit_blocks))
 
-    def can_allocate(self, request: Request, num_new_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int, hit_blocks: Sequence[int] = (),
+                     keep_free: int = 0) -> bool:
+        """Whether the allocation fits while leaving ``keep_free`` blocks for others."""
         # Hit blocks that are free now leave the free list when they are taken.
         free_hits = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
-        return self.num_new_blocks_needed(request, num_new_tokens, hit_blocks) <= len(self._free) - free_hits
+        needed = self.num_new_blocks_needed(request, num_new_tokens, hit_blocks)
+        return needed + keep_free <= len(self._free) - free_hits
 
     # ---- commands --------------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:

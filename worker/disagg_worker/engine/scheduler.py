@@ -1,11 +1,14 @@
 """Continuous-batching scheduler: decides, each step, how many tokens of which requests to compute.
 
 One rule covers prefill, chunked prefill, prefix hits, recompute after preemption and decode: a
-request's computed tokens chase its total tokens, within a per-step token budget. Running requests
-go first (in admission order); when blocks run out the lowest-priority, newest unscheduled request is
-preempted (its blocks freed, recomputed later). Waiting requests are admitted highest priority first
-while budget, sequence slots and blocks allow; the head of the queue that does not fit holds the
-rest back. No tensors: this is tested on ints.
+request's computed tokens chase its total tokens, within a per-step token budget. The budget goes
+priority by priority, high first: a priority's running requests (decodes, then prefill chunks), then
+its waiting requests, admitted while budget, sequence slots and blocks allow (keeping the block a
+lower-priority running decode may need; a lower-priority prefill chunk left short runs smaller or
+waits a step: an admission never preempts); the head of a queue that does not fit holds back
+everyone after it. When blocks run out the lowest-priority,
+newest running request is preempted (its blocks freed, recomputed later). No tensors: this is tested
+on ints.
 """
 
 from __future__ import annotations
@@ -104,58 +107,80 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self._waiting.setdefault(req.priority, deque()).append(req)
 
-    def _peek_waiting(self) -> Request | None:
-        for prio in sorted(self._waiting):
-            if self._waiting[prio]:
-                return self._waiting[prio][0]
-        return None
-
-    def _pop_waiting(self, req: Request) -> None:
-        self._waiting[req.priority].popleft()
-
     # ---- the step decision -----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        scheduled: dict[str, ScheduledRequest] = {}  # insertion order is the step's order
         preempted: list[Request] = []
 
-        # High priority first (it gets the budget first); within a priority, decodes before prefill
-        # chunks, so that a long chunked prefill cannot take the whole budget and stall the decodes.
-        # The sort is stable: admission order otherwise. A preemption still takes the lowest-priority,
-        # newest request, wherever this order put it.
+        # Priority by priority, high first: that priority's running requests (decodes before prefill
+        # chunks, so that a long chunked prefill cannot take the whole budget and stall the decodes),
+        # then its waiting requests. So a waiting high-priority request is admitted before a running
+        # low-priority prefill chunk takes the budget. The sort is stable: admission order otherwise.
+        # A preemption still takes the lowest-priority, newest request, wherever this order put it.
         self.running.sort(key=lambda r: (r.priority, r.num_tokens - r.num_computed_tokens > 1))
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.bm.allocate_slots(req, num_new):
-                victim = self._pick_victim()
-                already = self.running.index(victim) < i  # scheduled earlier in this step: take it back
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
+        step_order = list(self.running)
+        admitting = True  # until the head of a queue does not fit: it holds back everyone after it
+        admitted = False  # a higher priority than the one being scheduled admitted requests this step
+        for prio in sorted({r.priority for r in step_order} | {p for p, q in self._waiting.items() if q}):
+            for req in (r for r in step_order if r.priority == prio):
+                if budget <= 0:
                     break
-                if already:
-                    taken = next(s for s in scheduled if s.request is victim)
-                    scheduled.remove(taken)
-                    budget += taken.num_new_tokens
-                    i -= 1
-            else:
-                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, num_new))
-                budget -= num_new
-                i += 1
+                if req.status is not RequestStatus.RUNNING:
+                    continue  # preempted earlier in this step
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if admitted and not self.bm.can_allocate(req, num_new):
+                    # a higher-priority admission took the blocks this prefill chunk wanted: run what
+                    # still fits, or wait a step, but never preempt anyone for it
+                    num_new = self._tokens_that_fit(req, num_new)
+                    if num_new == 0:
+                        continue
+                while not self.bm.allocate_slots(req, num_new):
+                    victim = self._pick_victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is req:
+                        break
+                    taken = scheduled.pop(victim.request_id, None)  # scheduled earlier: take it back
+                    if taken is not None:
+                        budget += taken.num_new_tokens
+                else:
+                    scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, num_new)
+                    budget -= num_new
+            # A preemption means memory is short: admit nobody new this step.
+            if admitting and not preempted:
+                decodes = [r for r in step_order if r.priority > prio and r.status is RequestStatus.RUNNING
+                           and r.num_tokens - r.num_computed_tokens == 1]
+                before = len(scheduled)
+                budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled, decodes)
+                admitted = admitted or len(scheduled) > before
+        return SchedulerOutput(list(scheduled.values()), preempted)
 
-        # A preemption means memory is short: admit nobody new this step.
-        while not preempted and budget > 0 and self._num_slots_taken() < self.config.max_num_seqs:
-            req = self._peek_waiting()
-            if req is None:
-                break
+    def _tokens_that_fit(self, req: Request, wanted: int) -> int:
+        """How many of ``wanted`` next tokens of ``req`` fit in its blocks plus the free ones."""
+        room = (len(req.block_ids) + self.bm.num_free_blocks) * self.bm.block_size - req.num_computed_tokens
+        return max(0, min(wanted, room))
+
+    def _admit(self, queue: deque[Request], budget: int, scheduled: dict[str, ScheduledRequest],
+               later_decodes: list[Request]) -> tuple[int, bool]:
+        """Admit ``queue``'s requests in order while budget, sequence slots and blocks allow.
+
+        They go before the lower-priority running requests for the token budget, and for blocks too,
+        except the one block each of ``later_decodes`` may need this step: an admission never preempts
+        a running request (a lower-priority prefill chunk it leaves short runs smaller or waits a
+        step). Returns the budget left and whether admission may go on (False: the head did not fit)."""
+        while queue:
+            if budget <= 0 or self._num_slots_taken() >= self.config.max_num_seqs:
+                return budget, False
+            req = queue[0]
             hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
             num_computed = len(hit) * self.bm.block_size
             num_new = min(req.num_tokens - num_computed, budget)
-            if not self.bm.allocate_slots(req, num_new, hit):
-                break
-            self._pop_waiting(req)
+            kept = sum(self.bm.num_new_blocks_needed(r, 1) for r in later_decodes) if budget > num_new else 0
+            if not self.bm.can_allocate(req, num_new, hit, keep_free=kept) or not self.bm.allocate_slots(
+                    req, num_new, hit):
+                return budget, False
+            queue.popleft()
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = num_computed
@@ -163,9 +188,9 @@ class Scheduler:
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, num_computed, num_new))
+            scheduled[req.request_id] = ScheduledRequest(req, num_computed, num_new)
             budget -= num_new
-        return SchedulerOutput(scheduled, preempted)
+        return budget, True
 
     def _num_slots_taken(self) -> int:
         # requests receiving remote KV join the running batch when committed: they count already
@@ -233,10 +258,13 @@ class Scheduler:
         """Reserve blocks for ``req``'s whole prompt, reusing any cached prefix.
 
         Returns the number of leading prompt tokens already cached (the KV to import starts there),
-        or None when there are not enough free blocks or batch slots right now.
+        or None when there are not enough free blocks or batch slots right now, or when requests of
+        a higher priority are waiting (the caller then queues this one for local prefill).
         """
         if self._num_slots_taken() >= self.config.max_num_seqs:
             return None
+        if any(q for prio, q in self._waiting.items() if prio < req.priority):
+            return None  # higher-priority requests wait for memory here: they get it first
         hit = self.bm.find_cached_prefix(req)
         num_cached = len(hit) * self.bm.block_size
         if not self.bm.allocate_slots(req, req.num_prompt_tokens - num_cached, hit):
