@@ -151,12 +151,20 @@ def test_a_high_priority_request_admitted_later_is_not_preempted_for_a_low_one()
     bm.check_invariants(s.live_requests())
 
 
-def test_a_waiting_high_priority_request_is_admitted_before_a_running_low_priority_prefill_chunk() -> None:
-    bm = BlockManager(64, 4)
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)
-    low = make_request("low", list(range(199)), max_tokens=4, priority=1)
+def scheduler_with_running_low(num_blocks: int, budget: int, prompt_len: int, max_tokens: int,
+                               sampled: bool) -> tuple[BlockManager, Scheduler, Request]:
+    """A scheduler whose one low-priority request ran one step (sampling its first token if ``sampled``)."""
+    bm = BlockManager(num_blocks, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=256), bm)
+    low = make_request("low", list(range(prompt_len)), max_tokens=max_tokens, priority=1)
     s.add_request(low)
-    s.update_from_output(s.schedule(), {})  # the low-priority long prompt starts its chunked prefill
+    s.update_from_output(s.schedule(), {"low": 1} if sampled else {})
+    return bm, s, low
+
+
+def test_a_waiting_high_priority_request_is_admitted_before_a_running_low_priority_prefill_chunk() -> None:
+    # the low-priority long prompt starts its chunked prefill
+    bm, s, _low = scheduler_with_running_low(64, 16, 199, 4, False)
     high = make_request("high", list(range(300, 310)), max_tokens=4)
     s.add_request(high)
     out = s.schedule()
@@ -168,11 +176,8 @@ def test_a_waiting_high_priority_request_is_admitted_before_a_running_low_priori
 
 
 def test_a_high_priority_request_that_does_not_fit_leaves_the_running_low_priority_ones_running() -> None:
-    bm = BlockManager(8, 4)
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
-    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
-    s.add_request(low)
-    s.update_from_output(s.schedule(), {"low": 1})  # 21 tokens: 6 of 8 blocks
+    # 21 tokens: 6 of 8 blocks
+    bm, s, _low = scheduler_with_running_low(8, 64, 20, 8, True)
     high = make_request("high", list(range(100, 140)), max_tokens=4)  # needs 10 blocks: never fits now
     s.add_request(high)
     for _ in range(3):
@@ -185,11 +190,8 @@ def test_a_high_priority_request_that_does_not_fit_leaves_the_running_low_priori
 
 def test_admitting_a_high_priority_request_never_preempts_a_running_low_priority_one() -> None:
     """It goes first for the token budget, not for blocks: a running request's next block is kept for it."""
-    bm = BlockManager(6, 4)
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
-    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
-    s.add_request(low)
-    s.update_from_output(s.schedule(), {"low": 1})  # 21 tokens in 6 blocks of 4: its next decode needs the 6th
+    # 21 tokens in 6 blocks of 4: its next decode needs the 6th
+    bm, s, low = scheduler_with_running_low(6, 64, 20, 8, True)
     high = make_request("high", [100, 101, 102], max_tokens=4)  # needs 1 block: only if low gets none
     s.add_request(high)
     out = s.schedule()
@@ -200,11 +202,8 @@ def test_admitting_a_high_priority_request_never_preempts_a_running_low_priority
 
 
 def test_a_low_priority_prefill_chunk_left_short_by_an_admission_runs_smaller_instead_of_preempting() -> None:
-    bm = BlockManager(14, 4)
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256), bm)
-    low = make_request("low", list(range(50)), max_tokens=4, priority=1)
-    s.add_request(low)
-    s.update_from_output(s.schedule(), {})  # 32 of its 50 prompt tokens: 8 blocks, 6 free
+    # 32 of its 50 prompt tokens: 8 blocks, 6 free
+    bm, s, low = scheduler_with_running_low(14, 32, 50, 4, False)
     high = make_request("high", list(range(100, 110)), max_tokens=4)  # 3 blocks: 3 left for low's 5
     s.add_request(high)
     out = s.schedule()
@@ -214,11 +213,8 @@ def test_a_low_priority_prefill_chunk_left_short_by_an_admission_runs_smaller_in
 
 
 def test_a_remote_prefill_does_not_take_blocks_ahead_of_waiting_higher_priority_requests() -> None:
-    bm = BlockManager(8, 4)
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
-    low = make_request("low", list(range(20)), max_tokens=8, priority=1)
-    s.add_request(low)
-    s.update_from_output(s.schedule(), {"low": 1})  # 6 of 8 blocks
+    # 6 of 8 blocks
+    bm, s, _low = scheduler_with_running_low(8, 64, 20, 8, True)
     high = make_request("high", list(range(100, 112)), max_tokens=4)  # 3 blocks: waits for memory
     s.add_request(high)
     s.update_from_output(s.schedule(), {"low": 1})
