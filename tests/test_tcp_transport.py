@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
+from disagg_worker.transfer import tcp
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, chunk_checksum, plan_chunks
 from disagg_worker.transfer.grpc_stream import Coverage
 from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
@@ -24,16 +25,32 @@ from disagg_worker.transfer.tcp import (
     HEADER,
     IOV_BATCH,
     MAGIC,
+    PIECE_BYTES,
+    TRAILER,
     KvConnectionPool,
     KvReceiver,
     KvSenderConnection,
     PendingTransfer,
+    in_pieces,
     move_views,
 )
 
 LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 PER_BLOCK_LAYER = LAYOUT.bytes_per_block // LAYOUT.num_layers
 CPU = torch.device("cpu")
+
+
+def raw_preamble(token: str) -> bytes:
+    return MAGIC + struct.pack("<I", len(token)) + token.encode()
+
+
+def raw_frame(claimed: ChunkSpec, k: list[memoryview], v: list[memoryview], checksummed: ChunkSpec) -> bytes:
+    """A frame as a peer might send it: ``claimed``'s header, the K and V bytes, and the checksum those
+    bytes have as ``checksummed``'s chunk."""
+    n = sum(len(x) for x in k)
+    header = HEADER.pack(claimed.seq, claimed.first_block, claimed.num_blocks, claimed.layer_start,
+                         claimed.num_layers, n, n)
+    return header + b"".join([*k, *v]) + TRAILER.pack(chunk_checksum(checksummed, k, v))
 
 
 def filled_pool(num_blocks: int, seed: int = 0) -> PagedKVCache:
@@ -100,6 +117,19 @@ def test_move_views_survives_short_transfers_and_many_buffers() -> None:
         move_views(lambda batch: 0, [memoryview(bytearray(4))])
 
 
+@given(st.lists(st.integers(0, 50), max_size=12), st.integers(1, 40))
+def test_in_pieces_regroups_views_in_order_under_the_limit(sizes: list[int], limit: int) -> None:
+    data = bytes(range(256)) * 3
+    views, off = [], 0
+    for n in sizes:
+        views.append(memoryview(data)[off:off + n])
+        off += n
+    pieces = list(in_pieces(views, limit))
+    assert b"".join(b"".join(piece) for piece in pieces) == data[:off]
+    assert [sum(map(len, piece)) for piece in pieces[:-1]] == [limit] * (len(pieces) - 1)
+    assert all(0 < sum(map(len, piece)) <= limit for piece in pieces)
+
+
 def test_the_chunk_checksum_streams_over_parts_and_covers_the_placement() -> None:
     k, v = bytes(range(200)), bytes(range(50, 250))
     spec = ChunkSpec(1, 4, 2, 0, 3)
@@ -161,7 +191,10 @@ DST_BLOCKS = [5, 6, 1, 12, 13, 14, 3, 10]
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 2 * PER_BLOCK_LAYER * 3 + 1, PER_BLOCK_LAYER])
 @pytest.mark.parametrize("staged", [False, True])
-def test_scattered_blocks_arrive_exactly(chunk_bytes: int, staged: bool) -> None:
+@pytest.mark.parametrize("piece_bytes", [PIECE_BYTES, 100])  # 100: pieces split blocks and values mid-way
+def test_scattered_blocks_arrive_exactly(chunk_bytes: int, staged: bool, piece_bytes: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp, "PIECE_BYTES", piece_bytes)
     src, dst = filled_pool(16, seed=1), PagedKVCache(LAYOUT, 16, CPU)
     first = 2  # the first two blocks are a prefix the decode side already had cached
 
@@ -201,21 +234,17 @@ def test_frames_with_swapped_placements_do_not_verify() -> None:
         try:
             t = PendingTransfer("r", LAYOUT, Coverage(0, 4, LAYOUT.num_layers), PoolSink(dst, DST_BLOCKS[:4]), True,
                                 asyncio.get_running_loop())
-            token = receiver.register(t).encode()
+            token = receiver.register(t)
 
             def send() -> None:
                 host, port = receiver.endpoint.rsplit(":", 1)
                 with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=10) as sock:
-                    sock.sendall(MAGIC + struct.pack("<I", len(token)) + token)
+                    sock.sendall(raw_preamble(token))
                     for spec, claimed in zip(specs, reversed(specs), strict=True):
                         k, v = src.block_views(SRC_BLOCKS[spec.first_block:spec.first_block + spec.num_blocks],
                                                range(spec.layer_start, spec.layer_start + spec.num_layers))
-                        n = sum(len(x) for x in k)
-                        sock.sendall(HEADER.pack(claimed.seq, claimed.first_block, claimed.num_blocks,
-                                                 claimed.layer_start, claimed.num_layers, n, n,
-                                                 chunk_checksum(spec, k, v)))
-                        sock.sendall(b"".join([*k, *v]))
-                    sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0))
+                        sock.sendall(raw_frame(claimed, k, v, checksummed=spec))
+                    sock.sendall(HEADER.pack(0, 0, 0, 0, 0, 0, 0))
                     sock.recv(1)
 
             th = threading.Thread(target=send)
@@ -307,8 +336,7 @@ def test_stop_fences_off_the_blocks_mid_frame() -> None:
     src, dst = filled_pool(16, seed=4), PagedKVCache(LAYOUT, 16, CPU)
     spec = ChunkSpec(0, 0, len(SRC_BLOCKS), 0, LAYOUT.num_layers)
     k_views, v_views = src.block_views(SRC_BLOCKS, range(LAYOUT.num_layers))
-    payload = b"".join([*k_views, *v_views])
-    half = len(payload) // 2
+    frame = raw_frame(spec, k_views, v_views, checksummed=spec)
     stalled, resume = threading.Event(), threading.Event()
 
     async def main() -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -316,19 +344,18 @@ def test_stop_fences_off_the_blocks_mid_frame() -> None:
         try:
             t = PendingTransfer("r", LAYOUT, Coverage(0, len(SRC_BLOCKS), LAYOUT.num_layers),
                                 PoolSink(dst, DST_BLOCKS), True, asyncio.get_running_loop())
-            token = receiver.register(t).encode()
+            token = receiver.register(t)
+            cut = HEADER.size + len(frame) // 4
 
             def send() -> None:
                 host, port = receiver.endpoint.rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=10) as sock:
-                    sock.sendall(MAGIC + struct.pack("<I", len(token)) + token)
-                    sock.sendall(HEADER.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
-                                             spec.num_layers, half, half, chunk_checksum(spec, k_views, v_views)))
-                    sock.sendall(payload[:half // 2])  # the receiver is now mid-frame, in recvmsg_into
+                    sock.sendall(raw_preamble(token))
+                    sock.sendall(frame[:cut])  # the receiver is now mid-frame, in recvmsg_into
                     stalled.set()
                     resume.wait(10)
                     with contextlib.suppress(OSError):  # the receiver hung up
-                        sock.sendall(payload[half // 2:])
+                        sock.sendall(frame[cut:])
 
             th = threading.Thread(target=send)
             th.start()

@@ -61,11 +61,16 @@ def chunk_checksum(spec: ChunkSpec, k: Iterable[bytes | memoryview], v: Iterable
     bytes, then its V bytes (each given as consecutive parts). Covering the placement means bytes that
     arrive intact but with their block or layer range garbled in flight do not verify: they would
     otherwise land in the wrong blocks with a good checksum."""
-    h = xxhash.xxh3_64(PLACEMENT.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
-                                      spec.num_layers))
+    h = chunk_hasher(spec)
     for part in (*k, *v):
         h.update(part)
     return h.intdigest()
+
+
+def chunk_hasher(spec: ChunkSpec) -> xxhash.xxh3_64:
+    """``chunk_checksum``'s running hash with the placement already in: feed it K, then V, in parts."""
+    return xxhash.xxh3_64(PLACEMENT.pack(spec.seq, spec.first_block, spec.num_blocks, spec.layer_start,
+                                         spec.num_layers))
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
