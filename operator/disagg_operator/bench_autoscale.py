@@ -26,6 +26,7 @@ import bisect
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -537,6 +538,23 @@ def plot(runs: list[PolicyRun], cfg: BenchConfig, path: Path) -> None:
     plt.close(fig)
 
 
+def config_json(cfg: BenchConfig) -> dict[str, Any]:
+    return {
+        "minutes": cfg.workload.duration / 60,
+        "peak_rate": cfg.workload.peak_rate,
+        "trough_rate": cfg.workload.trough_rate,
+        "bursts": cfg.workload.bursts,
+        "ttft_slo_s": cfg.ttft_slo,
+        "tpot_slo_s": cfg.tpot_slo,
+        "startup_s": cfg.startup,
+        "max_batch": cfg.max_batch,
+        "interval_s": cfg.interval,
+        "dt_s": cfg.dt,
+        "prefill": cfg.prefill.model_dump(by_alias=True, exclude_none=True),
+        "decode": cfg.decode.model_dump(by_alias=True, exclude_none=True),
+    }
+
+
 def run_bench(
     cfg: BenchConfig, st: ServiceTimes, out: Path, *, seed: int = 0, make_plot: bool = True
 ) -> dict[str, Any]:
@@ -546,20 +564,7 @@ def run_bench(
     by = {r["policy"]: r for r in rows}
     ratio = by["planner"]["replica_seconds"] / by["static-max"]["replica_seconds"]
     result = {
-        "config": {
-            "minutes": cfg.workload.duration / 60,
-            "peak_rate": cfg.workload.peak_rate,
-            "trough_rate": cfg.workload.trough_rate,
-            "bursts": cfg.workload.bursts,
-            "ttft_slo_s": cfg.ttft_slo,
-            "tpot_slo_s": cfg.tpot_slo,
-            "startup_s": cfg.startup,
-            "max_batch": cfg.max_batch,
-            "interval_s": cfg.interval,
-            "dt_s": cfg.dt,
-            "prefill": cfg.prefill.model_dump(by_alias=True, exclude_none=True),
-            "decode": cfg.decode.model_dump(by_alias=True, exclude_none=True),
-        },
+        "config": config_json(cfg),
         "service_times": st.to_json(),
         "policies": rows,
         "planner_vs_static_max_replica_seconds": ratio,
@@ -576,6 +581,89 @@ def run_bench(
     if make_plot:
         plot(runs, cfg, out / "autoscale.png")
     return result
+
+
+def seed_summary(result: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One trace's line in a multi-seed run: the planner against the static pools and the oracle."""
+    by = {r["policy"]: r for r in result["policies"]}
+    return {
+        "seed": seed,
+        "planner_slo_attainment": by["planner"]["slo_attainment"],
+        "planner_vs_static_max_replica_seconds": result["planner_vs_static_max_replica_seconds"],
+        "reversals_per_10min": by["planner"]["reversals_per_10min"],
+        "static_max_slo_attainment": by["static-max"]["slo_attainment"],
+        "static_min_slo_attainment": by["static-min"]["slo_attainment"],
+        "oracle_vs_static_max_replica_seconds": result["oracle_vs_static_max_replica_seconds"],
+        "targets": result["targets"],
+    }
+
+
+def _one_seed(args: tuple[BenchConfig, ServiceTimes, Path, int]) -> dict[str, Any]:
+    cfg, st, out, seed = args
+    return seed_summary(run_bench(cfg, st, out / f"seed-{seed}", seed=seed, make_plot=False), seed)
+
+
+def run_seeds(cfg: BenchConfig, st: ServiceTimes, out: Path, seeds: list[int], workers: int) -> dict[str, Any]:
+    """The bench on several traces (one process per trace, ``workers`` at a time): how often the planner
+    meets every target, not just on one lucky trace. Writes ``autoscale-seeds.json``."""
+    import multiprocessing as mp
+
+    from rich.progress import Progress
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(cfg, st, out, seed) for seed in seeds]
+    rows: list[dict[str, Any]] = []
+    with Progress() as progress, mp.get_context("spawn").Pool(max(1, min(workers, len(jobs)))) as pool:
+        task = progress.add_task(f"{len(jobs)} traces", total=len(jobs))
+        for row in pool.imap_unordered(_one_seed, jobs):
+            rows.append(row)
+            progress.advance(task)
+    rows.sort(key=lambda r: r["seed"])
+    result = {
+        "config": config_json(cfg),
+        "seeds": rows,
+        "all_targets_met_on": [r["seed"] for r in rows if all(r["targets"].values())],
+    }
+    (out / "autoscale-seeds.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_seeds_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result["seeds"]
+    table = Table(title="autoscale bench: the planner on each trace (bold: a target missed)")
+    table.add_column("seed", justify="left")
+    for r in rows:
+        table.add_column(str(r["seed"]), justify="right")
+
+    def cells(key: str, fmt: str, target: str) -> list[str]:
+        return [fmt.format(r[key]) if r["targets"][target] else f"[bold]{fmt.format(r[key])}[/bold]" for r in rows]
+
+    table.add_row("SLO attainment", *cells("planner_slo_attainment", "{:.2%}", "slo_attainment_ge_0.99"))
+    table.add_row("vs static-max", *cells("planner_vs_static_max_replica_seconds", "{:.3f}x",
+                                          "replica_seconds_le_0.6x_static_max"))
+    table.add_row("reversals/10min", *cells("reversals_per_10min", "{:.2f}", "reversals_le_1_per_10min"))
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"  every target met on {len(result['all_targets_met_on'])} of {len(rows)} traces: "
+                  f"{result['all_targets_met_on']}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"``, ``"0,3,5"`` or a mix (``"0-2,7"``) -> the seeds, in order, without repeats."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            span = range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use e.g. 0-9 or 0,3,5") from None
+        seeds += [s for s in span if s not in seeds]
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"bad seed list {text!r}: no seeds")
+    return seeds
 
 
 def asdict_decision(d: tuple[float, str, str, int, int]) -> dict[str, Any]:
@@ -630,10 +718,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup", type=float, default=30.0, help="seconds before a new pod serves")
     p.add_argument("--dt", type=float, default=0.05, help="simulation time step in seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=parse_seeds, help="several traces, e.g. 0-9: a table of the planner on each "
+                   "and autoscale-seeds.json (no plot)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="traces simulated at once (--seeds)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     st = ServiceTimes.load(args.service_times) if args.service_times else measure_service_times()
     cfg = default_config(st, minutes=args.minutes, max_batch=args.max_batch, startup=args.startup, dt=args.dt)
+    if args.seeds:
+        print_seeds_table(run_seeds(cfg, st, args.out, args.seeds, args.workers))
+        print(f"wrote {args.out / 'autoscale-seeds.json'}")
+        return 0
     result = run_bench(cfg, st, args.out, seed=args.seed, make_plot=not args.no_plot)
     print_table(result)
     print(f"wrote {args.out / 'autoscale.json'}" + ("" if args.no_plot else f" and {args.out / 'autoscale.png'}"))

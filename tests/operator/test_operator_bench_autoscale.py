@@ -79,3 +79,36 @@ def test_a_prefill_pod_removed_mid_prompt_finishes_that_prompt_and_hands_on_the_
         assert now < 60
     assert abs(mine[0].first_token - 0.64) < 1e-6  # finished where it started, not run again elsewhere
     assert leaving not in cluster.pools["prefill"]  # drained, then gone
+
+
+def test_seed_lists_parse_and_bad_ones_are_refused() -> None:
+    import argparse
+
+    import pytest
+
+    from disagg_operator.bench_autoscale import parse_seeds
+
+    assert parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
+    assert parse_seeds("5") == [5]
+    for bad in ("", "a-3", "1-b", "0,,2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="bad seed list"):
+            parse_seeds(bad)
+
+
+def test_cli_runs_several_traces_and_counts_where_every_target_is_met(tmp_path: Path) -> None:
+    times = tmp_path / "st.json"
+    times.write_text(json.dumps(FIXED))
+    out = tmp_path / "out"
+    assert main(["--service-times", str(times), "--out", str(out), "--minutes", "4", "--dt", "0.1",
+                 "--seeds", "0-1", "--workers", "2"]) == 0
+    result = json.loads((out / "autoscale-seeds.json").read_text())
+    assert [r["seed"] for r in result["seeds"]] == [0, 1]
+    assert result["all_targets_met_on"] == [r["seed"] for r in result["seeds"] if all(r["targets"].values())]
+    alone = tmp_path / "alone"  # each trace is the same run as --seed N on its own
+    assert main(["--service-times", str(times), "--out", str(alone), "--minutes", "4", "--dt", "0.1", "--seed", "1",
+                 "--no-plot"]) == 0
+    single = json.loads((alone / "autoscale.json").read_text())
+    assert result["seeds"][1]["planner_vs_static_max_replica_seconds"] == single[
+        "planner_vs_static_max_replica_seconds"]
+    assert result["seeds"][1]["reversals_per_10min"] == single["policies"][2]["reversals_per_10min"]
+    assert result["config"]["minutes"] == 4
