@@ -130,6 +130,11 @@ def test_in_pieces_regroups_views_in_order_under_the_limit(sizes: list[int], lim
     assert all(0 < sum(map(len, piece)) <= limit for piece in pieces)
 
 
+def test_in_pieces_refuses_a_piece_size_that_would_never_advance() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        next(in_pieces([memoryview(b"abc")], 0))
+
+
 def test_the_chunk_checksum_streams_over_parts_and_covers_the_placement() -> None:
     k, v = bytes(range(200)), bytes(range(50, 250))
     spec = ChunkSpec(1, 4, 2, 0, 3)

@@ -17,6 +17,8 @@ Reported per policy: SLO attainment (TTFT <= SLO and TPOT <= SLO), replica-secon
 (a change of direction), and p50/p99 TTFT and TPOT. Targets (reported, not asserted): >= 99 %
 attainment at <= 0.6x the replica-seconds of static-max, <= 1 reversal per 10 simulated minutes.
 Writes ``autoscale.json``, ``autoscale-service-times.json`` and ``autoscale.png`` under ``--out``.
+``--seeds 0-9`` runs each of several traces as ``--seed N`` would (into ``seed-N/``, no plot), prints
+one table of the planner on each and writes ``autoscale-seeds.json``.
 """
 
 from __future__ import annotations
@@ -653,17 +655,17 @@ def print_seeds_table(result: dict[str, Any]) -> None:
 
 def parse_seeds(text: str) -> list[int]:
     """``"0-9"``, ``"0,3,5"`` or a mix (``"0-2,7"``) -> the seeds, in order, without repeats."""
-    seeds: list[int] = []
+    seeds: dict[int, None] = {}
     for part in text.split(","):
-        first, _, last = part.strip().partition("-")
+        first, dash, last = part.strip().partition("-")
         try:
-            span = range(int(first), int(last or first) + 1)
+            low, high = int(first), int(last if dash else first)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use e.g. 0-9 or 0,3,5") from None
-        seeds += [s for s in span if s not in seeds]
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"bad seed list {text!r}: no seeds")
-    return seeds
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use e.g. 0-9 or 0,3,5 (seeds >= 0)") from None
+        if high < low:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: {part.strip()!r} runs backwards")
+        seeds.update(dict.fromkeys(range(low, high + 1)))
+    return list(seeds)
 
 
 def asdict_decision(d: tuple[float, str, str, int, int]) -> dict[str, Any]:
@@ -717,10 +719,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="decode batch size per pod")
     p.add_argument("--startup", type=float, default=30.0, help="seconds before a new pod serves")
     p.add_argument("--dt", type=float, default=0.05, help="simulation time step in seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=parse_seeds, help="several traces, e.g. 0-9: a table of the planner on each "
-                   "and autoscale-seeds.json (no plot)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="traces simulated at once (--seeds)")
+    one_or_many = p.add_mutually_exclusive_group()
+    one_or_many.add_argument("--seed", type=int, default=0)
+    one_or_many.add_argument("--seeds", type=parse_seeds, help="several traces, e.g. 0-9: a table of the planner "
+                             "on each and autoscale-seeds.json (no plot)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="traces simulated at once (--seeds)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     st = ServiceTimes.load(args.service_times) if args.service_times else measure_service_times()

@@ -90,7 +90,7 @@ def test_seed_lists_parse_and_bad_ones_are_refused() -> None:
 
     assert parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
     assert parse_seeds("5") == [5]
-    for bad in ("", "a-3", "1-b", "0,,2"):
+    for bad in ("", "a-3", "1-b", "0,,2", "3-", "0,5-3", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="bad seed list"):
             parse_seeds(bad)
 

@@ -5,7 +5,8 @@ finishes. Chunks are exported one at a time just before they are sent, so a tran
 chunk in flight on this side; gRPC flow control pushes back when the decode side is slow. The held
 blocks are always released, whether the transfer completes, fails or is cancelled.
 
-Fault injection for tests (``DISAGG_FAULT``): ``corrupt_chunk`` flips a byte after checksumming,
+Fault injection for tests (``DISAGG_FAULT``): ``corrupt_chunk`` spoils the first chunk's checksum (grpc:
+a byte of the chunk flipped after checksumming; tcp: the trailing checksum flipped),
 ``slow_transfer:SECONDS`` sleeps before each chunk, ``die_mid_transfer`` exits after the first chunk.
 """
 

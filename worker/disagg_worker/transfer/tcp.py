@@ -3,7 +3,7 @@
 The ``Prefill`` RPC stays the control channel (it carries ``kv_endpoint`` and ``transfer_token`` and
 returns ``PrefillDone``); the bulk bytes skip protobuf and gRPC's copies. The decode worker runs one
 ``KvReceiver`` (a listening socket and a thread per connection): a transfer starts with its token,
-then frames ``header | K bytes | V bytes``; the prefill side pools connections, so a connection
+then frames ``header | K bytes | V bytes | checksum``; the prefill side pools connections, so a connection
 carries transfers one after another. On CPU pools both ends skip every copy
 of their own: the sender ``sendmsg``s straight from the pool's blocks and the receiver
 ``recvmsg_into``s straight into the blocks reserved for the request (``PoolSink``), so the only
@@ -82,6 +82,8 @@ def _recv_preamble(sock: socket.socket) -> str | None:
 
 def in_pieces(views: Iterable[memoryview], limit: int) -> Iterator[list[memoryview]]:
     """``views`` regrouped, in order, into lists of at most ``limit`` bytes (large views are sliced)."""
+    if limit <= 0:
+        raise ValueError(f"piece size must be positive, not {limit}")
     piece: list[memoryview] = []
     size = 0
     for view in views:
