@@ -4,6 +4,7 @@ is a clear error (never a silent split of the traffic)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg_worker.launcher import free_port
+from disagg_worker.launcher import LocalCluster, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +91,9 @@ def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None
         while len(marked_processes(marker)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)  # launcher + workers started, still loading the model: not ready yet
         up.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # an impatient second Ctrl-C: it used to cut the clean-up short or kill the exit
+        with contextlib.suppress(ProcessLookupError):
+            up.send_signal(signal.SIGINT)
         _, err = up.communicate(timeout=30)
         assert up.returncode == 130, err
         assert "interrupted during start-up" in err
@@ -102,6 +106,26 @@ def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None
             os.killpg(up.pid, signal.SIGKILL)
         for pid in marked_processes(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_start_up_polls_for_an_interruption_and_stops_what_already_runs(tmp_path: Path) -> None:
+    """The signal handler's KeyboardInterrupt can be swallowed by library code it lands in (a Ctrl-C one
+    second into `disagg up` was lost and the cluster came up anyway), so start-up also polls."""
+    polls = 0
+
+    def interrupted() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 3  # after the kernels and both workers' starts: while waiting for them
+
+    cluster = LocalCluster(port=free_port(), log_dir=tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.start(120, interrupted=interrupted)
+        assert [p.name for p in cluster.processes] == ["prefill-0", "decode-0"]
+        assert all(p.popen is not None and p.popen.poll() is not None for p in cluster.processes)
+    finally:
+        cluster.stop()
 
 
 def test_a_taken_grpc_port_is_a_clear_error() -> None:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -137,6 +138,7 @@ class LocalCluster:
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per process name
     log_dir: Path | None = None
     processes: list[Process] = field(default_factory=list)
+    _interrupted: Callable[[], bool] = field(default=lambda: False, init=False, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -165,12 +167,19 @@ class LocalCluster:
         proc = Process(name, cmd, f"http://{self.host}:{http_port}/ready", cpus, self.worker_env.get(name, {}))
         return proc, f"{self.host}:{port}"
 
-    def start(self, timeout: float = 180.0) -> None:
+    def start(self, timeout: float = 180.0, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Start every process and wait until all are ready; on any error, or once ``interrupted()``
+        says so, stop whatever already runs and raise (KeyboardInterrupt for an interruption)."""
+        # A signal handler's KeyboardInterrupt can be swallowed by library code it lands in (measured:
+        # a Ctrl-C one second into `disagg up` was lost and the cluster came up anyway), so start-up
+        # also polls ``interrupted`` between its steps.
+        self._interrupted = interrupted
         # Build what every worker needs once, here, instead of N times concurrently in the children.
         import disagg_worker.rpc  # noqa: F401 - generates the gRPC stubs if stale
         from disagg_worker.engine.cpu_kernels import load_cpu_kernels
 
         load_cpu_kernels()
+        self._check_interrupted()
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -192,6 +201,7 @@ class LocalCluster:
                     decode_addrs.append(addr)
             self.prefill_addresses, self.decode_addresses = prefill_addrs, decode_addrs
             for proc in self.processes:
+                self._check_interrupted()
                 proc.start(self.log_dir)
             self._wait_ready(self.processes, timeout)
             router_cmd = self._cli("router", "--host", self.host, "--port", str(self.port),
@@ -200,17 +210,23 @@ class LocalCluster:
                 router_cmd += ["--prefill-workers", ",".join(prefill_addrs)]
             router = Process("router", router_cmd, f"{self.base_url}/ready", self.cpu_affinity.get("router"))
             self.processes.append(router)
+            self._check_interrupted()
             router.start(self.log_dir)
             self._wait_ready([router], timeout)
         except BaseException:
             self.stop()
             raise
 
+    def _check_interrupted(self) -> None:
+        if self._interrupted():
+            raise KeyboardInterrupt
+
     def _wait_ready(self, procs: list[Process], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = list(procs)
         with httpx.Client(timeout=2.0) as client:
             while pending:
+                self._check_interrupted()
                 for proc in list(pending):
                     if not proc.alive:
                         raise ClusterError(f"{proc.name} exited during start-up (code "
@@ -292,37 +308,51 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
-        if starting:  # interrupt the start-up waits; start() stops whatever already runs
+        first, stop = not stop, True
+        # interrupt the start-up waits (start() stops whatever already runs); only once, so a second
+        # Ctrl-C cannot cut that clean-up short or escape uncaught after it
+        if starting and first:
             raise KeyboardInterrupt
-        stop = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    def run() -> int:
+        nonlocal starting
+        try:
+            cluster.start(args.timeout, interrupted=lambda: stop)
+        except ClusterError as exc:
+            print(f"disagg up: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("disagg up: interrupted during start-up; everything started was stopped", file=sys.stderr)
+            return 130
+        starting = False
+        shape = (f"{args.workers} monolithic worker(s)" if args.monolithic
+                 else f"{args.prefill} prefill + {args.decode} decode workers")
+        served = served_model(cluster.base_url) or args.model or "tiny-llama"
+        print(f"disagg is up: {cluster.base_url}/v1 ({shape}, model {served!r})", flush=True)
+        print(f"  try: curl {cluster.base_url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{served}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        print("  Ctrl-C stops everything.", flush=True)
+        reported: set[str] = set()
+        try:
+            while not stop:
+                time.sleep(0.5)
+                for proc in cluster.processes:
+                    if not proc.alive and proc.name not in reported:
+                        reported.add(proc.name)
+                        print(f"disagg up: {proc.name} exited with code {proc.popen.returncode}", file=sys.stderr)
+        finally:
+            print("disagg up: stopping", flush=True)
+            cluster.stop()
+        return 0
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in signals:
         signal.signal(sig, on_signal)
     try:
-        cluster.start(args.timeout)
-    except ClusterError as exc:
-        print(f"disagg up: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("disagg up: interrupted during start-up; everything started was stopped", file=sys.stderr)
-        return 130
-    starting = False
-    shape = (f"{args.workers} monolithic worker(s)" if args.monolithic
-             else f"{args.prefill} prefill + {args.decode} decode workers")
-    served = served_model(cluster.base_url) or args.model or "tiny-llama"
-    print(f"disagg is up: {cluster.base_url}/v1 ({shape}, model {served!r})", flush=True)
-    print(f"  try: curl {cluster.base_url}/v1/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{served}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
-    print("  Ctrl-C stops everything.", flush=True)
-    reported: set[str] = set()
-    try:
-        while not stop:
-            time.sleep(0.5)
-            for proc in cluster.processes:
-                if not proc.alive and proc.name not in reported:
-                    reported.add(proc.name)
-                    print(f"disagg up: {proc.name} exited with code {proc.popen.returncode}", file=sys.stderr)
+        return run()
     finally:
-        print("disagg up: stopping", flush=True)
-        cluster.stop()
-    return 0
+        # everything is stopped by now: a late Ctrl-C while the interpreter exits must not kill it with
+        # SIGINT (the default action once Python's handlers are gone) instead of its exit code
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
