@@ -635,13 +635,13 @@ def print_seeds_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     rows = result["seeds"]
-    table = Table(title="autoscale bench: the planner on each trace (bold: a target missed)")
+    table = Table(title="autoscale bench: the planner on each trace (*: a target missed)")
     table.add_column("seed", justify="left")
     for r in rows:
         table.add_column(str(r["seed"]), justify="right")
 
     def cells(key: str, fmt: str, target: str) -> list[str]:
-        return [fmt.format(r[key]) if r["targets"][target] else f"[bold]{fmt.format(r[key])}[/bold]" for r in rows]
+        return [fmt.format(r[key]) if r["targets"][target] else f"[bold]{fmt.format(r[key])}*[/bold]" for r in rows]
 
     table.add_row("SLO attainment", *cells("planner_slo_attainment", "{:.2%}", "slo_attainment_ge_0.99"))
     table.add_row("vs static-max", *cells("planner_vs_static_max_replica_seconds", "{:.3f}x",
