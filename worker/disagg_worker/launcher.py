@@ -318,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal starting
         try:
             cluster.start(args.timeout, interrupted=lambda: stop)
+            starting = False
         except ClusterError as exc:
             print(f"disagg up: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
+            cluster.stop()  # a no-op after start()'s own clean-up; not if the signal came just as it returned
             print("disagg up: interrupted during start-up; everything started was stopped", file=sys.stderr)
             return 130
-        starting = False
         shape = (f"{args.workers} monolithic worker(s)" if args.monolithic
                  else f"{args.prefill} prefill + {args.decode} decode workers")
         served = served_model(cluster.base_url) or args.model or "tiny-llama"
