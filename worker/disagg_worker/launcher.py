@@ -123,6 +123,11 @@ class ClusterError(RuntimeError):
     pass
 
 
+def _raise_if(interrupted: Callable[[], bool]) -> None:
+    if interrupted():
+        raise KeyboardInterrupt
+
+
 @dataclass
 class LocalCluster:
     model: str | None = None
@@ -138,7 +143,6 @@ class LocalCluster:
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per process name
     log_dir: Path | None = None
     processes: list[Process] = field(default_factory=list)
-    _interrupted: Callable[[], bool] = field(default=lambda: False, init=False, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -173,13 +177,12 @@ class LocalCluster:
         # A signal handler's KeyboardInterrupt can be swallowed by library code it lands in (measured:
         # a Ctrl-C one second into `disagg up` was lost and the cluster came up anyway), so start-up
         # also polls ``interrupted`` between its steps.
-        self._interrupted = interrupted
         # Build what every worker needs once, here, instead of N times concurrently in the children.
         import disagg_worker.rpc  # noqa: F401 - generates the gRPC stubs if stale
         from disagg_worker.engine.cpu_kernels import load_cpu_kernels
 
         load_cpu_kernels()
-        self._check_interrupted()
+        _raise_if(interrupted)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -201,32 +204,28 @@ class LocalCluster:
                     decode_addrs.append(addr)
             self.prefill_addresses, self.decode_addresses = prefill_addrs, decode_addrs
             for proc in self.processes:
-                self._check_interrupted()
+                _raise_if(interrupted)
                 proc.start(self.log_dir)
-            self._wait_ready(self.processes, timeout)
+            self._wait_ready(self.processes, timeout, interrupted)
             router_cmd = self._cli("router", "--host", self.host, "--port", str(self.port),
                                    "--decode-workers", ",".join(decode_addrs), *self._common())
             if prefill_addrs:
                 router_cmd += ["--prefill-workers", ",".join(prefill_addrs)]
             router = Process("router", router_cmd, f"{self.base_url}/ready", self.cpu_affinity.get("router"))
             self.processes.append(router)
-            self._check_interrupted()
+            _raise_if(interrupted)
             router.start(self.log_dir)
-            self._wait_ready([router], timeout)
+            self._wait_ready([router], timeout, interrupted)
         except BaseException:
             self.stop()
             raise
 
-    def _check_interrupted(self) -> None:
-        if self._interrupted():
-            raise KeyboardInterrupt
-
-    def _wait_ready(self, procs: list[Process], timeout: float) -> None:
+    def _wait_ready(self, procs: list[Process], timeout: float, interrupted: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
         pending = list(procs)
         with httpx.Client(timeout=2.0) as client:
             while pending:
-                self._check_interrupted()
+                _raise_if(interrupted)
                 for proc in list(pending):
                     if not proc.alive:
                         raise ClusterError(f"{proc.name} exited during start-up (code "
