@@ -99,6 +99,11 @@ class BlockManager:
         total = request.num_computed_tokens + len(hit_blocks) * self.block_size + num_new_tokens
         return max(0, self.blocks_for_tokens(total) - len(request.block_ids) - len(hit_blocks))
 
+    def num_tokens_that_fit(self, request: Request, wanted: int) -> int:
+        """How many of ``wanted`` next tokens of ``request`` fit in its blocks plus the free ones."""
+        room = (len(request.block_ids) + self.num_free_blocks) * self.block_size - request.num_computed_tokens
+        return max(0, min(wanted, room))
+
     def can_allocate(self, request: Request, num_new_tokens: int, hit_blocks: Sequence[int] = (),
                      keep_free: int = 0) -> bool:
         """Whether the allocation fits while leaving ``keep_free`` blocks for others."""

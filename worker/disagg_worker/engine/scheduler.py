@@ -132,7 +132,7 @@ class Scheduler:
                 if admitted and not self.bm.can_allocate(req, num_new):
                     # a higher-priority admission took the blocks this prefill chunk wanted: run what
                     # still fits, or wait a step, but never preempt anyone for it
-                    num_new = self._tokens_that_fit(req, num_new)
+                    num_new = self.bm.num_tokens_that_fit(req, num_new)
                     if num_new == 0:
                         continue
                 while not self.bm.allocate_slots(req, num_new):
@@ -155,11 +155,6 @@ class Scheduler:
                 budget, admitting = self._admit(self._waiting.get(prio, deque()), budget, scheduled, decodes)
                 admitted = admitted or len(scheduled) > before
         return SchedulerOutput(list(scheduled.values()), preempted)
-
-    def _tokens_that_fit(self, req: Request, wanted: int) -> int:
-        """How many of ``wanted`` next tokens of ``req`` fit in its blocks plus the free ones."""
-        room = (len(req.block_ids) + self.bm.num_free_blocks) * self.bm.block_size - req.num_computed_tokens
-        return max(0, min(wanted, room))
 
     def _admit(self, queue: deque[Request], budget: int, scheduled: dict[str, ScheduledRequest],
                later_decodes: list[Request]) -> tuple[int, bool]:
