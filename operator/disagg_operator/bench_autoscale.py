@@ -723,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     one_or_many.add_argument("--seed", type=int, default=0)
     one_or_many.add_argument("--seeds", type=parse_seeds, help="several traces, e.g. 0-9: a table of the planner "
                              "on each and autoscale-seeds.json (no plot)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=cpus,
                    help="traces simulated at once (--seeds)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)

@@ -11,6 +11,12 @@ FIXED = {"prefill_seconds_per_token": {"64": 0.0004, "256": 0.0002, "512": 0.000
          "decode_step_seconds": {"1": 0.006, "4": 0.008, "8": 0.011, "16": 0.018}, "source": "test"}
 
 
+def fixed_service_times_file(folder: Path) -> Path:
+    path = folder / "st.json"
+    path.write_text(json.dumps(FIXED))
+    return path
+
+
 def test_service_times_interpolate() -> None:
     st = ServiceTimes({64: 0.0004, 256: 0.0002}, {1: 0.006, 16: 0.018})
     assert st.prefill_seconds(64) == 64 * 0.0004
@@ -30,8 +36,7 @@ def test_simulator_orders_the_policies(tmp_path: Path) -> None:
 
 
 def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
-    times = tmp_path / "st.json"
-    times.write_text(json.dumps(FIXED))
+    times = fixed_service_times_file(tmp_path)
     out = tmp_path / "out"
     assert main(["--service-times", str(times), "--out", str(out), "--minutes", "6", "--dt", "0.1"]) == 0
     result = json.loads((out / "autoscale.json").read_text())
@@ -96,8 +101,7 @@ def test_seed_lists_parse_and_bad_ones_are_refused() -> None:
 
 
 def test_cli_runs_several_traces_and_counts_where_every_target_is_met(tmp_path: Path) -> None:
-    times = tmp_path / "st.json"
-    times.write_text(json.dumps(FIXED))
+    times = fixed_service_times_file(tmp_path)
     out = tmp_path / "out"
     assert main(["--service-times", str(times), "--out", str(out), "--minutes", "4", "--dt", "0.1",
                  "--seeds", "0-1", "--workers", "2"]) == 0
