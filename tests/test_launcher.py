@@ -108,6 +108,34 @@ def test_ctrl_c_during_start_up_stops_everything_at_once(tmp_path: Path) -> None
             os.kill(pid, signal.SIGKILL)
 
 
+def test_ctrl_c_while_modules_import_is_a_line_not_a_traceback(tmp_path: Path) -> None:
+    """0.2 s in, ``disagg up`` is still importing (before its own handling exists): a Python traceback
+    and rc -2 used to end it."""
+    up = subprocess.Popen([sys.executable, "-m", "disagg_worker.cli", "up", "--port", str(free_port()),
+                           "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    try:
+        time.sleep(0.2)
+        up.send_signal(signal.SIGINT)
+        _, err = up.communicate(timeout=60)
+        assert up.returncode == 130, err
+        assert "Traceback" not in err and "interrupted" in err, err
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_an_interrupted_command_exits_130_with_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from disagg_worker import cli
+
+    (tmp_path / "interrupted_command.py").write_text("def main(argv):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "interrupted", ("interrupted_command", "raises KeyboardInterrupt"))
+    assert cli.main(["interrupted"]) == 130
+    assert capsys.readouterr().err == "disagg: interrupted\n"
+
+
 def test_start_up_polls_for_an_interruption_and_stops_what_already_runs(tmp_path: Path) -> None:
     """The signal handler's KeyboardInterrupt can be swallowed by library code it lands in (a Ctrl-C one
     second into `disagg up` was lost and the cluster came up anyway), so start-up also polls."""

@@ -45,7 +45,16 @@ def _run(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # A Ctrl-C that lands before a command installs its own handling (``disagg up`` does, once its
+        # modules are imported) ends here: a line and the conventional status, not a traceback.
+        print("disagg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
