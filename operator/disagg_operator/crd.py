@@ -189,7 +189,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], model: str | None = 
         out[key] = value
     if out.get("type") == "object" and "properties" in out:
         for name, prop in out["properties"].items():  # materialise nested defaults
-            if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+            # an object with required fields has no valid empty default (the API server checks every
+            # default against its node and refuses the CRD): it stays absent until it is written whole
+            if prop.get("type") == "object" and "properties" in prop and "default" not in prop \
+                    and not prop.get("required"):
                 prop["default"] = {}
             if name in out.get("required", []):
                 prop.pop("default", None)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -82,6 +83,20 @@ def test_schema_is_structural_every_node_typed_and_every_scalar_bounded_or_enume
     assert leaves
     for path, node in leaves:
         assert "minimum" in node, f"{path} has no lower bound"
+
+
+def test_every_default_in_the_crd_is_valid_for_its_own_node() -> None:
+    """The API server checks each ``default`` against the schema node it sits on (types, bounds,
+    ``required``, CEL rules) and refuses the whole CRD otherwise: ``status.lastScale: default {}`` with
+    required fields once made ``kubectl apply -f crds/`` fail."""
+    checked = 0
+    for path, node in _walk(crd_schema()):
+        if "default" not in node:
+            continue
+        checked += 1
+        errors = [e.message for e in jsonschema.Draft4Validator(node).iter_errors(node["default"])]
+        assert errors == [] and cel_errors(node, node["default"]) == [], (path, node["default"], errors)
+    assert checked > 20
 
 
 def test_api_server_defaults_and_pydantic_defaults_agree() -> None:
