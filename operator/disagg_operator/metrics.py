@@ -16,6 +16,7 @@ Worker metrics read by the planner (gauges labelled ``role``): ``disagg_requests
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -58,6 +59,10 @@ class PodSample:
     def value(self, metric: str) -> float:
         return float(getattr(self, metric))
 
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.queue_length, self.gpu_utilization, self.kv_cache_usage))
+
 
 _WANTED = {
     "disagg_requests_waiting": "waiting",
@@ -69,7 +74,8 @@ _WANTED = {
 
 
 def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None:
-    """Read a worker's /metrics exposition; None when the gauges the planner needs are missing."""
+    """Read a worker's /metrics exposition; None when the gauges the planner needs are missing or not
+    finite (a NaN or Inf would make every decision after it meaningless)."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         field = _WANTED.get(family.name)
@@ -80,6 +86,8 @@ def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None
                 continue
             if role is not None and sample.labels.get("role") not in (role, "both", None):
                 continue
+            if not math.isfinite(sample.value):
+                return None
             values[field] = values.get(field, 0.0) + float(sample.value)
     if "waiting" not in values or ("kv" not in values and "util" not in values):
         return None

@@ -21,8 +21,10 @@ parts (pod classification, aggregation, deletion costs) are functions tested on 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
+import math
 import threading
 import time
 import urllib.parse
@@ -58,6 +60,8 @@ WARMUP_SECONDS = 30.0
 # capacity on its way: counting it as "starting" would block every scale-down (and hold scale-ups).
 STUCK_AFTER_SECONDS = 900.0
 SCRAPE_TIMEOUT_SECONDS = 2.0
+# a worker's /metrics is tens of KiB; a pod answering more is not a worker we can read
+MAX_METRICS_BYTES = 8 << 20
 HISTORY_SECONDS = 3600.0
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
 
@@ -135,7 +139,7 @@ def classify(
 def aggregate(samples: Iterable[PodSample | None], now: float, serving: int | None = None) -> Sample:
     """Per-pod averages over the pods that answered (``pods`` = how many did); ``serving``: the pods
     taking traffic, answered or not (pods that answered as draining are taken off it)."""
-    samples = list(samples)
+    samples = [s if s is None or s.finite else None for s in samples]  # NaN / Inf: not measured
     got = [s for s in samples if s is not None and not s.draining]
     if not got:
         return Sample(time=now, pods=0)
@@ -168,8 +172,11 @@ def scrape_pod(
     host = f"[{ip}]" if ":" in ip else ip
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
-            return parse_worker_metrics(resp.read().decode("utf-8", "replace"), role)
-    except (OSError, ValueError):
+            body = resp.read(MAX_METRICS_BYTES + 1)
+        if len(body) > MAX_METRICS_BYTES:
+            return None
+        return parse_worker_metrics(body.decode("utf-8", "replace"), role)
+    except (OSError, ValueError, http.client.HTTPException):  # down, garbage, cut off mid-body: not measured
         return None
 
 
@@ -177,12 +184,18 @@ def query_prometheus(base_url: str, query: str, *, timeout: float = 5.0) -> list
     url = base_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         payload = json.load(resp)
+    result = payload.get("data", {}).get("result", []) if isinstance(payload, dict) else None
+    if not isinstance(result, list):
+        raise ValueError(f"not a Prometheus query answer: {str(payload)[:200]}")
     out = []
-    for item in payload.get("data", {}).get("result", []):
+    for item in result:
         try:
-            out.append((item.get("metric", {}), float(item["value"][1])))
-        except (KeyError, IndexError, TypeError, ValueError):
+            value = float(item["value"][1])
+            labels = item.get("metric", {})
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             continue
+        if math.isfinite(value) and isinstance(labels, dict):  # NaN / Inf: not a measurement
+            out.append((labels, value))
     return out
 
 
@@ -195,7 +208,7 @@ def prometheus_sample(
     for metric in ("disagg_requests_waiting", "disagg_utilization_ratio", "disagg_kv_cache_usage_ratio"):
         try:
             rows = query_prometheus(base_url, promql(metric, owner, role, agg="max by (pod)"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             return Sample(time=now, pods=0), {}
         for labels, value in rows:
             if labels.get("pod") in per_pod:

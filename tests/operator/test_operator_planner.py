@@ -3,8 +3,11 @@ one planning round against a fake cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.server
+import json
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from disagg_operator import planner
 from disagg_operator.builders import ANNOTATION_DELETION_COST
 from disagg_operator.metrics import PodSample, parse_worker_metrics
 from disagg_operator.planner import (
@@ -20,6 +24,7 @@ from disagg_operator.planner import (
     classify,
     deletion_costs,
     plan_once,
+    query_prometheus,
     recover_states,
     scrape_pod,
 )
@@ -130,6 +135,69 @@ def test_scrape_pod_over_http(metrics_server: tuple[str, int]) -> None:
     sample = scrape_pod(host, "decode", port=port)
     assert sample is not None and sample.queue_length == 7
     assert scrape_pod("127.0.0.1", "decode", port=1, timeout=0.5) is None  # down: no sample, no crash
+
+
+@pytest.fixture
+def raw_http() -> Iterator[Any]:
+    """``serve(answer)``: a port on 127.0.0.1 that answers every connection with the raw bytes ``answer``."""
+    servers: list[socket.socket] = []
+
+    def serve(answer: bytes) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def run() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.recv(65536)
+                        conn.sendall(answer)
+
+        threading.Thread(target=run, daemon=True).start()
+        return server.getsockname()[1]
+
+    try:
+        yield serve
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"SSH-2.0-OpenSSH_9.6\r\n",  # not HTTP at all: BadStatusLine
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\ndisagg_req",  # cut off mid-body: IncompleteRead
+    b"HTTP/1.1 200 OK\r\n\r\n\x00\x01 not an exposition",
+    b"HTTP/1.1 200 OK\r\n\r\n" + exposition(waiting=float("inf")).encode(),  # Inf would overflow a step size
+    b"HTTP/1.1 200 OK\r\n\r\n" + exposition(kv=float("nan")).encode(),
+], ids=["not-http", "truncated", "garbage", "inf", "nan"])
+def test_a_pod_answering_garbage_is_not_measured(raw_http: Any, answer: bytes) -> None:
+    assert scrape_pod("127.0.0.1", "decode", port=raw_http(answer), timeout=2) is None
+
+
+def test_an_oversized_metrics_page_is_not_read_whole(raw_http: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(planner, "MAX_METRICS_BYTES", 1000)
+    page = exposition(waiting=7)
+    port = raw_http(b"HTTP/1.1 200 OK\r\n\r\n" + (page + "#" * 1000 + "\n").encode())
+    assert scrape_pod("127.0.0.1", "decode", port=port, timeout=2) is None
+
+
+def test_a_sample_that_is_not_finite_is_left_out_of_the_average() -> None:
+    good = PodSample(queue_length=2, gpu_utilization=40, kv_cache_usage=10)
+    bad = PodSample(queue_length=float("inf"), gpu_utilization=40, kv_cache_usage=10)
+    s = aggregate([good, bad], NOW, serving=2)
+    assert (s.pods, s.queue_length, s.sharing) == (1, 2, 2)
+
+
+def test_query_prometheus_skips_what_is_not_a_measurement(raw_http: Any) -> None:
+    rows = [{"metric": {"pod": "a"}, "value": [1, "3"]}, {"metric": {"pod": "b"}, "value": [1, "NaN"]},
+            {"metric": {"pod": "c"}, "value": [1, "+Inf"]}, {"metric": "x", "value": [1, "2"]}, {"value": []}]
+    answer = json.dumps({"status": "success", "data": {"resultType": "vector", "result": rows}}).encode()
+    port = raw_http(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + answer)
+    assert query_prometheus(f"http://127.0.0.1:{port}", "up") == [({"pod": "a"}, 3.0)]
+    port = raw_http(b"HTTP/1.1 200 OK\r\n\r\n[1, 2]")
+    with pytest.raises(ValueError, match="not a Prometheus query answer"):
+        query_prometheus(f"http://127.0.0.1:{port}", "up")
 
 
 class FakeCluster:
