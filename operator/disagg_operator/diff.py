@@ -5,8 +5,9 @@ A desired child is *in sync* with its observed twin when
 1. the observed ``disagg.dev/spec-hash`` annotation equals the desired one (no spec change), and
 2. every field the builder sets has the same value in the observed object (no hand edit). Fields the
    builder does not set (server-side defaults, ``status``, other controllers' annotations) are
-   ignored, empty maps/lists equal absent ones, and resource quantities compare by value ("1000m"
-   == "1"), as the API server normalises them.
+   ignored, empty maps/lists equal absent ones, and quantities (resource requests and limits, an
+   emptyDir's ``sizeLimit``, an HPA target's value) compare by value ("1000m" == "1", "1024Mi" ==
+   "1Gi"), as the API server normalises them.
 
 Observed children not desired any more (e.g. the HPAs after ``autoscale.mode`` left ``hpa``) are
 deleted, but only those owned by this DisaggDeployment (owner reference uid).
@@ -25,7 +26,16 @@ from disagg_operator.builders import ANNOTATION_SPEC_HASH
 Verb = Literal["create", "update", "delete"]
 Key = tuple[str, str, str]  # apiVersion, kind, name
 
+# where a Kubernetes resource.Quantity sits: the API server stores it canonically ("1024Mi" -> "1Gi")
 _QUANTITY_PARENTS = ("requests", "limits")
+_QUANTITY_FIELDS = ("sizeLimit", "averageValue", "divisor")
+
+
+def _is_quantity_field(path: Sequence[str]) -> bool:
+    if not path:
+        return False
+    parent = path[-2] if len(path) >= 2 else ""
+    return parent in _QUANTITY_PARENTS or path[-1] in _QUANTITY_FIELDS or (parent == "target" and path[-1] == "value")
 _MISSING = object()
 
 
@@ -72,7 +82,7 @@ def _same_scalar(want: Any, have: Any, path: Sequence[str]) -> bool:
         return False
     if isinstance(want, int | float) and isinstance(have, int | float):
         return float(want) == float(have)
-    if len(path) >= 2 and path[-2] in _QUANTITY_PARENTS:
+    if _is_quantity_field(path):
         try:
             return parse_quantity(want) == parse_quantity(have)
         except (ValueError, TypeError):

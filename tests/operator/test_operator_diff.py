@@ -154,6 +154,20 @@ def test_first_mismatch_semantics() -> None:
     assert first_mismatch({"x": 1}, {"x": 1.0}) is None
 
 
+def test_quantities_the_server_stores_canonically_compare_by_value() -> None:
+    """A user's ``emptyDir: {sizeLimit: 1024Mi}`` comes back as ``1Gi``: comparing strings re-applied the
+    Deployment on every reconcile, and Ready never became True."""
+    volume = {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1024Mi"}}]}
+    assert first_mismatch(volume, {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}]}) is None
+    assert first_mismatch(volume, {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "2Gi"}}]}) \
+        == "volumes[0].emptyDir.sizeLimit"
+    assert first_mismatch({"target": {"averageValue": "1000"}}, {"target": {"averageValue": "1k"}}) is None
+    assert first_mismatch({"target": {"value": "1500m"}}, {"target": {"value": "1.5"}}) is None
+    # a string that only looks like a quantity is compared as a string
+    assert first_mismatch({"env": [{"name": "N", "value": "1000"}]}, {"env": [{"name": "N", "value": "1k"}]}) \
+        == "env[0].value"
+
+
 def test_sync_reason_prefers_the_hash() -> None:
     obj = desired(SMALL_SPEC)[0]
     other = copy.deepcopy(obj)
