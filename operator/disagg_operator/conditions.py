@@ -208,12 +208,21 @@ def compute_status(
     return status
 
 
+def merge_patch(previous: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns ``previous`` into ``new``: maps are merged key by key,
+    so a key that is gone must be sent as null (else the server keeps it and the next diff sees it
+    again); anything else is replaced whole."""
+    if not isinstance(previous, Mapping) or not isinstance(new, Mapping):
+        return copy.deepcopy(new)
+    patch = {k: merge_patch(previous.get(k), v) for k, v in new.items() if previous.get(k) != v}
+    patch.update({k: None for k in previous if k not in new})
+    return patch
+
+
 def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any] | None:
     """The merge patch that turns ``previous`` into ``new`` for the keys the operator owns; None if equal."""
     previous = previous or {}
-    patch = {
-        k: new.get(k)
-        for k in (*OWNED_STATUS_KEYS, "lastScale")
-        if new.get(k) != previous.get(k) and not (new.get(k) is None and k not in previous)
-    }
+    owned = (*OWNED_STATUS_KEYS, "lastScale")
+    patch = merge_patch({k: v for k, v in previous.items() if k in owned},
+                        {k: v for k, v in new.items() if k in owned and v is not None})
     return patch or None

@@ -272,13 +272,21 @@ class FakeKube:
         return self.get(kind, name)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
 
 
-def merge_status(body: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """Apply a status merge patch to a body (what the API server does)."""
-    status = dict(body.get("status") or {})
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, what the API server does with application/merge-patch+json: maps
+    merge key by key (null deletes), anything else replaces."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, Mapping) else {}
     for k, v in patch.items():
         if v is None:
-            status.pop(k, None)
+            out.pop(k, None)
         else:
-            status[k] = copy.deepcopy(v)
-    body["status"] = status
+            out[k] = merge(out.get(k), v)
+    return out
+
+
+def merge_status(body: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply a status merge patch to a body (what the API server does)."""
+    body["status"] = merge(body.get("status") or {}, patch)
     return body

@@ -202,6 +202,28 @@ def test_status_patch_only_when_changed_and_keeps_last_scale() -> None:
     assert status_patch({}, status)["conditions"]
 
 
+def test_status_patch_removes_nested_keys_that_are_gone() -> None:
+    """A merge patch merges maps key by key: a nested key the new status lacks must be sent as null."""
+    previous = {"router": {"ready": "1/1", "endpoint": "http://demo-router.ns:8000"}, "policyHash": "h"}
+    new = {"router": {"ready": "0/1"}, "policyHash": "h"}
+    patch = status_patch(previous, new)
+    assert patch == {"router": {"ready": "0/1", "endpoint": None}}
+    assert merge_status({"status": previous}, patch)["status"] == new
+
+
+def test_an_invalid_spec_after_a_valid_one_settles_without_writes() -> None:
+    """The invalid path reports the router without its endpoint; the status write that dropped it was a
+    merge patch that kept it, so every reconcile wrote the status again."""
+    c = Cluster({"autoscale": {"mode": "off"}})
+    c.run()
+    c.make_ready()
+    c.run()
+    assert c.run().new_writes == []
+    c.edit_spec({"autoscale": {"mode": "off"}, "prefill": {"replicas": -1}})
+    c.run()
+    assert c.run().new_writes == []
+
+
 def test_a_stale_copy_of_the_resource_never_rolls_back_a_newer_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     """A child event reconciles with the index's copy of its owner; when that copy predates a spec change
     already handled, it must not re-apply the old spec."""
