@@ -61,8 +61,9 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".prometheusUrl",
         },
         {
-            "rule": "self.mode != 'hpa' || (self.prefill.minReplicas >= 1 && self.decode.minReplicas >= 1)",
-            "message": "mode hpa needs minReplicas >= 1 (an HPA cannot scale to zero)",
+            "rule": "self.mode == 'off' || (self.prefill.minReplicas >= 1 && self.decode.minReplicas >= 1)",
+            "message": "autoscaling needs minReplicas >= 1: a role with no pods reports no metrics, so nothing "
+                       "would scale it back up",
             "fieldPath": ".mode",
         },
         *[

@@ -350,10 +350,14 @@ def semantic_errors(pods: PodFields, policy: Policy, *, name: str) -> list[str]:
                     f"spec.autoscale.{role}.scaleUp: mode {policy.autoscale.mode} needs at least one "
                     f"threshold (it becomes the {policy.autoscale.mode.upper()} target)"
                 )
-            if policy.autoscale.mode == "hpa" and scaling.min_replicas < 1:
+    if policy.autoscale.mode != "off":
+        for role in ("prefill", "decode"):
+            if getattr(policy.autoscale, role).min_replicas < 1:
+                # the planner and the HPA/KEDA triggers read the role's own pods: at zero there is no
+                # signal left to scale up on (decode at zero is also an outage: the router has no worker)
                 errors.append(
-                    f"spec.autoscale.{role}.minReplicas: mode hpa needs at least 1 (an HPA cannot "
-                    f"scale to zero); use mode builtin or keda"
+                    f"spec.autoscale.{role}.minReplicas: mode {policy.autoscale.mode} needs at least 1: a "
+                    f"role with no pods reports no metrics, so nothing would scale it back up"
                 )
     for role in ("prefill", "decode", "router"):
         pod = getattr(pods, role)

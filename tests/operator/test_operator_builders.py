@@ -38,7 +38,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                                         "decode": {"minReplicas": 2, "maxReplicas": 6,
                                                    "scaleUp": {"queueLength": 16, "kvCacheUsage": 75}}}},
     "keda": {**SMALL_SPEC, "autoscale": {"mode": "keda", "prometheusUrl": "http://prometheus.monitoring:9090",
-                                         "prefill": {"minReplicas": 0, "maxReplicas": 3,
+                                         "prefill": {"minReplicas": 1, "maxReplicas": 3,
                                                      "scaleUp": {"queueLength": 8}},
                                          "decode": {"minReplicas": 1, "maxReplicas": 6,
                                                     "scaleUp": {"kvCacheUsage": 75}}}},

@@ -128,6 +128,10 @@ INVALID = [
     ({"autoscale": {"mode": "hpa", "prefill": {"minReplicas": 0, "maxReplicas": 2,
                                                "scaleUp": {"queueLength": 3}}}}, "minReplicas"),
     ({"autoscale": {"mode": "hpa", "decode": {"minReplicas": 1, "maxReplicas": 2}}}, "scaleUp"),
+    # at zero pods there are no metrics: nothing would ever scale the role back up
+    ({"autoscale": {"decode": {"minReplicas": 0, "maxReplicas": 2}}}, "minReplicas"),
+    ({"autoscale": {"mode": "keda", "prometheusUrl": "http://p:9090", "prefill": {
+        "minReplicas": 0, "maxReplicas": 2, "scaleUp": {"queueLength": 3}}}}, "minReplicas"),
     ({"decode": {"volumeMounts": [{"name": "models", "mountPath": "/models"}]}}, "volumeMounts"),
     ({"prefill": {"replicas": -1}}, "replicas"),
     ({"router": {"port": 70000}}, "port"),
