@@ -313,9 +313,13 @@ def worker_args(parsed: ParsedSpec, owner: Owner, role: str) -> list[str]:
 
 def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
     pod: RouterSpec = parsed.pods.router
+    model = parsed.policy.model
+    # with a path, the model's name is the id clients send (else the router names it after the folder)
+    named = ["--served-model-name", model.name] if model.path and "name" in model.model_fields_set else []
     return [
         "router",
         *_serve_args(parsed, pod.port),
+        *named,
         "--decode-workers",
         f"{service_host(owner, 'decode')}:{WORKER_GRPC_PORT}",
         "--prefill-workers",

@@ -106,6 +106,18 @@ def test_worker_and_router_command_lines_follow_the_contract() -> None:
         "containers"][0]["args"][4] == "/models/x"
 
 
+def test_the_router_serves_a_model_directory_under_the_name_given_for_it() -> None:
+    from disagg_worker.router.main import build_parser
+
+    def served_name(model: dict[str, str]) -> str | None:
+        args = build_parser().parse_args(container(children({"model": model}), "router")["args"][1:])
+        return args.served_model_name
+
+    assert served_name({"name": "llama-3-8b", "path": "/models/l3"}) == "llama-3-8b"
+    assert served_name({"path": "/models/l3"}) is None  # no name given: the router names it after the folder
+    assert served_name({"name": "tiny-qwen2"}) is None  # a preset is served under its own name
+
+
 def test_worker_services_are_headless_and_select_their_role() -> None:
     objs = children(SMALL_SPEC)
     for role in ("prefill", "decode"):

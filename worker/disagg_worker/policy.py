@@ -28,7 +28,8 @@ class _Model(BaseModel):
 
 
 class ModelRef(_Model):
-    name: str = Field("tiny-llama", min_length=1, description="built-in preset, or a label for a real model")
+    name: str = Field("tiny-llama", min_length=1,
+                      description="built-in preset, or the model id clients send for the model at path")
     path: str | None = Field(None, description="local Hugging Face model directory; wins over name")
 
     @property
