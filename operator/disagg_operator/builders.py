@@ -148,7 +148,7 @@ def _metadata(
     return {
         "name": name or child_name(owner, component),
         "namespace": owner.namespace,
-        "labels": {**child_labels(owner, component), **(extra_labels or {})},
+        "labels": {**(extra_labels or {}), **child_labels(owner, component)},  # ours win: selectors use them
         "ownerReferences": [owner.reference()],
     }
 

@@ -239,7 +239,8 @@ class Kube:
         return found
 
     def create_child(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create a child that we did not observe: refuse to adopt a foreign object of that name."""
+        """Create a child that we did not observe: refuse to adopt a foreign object of that name. One of
+        our own that the label selector missed (its labels edited by hand) is applied, which restores them."""
         res = RESOURCES[obj["kind"]]
         meta = obj["metadata"]
         try:
@@ -248,6 +249,9 @@ class Kube:
             if not exc.not_found:
                 raise
         else:
+            ours = [r["uid"] for r in meta.get("ownerReferences") or [] if r.get("controller") and r.get("uid")]
+            if ours and is_owned_by(existing, ours[0]):
+                return self.apply_child(obj)
             owners = [
                 f"{r.get('kind')}/{r.get('name')}" for r in existing["metadata"].get("ownerReferences") or []
             ]

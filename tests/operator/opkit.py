@@ -20,6 +20,7 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity
 
 from disagg_operator.builders import ANNOTATION_SPEC_HASH
+from disagg_operator.diff import is_owned_by
 from disagg_operator.kube import ApiError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,8 +237,12 @@ class FakeKube:
 
     def create_child(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         self._check("create", obj["kind"])
-        if self._key(obj) in self.objects:
-            raise ApiError(409, "NotOwned", f"{obj['kind']} {obj['metadata']['name']} exists")
+        existing = self.objects.get(self._key(obj))
+        if existing is not None:  # as Kube.create_child: one of ours that the selector missed is applied
+            uid = obj["metadata"]["ownerReferences"][0]["uid"]
+            if not is_owned_by(existing, uid):
+                raise ApiError(409, "NotOwned", f"{obj['kind']} {obj['metadata']['name']} exists")
+            return self.apply_child(obj)
         self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
         return self._store(obj, None)
 

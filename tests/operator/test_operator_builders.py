@@ -3,6 +3,7 @@ data-plane contract (args, ports, probes, drain hook), the labelling and the sec
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import kubernetes_validate
@@ -187,6 +188,11 @@ def test_monitoring_toggles() -> None:
     [mon] = [o for o in objs if o["kind"] == "PodMonitor"]
     assert mon["metadata"]["labels"]["release"] == "prometheus"
     assert mon["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    # a user's labels never replace the ones the operator finds its children by
+    clash = copy.deepcopy(PRODUCTION)
+    clash["monitoring"]["podMonitor"]["labels"] = {"app.kubernetes.io/instance": "x", "release": "prometheus"}
+    [mon] = [o for o in children(clash) if o["kind"] == "PodMonitor"]
+    assert mon["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
 
 
 def test_hpa_maps_thresholds_to_pods_metrics() -> None:

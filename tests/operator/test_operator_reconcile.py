@@ -243,3 +243,30 @@ def test_a_stale_copy_of_the_resource_never_rolls_back_a_newer_spec(monkeypatch:
     handlers.run_reconcile(stale, logging.getLogger("test"))  # generation 1 after generation 2
     assert len(c.kube.writes) == before
     assert c.kube.objects["Deployment", "ns", "demo-router"]["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize(("owner_uid", "verbs"), [("uid-demo", ["get", "patch"]), ("uid-other", ["get"])])
+def test_create_child_applies_its_own_child_the_selector_missed(owner_uid: str, verbs: list[str]) -> None:
+    """A child whose labels were edited by hand is not listed, so the diff creates it: one this resource
+    owns is applied (which restores the labels); a stranger's of that name is refused, never adopted."""
+    from disagg_operator import kube as kube_mod
+
+    child = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "demo-policy", "namespace": "ns",
+        "ownerReferences": [{"kind": "DisaggDeployment", "name": "demo", "uid": "uid-demo", "controller": True}]}}
+    existing = copy.deepcopy(child)
+    existing["metadata"]["ownerReferences"][0]["uid"] = owner_uid
+    calls: list[str] = []
+
+    def request(verb: str, resource: Any, **kw: Any) -> dict[str, Any]:  # the HTTP transport, faked
+        calls.append(verb)
+        return existing if verb == "get" else {**child, "applied": True}
+
+    api = kube_mod.Kube.__new__(kube_mod.Kube)
+    api.request = request  # type: ignore[method-assign]
+    if owner_uid == "uid-demo":
+        assert api.create_child(child)["applied"]
+    else:
+        with pytest.raises(kube_mod.ApiError, match="not owned"):
+            api.create_child(child)
+    assert calls == verbs
