@@ -234,7 +234,9 @@ class LLMEngine:
 
     def _postprocess(self, req: Request) -> RequestOutput:
         tracked = self._tracked[req.request_id]
-        if tracked.detok is not None and tracked.detok.add_token(req.output_token_ids[-1]):
+        if tracked.detok is not None and (tracked.detok.add_token(req.output_token_ids[-1])
+                                          or (req.is_finished and tracked.detok.flush())):
+            # (the flush: text held back for an incomplete character may complete a stop string)
             self.scheduler.finish(req, FinishReason.STOP)
         out = self._output(tracked)
         if req.is_finished and req.request_id not in self.scheduler.held:

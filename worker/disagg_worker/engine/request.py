@@ -21,6 +21,8 @@ class InvalidRequestError(ValueError):
 # Token ids and top_k travel as proto uint32; anything past int32 is no real vocabulary's id.
 MAX_TOKEN_ID = 2**31 - 1
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # far past any real stop sequence; bounds the text a request holds back
 
 
 class SamplingParams(BaseModel):
@@ -50,8 +52,15 @@ class SamplingParams(BaseModel):
     def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
-        if len(value) > 16:
-            raise ValueError("at most 16 stop strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+        for s in value:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("stop strings must be valid Unicode (a lone surrogate is not)") from None
         return value
 
     @property
