@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,12 @@ def complete(cluster: LocalCluster, prompt: list[int] | str, n: int, **extra: ob
                    json={"model": "tiny-llama", "prompt": prompt, "max_tokens": n, "temperature": 0, **extra})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def post_json(url: str, body: dict) -> httpx.Response:
+    """JSON with non-ASCII escaped (\\uXXXX), so that a lone surrogate reaches the server as a client may
+    send it (httpx's own encoder refuses one)."""
+    return httpx.post(url, content=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=30)
 
 
 def text_of(tokens: list[int]) -> str:
@@ -149,24 +156,38 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": [], "max_tokens": 4}, "prompt"),
-    ({"prompt": "hi", "max_tokens": 0}, None),
-    ({"prompt": "hi", "temperature": -1}, None),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "n": 2}, "n"),
     ({"prompt": "hi", "logprobs": 3}, "logprobs"),
     ({"prompt": [5, 99999], "max_tokens": 2}, None),
     ({"max_tokens": 2}, "prompt"),
     ({"prompt": [-1], "max_tokens": 1}, "prompt"),
-    ({"prompt": "hi", "stop_token_ids": [-1]}, None),
-    ({"prompt": "hi", "top_k": 2**32}, None),
+    ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "hi", "top_k": 2**32}, "top_k"),
     ({"prompt": "hi", "min_tokens": 4}, "min_tokens"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "hi", "logprobs": 0}, "logprobs"),  # legacy completions: 0 still asks for logprobs
     ({"prompt": ["hi"] * 257, "max_tokens": 1}, "prompt"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    # no Unicode text: a lone surrogate (it was a 500 from the tokenizer or from protobuf)
+    ({"prompt": "\ud800", "max_tokens": 2}, "prompt"),
+    ({"prompt": ["a", "\udfff"], "max_tokens": 2}, "prompt"),
+    ({"prompt": "hi", "stop": ["\ud800"]}, "stop"),
+    # OpenAI's types, not lax coercion ("3" -> 3, true -> 1, "yes" -> true, [true] -> [1])
+    ({"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 3.0}, "max_tokens"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": [True, False], "max_tokens": 2}, "prompt"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
+    ({"prompt": "hi", "stop": ["x" * 1025]}, "stop"),
+    # longer than the context can hold whatever it tokenizes to: refused before it is tokenized
+    ({"prompt": "hi " * 50_000, "max_tokens": 2}, "prompt"),
 ])
 def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
-    r = httpx.post(f"{cluster.base_url}/v1/completions", json={"model": "tiny-llama", **body}, timeout=30)
+    r = post_json(f"{cluster.base_url}/v1/completions", {"model": "tiny-llama", **body})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -181,13 +202,41 @@ def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param
     ({"messages": [{"role": "user", "content": "hi"}], "function_call": "auto"}, "function_call"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
     ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "\ud800x"}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_unsupported_chat_features_are_refused_not_ignored(cluster: LocalCluster, body: dict, param: str) -> None:
-    r = httpx.post(f"{cluster.base_url}/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **body},
-                   timeout=30)
+    r = post_json(f"{cluster.base_url}/v1/chat/completions", {"model": "tiny-llama", "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_body_that_is_not_json_or_too_large_gets_an_openai_error(cluster: LocalCluster) -> None:
+    url = f"{cluster.base_url}/v1/completions"
+    r = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] is None
+    # told by Content-Length, before a byte of the body is read
+    host, port = cluster.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 999999999\r\n\r\n{")
+        answer = b""
+        while b"}}" not in answer and (part := conn.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer, answer
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny-llama", "prompt": "'
+        for _ in range(17):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert complete(cluster, "still fine", 2)["choices"]
 
 
 def test_openai_defaults_and_spellings_are_accepted(cluster: LocalCluster) -> None:

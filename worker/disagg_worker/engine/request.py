@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class InvalidRequestError(ValueError):
-    """A request that can never be served as asked; it fails alone, with this message."""
+    """A request that can never be served as asked; it fails alone, with this message (``param``: the
+    request field at fault, when one is)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 # Token ids and top_k travel as proto uint32; anything past int32 is no real vocabulary's id.
@@ -74,7 +79,8 @@ class SamplingParams(BaseModel):
         try:
             return cls(**kwargs)
         except ValidationError as exc:
-            raise InvalidRequestError(_describe_validation_error(exc)) from None
+            first = exc.errors()[0]["loc"] if exc.errors() else ()
+            raise InvalidRequestError(_describe_validation_error(exc), str(first[0]) if first else None) from None
 
 
 def _describe_validation_error(exc: ValidationError) -> str:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +23,41 @@ from disagg_worker.router.openai_schema import APIError, ChatCompletionRequest, 
 from disagg_worker.router.service import RouterService, StreamResult
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+# Text up to this long is tokenized on the event loop (well under a millisecond): a few huge prompts
+# in the thread pool must not hold up every small request behind them.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 in OpenAI's error JSON, told by its
+    Content-Length before anything is read, or (chunked) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> JSONResponse:
+        return JSONResponse(error_body(f"the request body is larger than {self.max_bytes} bytes",
+                                       code="request_too_large"), status_code=413)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            m.ROUTER_REQUESTS.labels("other", "413").inc()
+            return await self._error()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -81,6 +116,11 @@ async def _all_or_nothing(coros: list[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# pydantic's names for the branches of a union, which it puts in an error's location
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "list[int]", "list[str]", "list[list[int]]",
+                        "function-after", "json-or-python", "literal"})
+
+
 def route_label(request: Request) -> str:
     """The matched route's template (``/v1/models/{model_id:path}``), never the raw path: a metric label
     per requested URL would grow without bound."""
@@ -88,8 +128,9 @@ def route_label(request: Request) -> str:
     return getattr(route, "path", None) or "other"
 
 
-def build_app(service: RouterService) -> FastAPI:
+def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -99,15 +140,20 @@ def build_app(service: RouterService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
         m.ROUTER_REQUESTS.labels(route_label(request), "400").inc()
-        return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", param=param), status_code=400)
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the request body is not valid JSON: {err['msg']}"), status_code=400)
+        loc = [str(p) for p in err["loc"][1 if err["loc"][:1] == ("body",) else 0:]]
+        # OpenAI names the top-level field; the message keeps the path (without pydantic's union tags)
+        path = ".".join(p for p in loc if p.isdigit() or p not in _TYPE_TAGS)
+        return JSONResponse(error_body(f"{path or 'body'}: {err['msg']}", param=loc[0] if loc else None),
+                            status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown paths and wrong methods, in OpenAI's error shape (the path label stays bounded)
         m.ROUTER_REQUESTS.labels("other", str(exc.status_code)).inc()
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 413: "request_too_large"}.get(exc.status_code)
         return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", param=None, code=code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -160,17 +206,24 @@ def build_app(service: RouterService) -> FastAPI:
         # with the tokenizer's special tokens (BOS for Llama-family models), as other OpenAI servers do
         return [service.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
+    async def off_loop_if_long(chars: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Long text is tokenized off the event loop (it must not stall every other stream); short text
+        on it (it must not wait behind long text in the thread pool)."""
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
     async def prompt_ids_of(prompt: Any) -> list[list[int]]:
-        # tokenizing runs off the event loop: a long prompt must not stall every other stream
-        if isinstance(prompt, str):
-            return await asyncio.to_thread(tokenize, [prompt])
-        if not prompt:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not texts:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if all(isinstance(t, int) for t in prompt):
-            return [list(prompt)]
-        if all(isinstance(p, str) for p in prompt):
-            return await asyncio.to_thread(tokenize, prompt)
-        return [list(p) for p in prompt]
+        if all(isinstance(t, int) for t in texts):
+            return [list(texts)]
+        if all(isinstance(t, str) for t in texts):
+            for text in texts:
+                service.check_text_fits(len(text), "prompt")
+            return await off_loop_if_long(sum(map(len, texts)), tokenize, texts)
+        return [list(p) for p in texts]
 
     def max_tokens_of(body: Any, prompt_len: int, default: int | None) -> int:
         value = getattr(body, "max_completion_tokens", None)
@@ -196,9 +249,11 @@ def build_app(service: RouterService) -> FastAPI:
         # "developer" is OpenAI's newer name for "system"; chat templates only know the latter
         messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
                     for msg in body.messages]
+        chars = sum(len(msg["content"]) for msg in messages)
+        service.check_text_fits(chars, "messages")
         try:
-            ids = await asyncio.to_thread(service.tokenizer.apply_chat_template, messages, tokenize=True,
-                                          add_generation_prompt=True)
+            ids = await off_loop_if_long(chars, service.tokenizer.apply_chat_template, messages, tokenize=True,
+                                         add_generation_prompt=True)
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):

@@ -13,7 +13,7 @@ import uvicorn
 
 from disagg_worker.models.loader import ModelLoadError, load_tokenizer
 from disagg_worker.policy import PolicyError, load_policy
-from disagg_worker.router.app import build_app
+from disagg_worker.router.app import DEFAULT_MAX_BODY_BYTES, build_app
 from disagg_worker.router.service import RouterService
 from disagg_worker.server.peers import PeerPool
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--decode-workers", required=True, help="comma list host:port (names may resolve to many)")
     ap.add_argument("--prefill-workers", default=None, help="comma list host:port, for the TTFT estimate")
+    ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                    help="largest request body accepted; larger ones get a 413 (default %(default)s)")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -43,7 +45,8 @@ async def serve(args: argparse.Namespace) -> int:
     await decode_pool.start()
     await prefill_pool.start()
     service = RouterService(policy, tokenizer, name, max_model_len, decode_pool, prefill_pool)
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host=args.host, port=args.port, log_level="warning",
+    app = build_app(service, args.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     log.info("router on http://%s:%d/v1 serving %s (%d decode, %d prefill workers known)", args.host, args.port,
              name, len(decode_pool.peers), len(prefill_pool.peers))

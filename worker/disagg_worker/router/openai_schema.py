@@ -11,9 +11,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own generation)
+
+
+def check_unicode(value: str | list[Any] | None, param: str) -> None:
+    """JSON may carry a lone surrogate (``"\\ud800"``), which is no Unicode text: no tokenizer or
+    protobuf string takes it, so it is refused here, naming the field."""
+    for text in [value] if isinstance(value, str) else value or []:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{param} is not valid Unicode text (it contains a lone surrogate)",
+                               param=param) from None
 
 
 class APIError(Exception):
@@ -36,26 +48,28 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict types, as OpenAI's API: "3" or true for max_tokens, or "yes" for stream, is a 400, never
+    # quietly read as 3, 1 or true (numbers for float fields may be integers). No NaN or Infinity.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int | None = 1
-    stream: bool | None = False  # null is the default, as in OpenAI's API (the SDK sends it for None)
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    top_k: StrictInt | None = None
+    n: StrictInt | None = 1
+    stream: StrictBool | None = False  # null is the default, as in OpenAI's API (the SDK sends it for None)
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
     priority: Literal["high", "low"] | None = None
-    ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    ignore_eos: StrictBool | None = False
+    stop_token_ids: list[StrictInt] | None = None
+    presence_penalty: StrictFloat | None = 0.0
+    frequency_penalty: StrictFloat | None = 0.0
+    logit_bias: dict[str, StrictFloat] | None = None
     logprobs: Any = None
-    user: str | None = None
+    user: StrictStr | None = None
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
@@ -79,12 +93,15 @@ class _Common(BaseModel):
             raise APIError(400, "only text output is supported", param="modalities")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
+            raise APIError(400, "stream_options.include_usage must be a boolean", param="stream_options")
+        check_unicode(self.stop, "stop")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
             raise APIError(400, "top_p must be between 0 and 1", param="top_p")
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+        return bool(self.stream_options and self.stream_options.get("include_usage") is True)
 
     @property
     def streaming(self) -> bool:
@@ -110,13 +127,14 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    echo: StrictBool | None = False
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
+        check_unicode(self.prompt, "prompt")
         if self.logprobs is not None:  # legacy completions: 0 asks for the sampled tokens' logprobs
             raise APIError(400, "logprobs are not supported", param="logprobs")
         if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
@@ -134,25 +152,30 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: StrictStr | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         if self.content is None and self.role != "assistant":
             raise APIError(400, f"a {self.role} message needs content", param="messages")
         if self.content is None or isinstance(self.content, str):
+            check_unicode(self.content, "messages")
             return self.content or ""
         parts = []
         for part in self.content:
             if part.get("type") != "text":
                 raise APIError(400, f"message content of type {part.get('type')!r} is not supported",
                                param="messages")
-            parts.append(str(part.get("text", "")))
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise APIError(400, "a text content part needs a string 'text'", param="messages")
+            parts.append(text)
+        check_unicode(parts, "messages")
         return "".join(parts)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
 
     def check_supported(self) -> None:

@@ -33,6 +33,10 @@ from disagg_worker.server.runtime import params_to_proto
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
+# A prompt with more characters than the context's tokens times the longest token's spelling can never
+# fit, and is refused before it is tokenized (a 12 MB prompt took the tokenizer 25 s and 3.4 GB). The
+# slack covers normalisers that merge characters (NFC: a letter and its combining marks; Hangul jamo).
+NORMALISATION_SLACK = 4
 
 
 @dataclass
@@ -83,6 +87,8 @@ class RouterService:
         self.prefill_pool = prefill_pool
         self.slo = SloTracker(policy)
         self.block_size = policy.cache.block_size
+        # a token's raw spelling (byte-level: one character per byte) is at least as long as its text
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
 
     # ---- admission -------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -94,6 +100,13 @@ class RouterService:
         workers = [p.max_model_len for p in self.decode_pool.healthy() if p.max_model_len > 0]
         return min([self.max_model_len, *workers])
 
+    def check_text_fits(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context whatever it tokenizes to, before tokenizing it."""
+        limit = self.context_limit()
+        if chars > NORMALISATION_SLACK * limit * self.max_token_chars:
+            raise APIError(400, f"the {param} ({chars} characters) is longer than this model's context of {limit} "
+                                f"tokens can hold", param=param, code="context_length_exceeded")
+
     # ---- the request path ------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> SamplingParams:
         if not prompt_ids:
@@ -103,7 +116,7 @@ class RouterService:
         try:
             params = SamplingParams.parse(**sampling)
         except InvalidRequestError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=exc.param) from None
         limit = self.context_limit()
         if len(prompt_ids) + params.max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request "
