@@ -83,6 +83,19 @@ def test_remote_prefill_with_kv_transfer_matches_hf(cluster: LocalCluster) -> No
     assert metric_value(after, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
 
 
+@pytest.mark.parametrize("prompt_len", [200, 20], ids=["remote-prefill", "local-prefill"])
+def test_repetition_penalty_matches_hf_on_both_paths(cluster: LocalCluster, prompt_len: int) -> None:
+    """The first token is sampled where the prompt is prefilled (the prefill worker, on the remote path):
+    the penalty must travel with the request to both workers."""
+    prompt = random_prompts(1, prompt_len, prompt_len, 45)[0]
+    if prompt_len < 48:  # a prompt that holds its own continuation, so that the penalty bites early
+        prompt += hf_greedy(get_model("tiny-llama"), prompt, 24)
+    body = complete(cluster, prompt, 24, repetition_penalty=2.0)
+    expected = hf_greedy(get_model("tiny-llama"), prompt, 24, repetition_penalty=2.0)
+    assert body["choices"][0]["text"] == text_of(expected)
+    assert expected != hf_greedy(get_model("tiny-llama"), prompt, 24)
+
+
 def test_local_prefill_matches_hf(cluster: LocalCluster) -> None:
     before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="local"')
     prompt = random_prompts(1, 20, 20, 42)[0]
@@ -183,6 +196,7 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": [True, False], "max_tokens": 2}, "prompt"),
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
     ({"prompt": "hi", "stop": ["x" * 1025]}, "stop"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     # longer than the context can hold whatever it tokenizes to: refused before it is tokenized
     ({"prompt": "hi " * 50_000, "max_tokens": 2}, "prompt"),
 ])

@@ -121,3 +121,43 @@ def test_eos_from_generation_config_stops_like_hf(llama: LoadedModel) -> None:
         llama.model.generation_config.eos_token_id = saved
     assert req.output_token_ids == expected == free_run[:free_run.index(eos) + 1]
     assert req.finish_reason.value == "stop"
+
+
+def test_repetition_penalty_matches_hf_per_request_and_from_generation_config(llama: LoadedModel) -> None:
+    """HF ``generate`` applies ``repetition_penalty`` even when greedy, from the request or from the model's
+    generation_config (Qwen2.5-Instruct ships 1.05): mixed in one batch with unpenalised requests, with
+    chunked prefill and a prefix-cache hit, the engine must match it."""
+    prompts, lengths = mixed_workload(seed=21, n=8)
+    penalties = [1.3, None, 0.8, 1.3, None, 2.0, 1.3, None]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=512, max_num_batched_tokens=64), llama)
+    reqs = engine.generate(prompts, [{"max_tokens": n, "temperature": 0, "repetition_penalty": p}
+                                     for n, p in zip(lengths, penalties, strict=True)])
+    assert engine.block_manager.prefix_hit_ratio > 0
+    for prompt, n, p, r in zip(prompts, lengths, penalties, reqs, strict=True):
+        expected = hf_greedy(llama, prompt, n, **({} if p is None else {"repetition_penalty": p}))
+        assert r.output_token_ids == expected, p
+    assert any(r.output_token_ids != reference("tiny-llama", q, n)
+               for q, n, p, r in zip(prompts, lengths, penalties, reqs, strict=True) if p), "no penalty bit"
+
+    saved = llama.model.generation_config.repetition_penalty
+    llama.model.generation_config.repetition_penalty = 1.3
+    try:
+        engine = LLMEngine(EngineConfig(num_kv_blocks=512), llama)
+        defaulted, explicit = engine.generate([prompts[0]] * 2, [{"max_tokens": 20, "temperature": 0},
+                                                                 {"max_tokens": 20, "temperature": 0,
+                                                                  "repetition_penalty": 1.0}])
+        expected = hf_greedy(llama, prompts[0], 20)
+    finally:
+        llama.model.generation_config.repetition_penalty = saved
+    assert defaulted.output_token_ids == expected != reference("tiny-llama", prompts[0], 20)
+    assert explicit.output_token_ids == reference("tiny-llama", prompts[0], 20)
+
+
+def test_generation_config_settings_the_engine_does_not_apply_are_named(llama: LoadedModel) -> None:
+    assert llama.unapplied_generation_defaults() == {}
+    gc = llama.model.generation_config
+    gc.no_repeat_ngram_size = 3
+    try:
+        assert llama.unapplied_generation_defaults() == {"no_repeat_ngram_size": 3}
+    finally:
+        gc.no_repeat_ngram_size = None

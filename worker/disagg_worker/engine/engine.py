@@ -98,6 +98,11 @@ class LLMEngine:
         self.vocab_size = int(self.loaded.config.vocab_size)
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self.eos_token_ids = frozenset(self.loaded.eos_token_ids)
+        self.repetition_penalty = self.loaded.repetition_penalty  # for requests that do not set one
+        unapplied = self.loaded.unapplied_generation_defaults()
+        if unapplied:
+            log.warning("the model's generation_config sets %s, which this engine does not apply: its output "
+                        "differs from Hugging Face generate's with these settings", unapplied)
         layout = kv_layout(self.loaded.model, config.block_size)
         self.num_blocks = self._pool_blocks(layout.bytes_per_block)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -163,6 +168,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, dict):
             params = SamplingParams.parse(**params)
+        if params.repetition_penalty is None:  # the model's default, as HF generate applies it
+            params = params.model_copy(update={"repetition_penalty": self.repetition_penalty})
         prompt = [int(t) for t in prompt_token_ids]
         self.validate(prompt, params)
         req = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids, priority=priority,

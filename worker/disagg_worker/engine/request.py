@@ -44,6 +44,10 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)], ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="Hugging Face's: the logit of every token already in the prompt or the output is divided by "
+                    "it (multiplied when negative); None: the model's generation_config value (1: none)")
 
     @field_validator("stop", mode="before")
     @classmethod

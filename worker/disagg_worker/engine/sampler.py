@@ -30,6 +30,14 @@ def apply_temperature_top_k_top_p(logits: torch.Tensor, params: SamplingParams) 
     return logits
 
 
+def apply_repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty on one row of logits: every token already in the prompt or the
+    output has its logit divided by ``penalty`` when positive, multiplied by it when negative."""
+    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=row.device)
+    seen = row.gather(0, ids)
+    return row.scatter(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -52,6 +60,12 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """``logits[i]`` belongs to ``requests[i]``; returns one token id per request."""
+        penalised = [i for i, req in enumerate(requests) if (req.params.repetition_penalty or 1.0) != 1.0]
+        if penalised:  # in float32, as HF generate's logits processors work
+            logits = logits.to(torch.float32, copy=True)
+            for i in penalised:
+                req = requests[i]
+                logits[i] = apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
         tokens = torch.argmax(logits, dim=-1).tolist() if len(requests) else []
         for i, req in enumerate(requests):
             if req.params.greedy:

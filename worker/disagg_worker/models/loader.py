@@ -22,6 +22,13 @@ class ModelLoadError(RuntimeError):
     """The model reference cannot be resolved or is not supported."""
 
 
+# HF generate's logits processors that act on greedy decoding too (GenerationConfig field names)
+UNAPPLIED_GENERATION_FIELDS = ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "min_length", "min_new_tokens",
+                               "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                               "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
+                               "forced_decoder_ids")
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -37,6 +44,18 @@ class LoadedModel:
     @property
     def max_model_len(self) -> int:
         return int(self.model.config.max_position_embeddings)
+
+    @property
+    def repetition_penalty(self) -> float:
+        """The model's default (``generation_config.json``), which HF ``generate`` applies even when greedy."""
+        return float(getattr(self.model.generation_config, "repetition_penalty", None) or 1.0)
+
+    def unapplied_generation_defaults(self) -> dict[str, Any]:
+        """``generation_config`` settings that change even greedy output in HF ``generate`` and that the
+        engine does not apply (it applies ``repetition_penalty`` and the EOS ids): its output then differs."""
+        gc = self.model.generation_config
+        found = {name: getattr(gc, name, None) for name in UNAPPLIED_GENERATION_FIELDS}
+        return {k: v for k, v in found.items() if v not in (None, 0, [], {}, ())}
 
     @property
     def eos_token_ids(self) -> list[int]:

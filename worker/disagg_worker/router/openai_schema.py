@@ -2,8 +2,8 @@
 
 Fields the official clients send are accepted; values disagg does not implement (n > 1, logprobs,
 echo, penalties, logit_bias, ...) are refused with a 400 naming the parameter rather than ignored.
-``priority``, ``top_k``, ``ignore_eos`` and ``stop_token_ids`` are extensions (send them with the
-client's ``extra_body``).
+``priority``, ``top_k``, ``ignore_eos``, ``stop_token_ids`` and ``repetition_penalty`` are extensions
+(send them with the client's ``extra_body``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class _Common(BaseModel):
     presence_penalty: StrictFloat | None = 0.0
     frequency_penalty: StrictFloat | None = 0.0
     logit_bias: dict[str, StrictFloat] | None = None
+    repetition_penalty: StrictFloat | None = None  # extension: Hugging Face's (None: the model's default)
     logprobs: Any = None
     user: StrictStr | None = None
 
@@ -123,6 +124,7 @@ class _Common(BaseModel):
             "stop": tuple(stop),
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": bool(self.ignore_eos),
+            "repetition_penalty": self.repetition_penalty,
         }
 
 

@@ -155,7 +155,8 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams.parse(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos)
+        ignore_eos=p.ignore_eos,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None)
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
@@ -163,6 +164,8 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
                             stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
     if p.seed is not None:
         msg.seed = p.seed
+    if p.repetition_penalty is not None:
+        msg.repetition_penalty = p.repetition_penalty
     return msg
 
 
