@@ -202,6 +202,29 @@ def test_trailing_incomplete_character_is_flushed_like_decode(llama: LoadedModel
     assert detok.take_new_text(finished=True) == tok.decode(partial)
 
 
+def test_a_prompt_ending_inside_a_character_does_not_take_the_outputs_bytes(llama: LoadedModel) -> None:
+    """A prompt sent as token ids may end inside a multi-byte character; the streamed text is still what
+    ``decode`` makes of the output tokens alone (the prompt's partial character once swallowed them)."""
+    import random
+
+    tok = llama.tokenizer
+    partial = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]  # single bytes >= 0x80
+    rng = random.Random(0)
+    cases = [([159], [121, 231]), ([148, 142], [107, 144, 252, 155, 189, 519])]
+    def token() -> int:
+        return rng.choice(partial) if rng.random() < 0.5 else rng.randrange(len(tok))
+
+    cases += [([token() for _ in range(rng.randint(1, 8))], [token() for _ in range(rng.randint(1, 12))])
+              for _ in range(300)]
+    for prompt, out in cases:
+        detok = IncrementalDetokenizer(tok, prompt)
+        text = ""
+        for n, t in enumerate(out):
+            detok.add_token(t)
+            text += detok.take_new_text(finished=n == len(out) - 1)
+        assert text == tok.decode(out, skip_special_tokens=True), (prompt, out)
+
+
 def test_an_id_without_text_adds_no_text(llama: LoadedModel) -> None:
     """Models pad their embedding past the tokenizer's vocabulary; the tokenizer has no token for
     such an id (None). It must add no text rather than break the request's detokenizer."""

@@ -76,8 +76,12 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)
-        context = list(prompt_token_ids[-(_CONTEXT_TOKENS + 1):])
-        self._tokens: list[str] = self._to_tokens(context)
+        context = self._to_tokens(list(prompt_token_ids[-(_CONTEXT_TOKENS + 1):]))
+        # A prompt (sent as token ids) may end inside a multi-byte character: output bytes must not
+        # complete it, since the output's text is what ``decode`` makes of the output tokens alone.
+        while context and self.tokenizer.convert_tokens_to_string(context).endswith("\ufffd"):
+            context.pop()
+        self._tokens: list[str] = context
         self._prefix_offset = max(len(self._tokens) - _CONTEXT_TOKENS, 0)
         self._read_offset = len(self._tokens)
         self.text = ""
