@@ -301,3 +301,17 @@ def test_a_step_that_can_run_nothing_reports_a_stall(llama: LoadedModel) -> None
     engine.release("held")
     outs = drain(engine)
     assert not engine.stalled and outs[-1].finished and outs[-1].num_output_tokens == 2
+
+
+def test_releasing_a_request_that_still_runs_aborts_it(engine: LLMEngine, llama: LoadedModel) -> None:
+    """Forgotten while still scheduled, it ran on untracked, and a new request could take its id."""
+    first, second = random_prompts(2, 20, 20, 5)
+    engine.add_request("x", first, {"max_tokens": 5, "temperature": 0, "ignore_eos": True}, hold_kv=True)
+    engine.step()
+    engine.release("x")
+    assert not engine.scheduler.has_work() or all(r.request_id != "x" for r in engine.scheduler.running)
+    engine.add_request("x", second, {"max_tokens": 10, "temperature": 0, "ignore_eos": True})
+    outs = [o for o in drain(engine) if o.request_id == "x"]
+    assert outs[0].finish_reason == "abort"  # the first one's end, then only the second's tokens
+    assert [t for o in outs[1:] for t in o.new_token_ids] == hf_greedy(llama, second, 10)
+    assert engine.block_manager.usage == 0

@@ -311,7 +311,13 @@ class LLMEngine:
         return self.runner.kv.export_blocks(req.block_ids[first_block:end], layers, out)
 
     def release(self, request_id: str) -> None:
-        """Free a held request's blocks (after export, or when the export is abandoned)."""
+        """Free a held request's blocks (after export, or when the export is abandoned). One that has not
+        finished yet is aborted: forgotten while still scheduled, it would run on untracked, and its id
+        could be taken by a new request while it does."""
+        tracked = self._tracked.get(request_id)
+        if tracked is not None and tracked.request.status is not RequestStatus.FINISHED:
+            self.abort(request_id)
+            return
         self.scheduler.release_held(request_id)
         self._forget(request_id)
 
