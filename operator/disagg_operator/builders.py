@@ -242,12 +242,16 @@ def _volumes(
     return volumes, mounts
 
 
-def _probes(port: str) -> dict[str, Any]:
+STARTUP_PROBE_PERIOD = 5
+ROUTER_STARTUP_SECONDS = 600  # it loads a tokenizer only
+
+
+def _probes(port: str, startup_seconds: int) -> dict[str, Any]:
     return {
         "startupProbe": {
             "httpGet": {"path": "/health", "port": port},
-            "periodSeconds": 5,
-            "failureThreshold": 120,
+            "periodSeconds": STARTUP_PROBE_PERIOD,
+            "failureThreshold": -(-startup_seconds // STARTUP_PROBE_PERIOD),
         },
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": port},
@@ -352,7 +356,7 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         "args": args,
         "ports": ports,
         "env": _env(pod),
-        **_probes("http"),
+        **_probes("http", pod.startup_timeout_seconds if isinstance(pod, WorkerSpec) else ROUTER_STARTUP_SECONDS),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }

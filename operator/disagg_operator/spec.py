@@ -138,6 +138,10 @@ class WorkerSpec(PodSettings):
     max_batch_tokens: int | None = Field(None, ge=1, description="passed as --max-batch-tokens")
     max_batch_size: int | None = Field(None, ge=1, description="passed as --max-batch-size")
     kv_cache_blocks: int | None = Field(None, ge=1, description="passed as --kv-cache-blocks")
+    startup_timeout_seconds: int = Field(
+        600, ge=30, le=86400,
+        description="how long a worker may take to load its model and warm up before the kubelet restarts it "
+                    "(its startup probe); a large model read from a network volume may need more")
 
 
 class RouterSpec(PodSettings):

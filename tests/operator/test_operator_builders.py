@@ -151,6 +151,16 @@ def test_probes_security_and_writable_dirs(component: str) -> None:
     assert c["resources"]["limits"]["memory"] == "96Gi" if component != "router" else True
 
 
+def test_a_worker_may_take_as_long_to_start_as_its_spec_allows() -> None:
+    def startup(spec: dict[str, Any], component: str) -> int:
+        probe = container(children(spec), component)["startupProbe"]
+        return probe["periodSeconds"] * probe["failureThreshold"]
+
+    assert startup(SMALL_SPEC, "decode") == 600
+    slow = {**SMALL_SPEC, "decode": {"startupTimeoutSeconds": 1801}}
+    assert startup(slow, "decode") >= 1801 and startup(slow, "prefill") == 600 and startup(slow, "router") == 600
+
+
 def test_decode_drains_before_it_stops() -> None:
     objs = children({**SMALL_SPEC, "autoscale": {"mode": "off", "drainTimeoutSeconds": 90}})
     pod = by(objs, "Deployment", "demo-decode")["spec"]["template"]["spec"]
