@@ -172,6 +172,17 @@ def test_the_ttft_estimate_counts_the_prefill_queue_only_for_requests_that_go_th
     assert _estimate(1000, 0, [busy, fresh]) == pytest.approx(1 * 0.5 + 2 * 0.1)
 
 
+def test_a_decode_worker_with_no_timing_yet_borrows_the_pools_mean() -> None:
+    """A fresh pod (where least-loaded routing sends a burst) once read as costing nothing: 0 s for any
+    backlog, so nothing was ever rejected there."""
+    fresh = WorkerLoad("d0", num_waiting=50)
+    warm = [WorkerLoad("d1", avg_prefill_seconds=0.05, avg_decode_step_seconds=0.02),
+            WorkerLoad("d2", avg_prefill_seconds=0.01, avg_decode_step_seconds=0.03)]
+    split = SplitPolicy(prompt_length_threshold=256)
+    assert estimate_request_ttft(10, 0, fresh, [], split, [fresh, *warm]) == pytest.approx(50 * 0.04)
+    assert estimate_request_ttft(10, 0, fresh, [], split, [fresh]) == 0.0  # nothing known anywhere yet
+
+
 @pytest.mark.parametrize(("priority", "est_ms", "qos", "admitted", "reason"), [
     ("high", 10_000, QoS(), True, ""),
     ("low", 100, QoS(), True, ""),

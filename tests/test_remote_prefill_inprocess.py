@@ -37,6 +37,7 @@ class Pair:
     prefill_priorities: list[int]  # what the prefill engine was asked to queue, in order
     prefill_pool: PeerPool
     prefill_runtime: WorkerRuntime
+    decode_runtime: WorkerRuntime
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
         servers.append(decode_server)
         await decode_server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}") as channel:
-            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool, prefill_rt)
+            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool, prefill_rt, decode_rt)
     finally:
         for server in servers:
             await server.stop(grace=None)
@@ -93,6 +94,18 @@ async def test_remote_prefill_is_queued_with_the_requests_priority(pair: Pair, l
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
     assert pair.prefill_priorities == [queued_as]
+
+
+async def test_a_remote_prefill_is_not_counted_as_the_decode_workers_own(pair: Pair) -> None:
+    """The router reads a decode worker's mean prefill time as the cost of the prompts it prefills itself
+    (its local queue); remote prefills of long prompts inflated it 12x, and low-priority work was
+    rejected while the real wait was a few milliseconds."""
+    request = pb.GenerateRequest(request_id="remote", prompt_token_ids=list(range(40, 90)), prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=2, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert messages[0].remote_prefill
+    assert pair.prefill_runtime.avg_prefill_seconds.value > 0
+    assert pair.decode_runtime.avg_prefill_seconds.value == 0
 
 
 async def test_a_closed_prefill_channel_falls_back_to_local_prefill(pair: Pair, llama: LoadedModel) -> None:

@@ -108,16 +108,25 @@ def estimate_ttft(prefill_queue: float, avg_prefill_seconds: float, decode_backl
     return prefill_queue * avg_prefill_seconds + decode_backlog * avg_decode_seconds
 
 
+def _per_request_seconds(w: WorkerLoad) -> float:
+    return max(w.avg_prefill_seconds, w.avg_decode_step_seconds)
+
+
 def estimate_request_ttft(prompt_length: int, cached_tokens: int, decode: WorkerLoad, prefill: Sequence[WorkerLoad],
-                          split: SplitPolicy) -> float:
+                          split: SplitPolicy, decode_pool: Sequence[WorkerLoad] = ()) -> float:
     """``estimate_ttft`` for the path this request will take on ``decode``.
 
     The decode worker offloads to its least-loaded prefill worker when ``should_offload_prefill`` says
     so (as ``DecodeService`` decides); only then does that worker's queue count, at its own mean
     prefill time (the pool's when it has none yet). A prompt prefilled locally waits for the decode
-    backlog alone; a busy prefill pool it will never use does not get it rejected.
+    backlog alone; a busy prefill pool it will never use does not get it rejected. A decode worker
+    with no timing yet (just started: where least-loaded routing sends work) borrows ``decode_pool``'s
+    mean, so a burst on a fresh pod is not read as free.
     """
-    per_request = max(decode.avg_prefill_seconds, decode.avg_decode_step_seconds)
+    per_request = _per_request_seconds(decode)
+    if per_request <= 0:
+        known = [t for t in map(_per_request_seconds, decode_pool) if t > 0]
+        per_request = sum(known) / len(known) if known else 0.0
     target = min(prefill, key=lambda w: (w.load, w.endpoint), default=None)
     if target is None or not should_offload_prefill(prompt_length, cached_tokens, target.load, split):
         return estimate_ttft(0, 0.0, decode.queue_length, per_request)

@@ -158,7 +158,8 @@ class RouterService:
                 # as the decode worker counts its hit: never the block holding the last prompt token
                 reusable = min(choice.cached_blocks, (len(prompt_ids) - 1) // self.block_size)
                 est = estimate_request_ttft(len(prompt_ids), reusable * self.block_size, choice.worker,
-                                            [p.load for p in self.prefill_pool.healthy()], self.policy.split_policy)
+                                            [p.load for p in self.prefill_pool.healthy()], self.policy.split_policy,
+                                            [p.load for p in self.decode_pool.healthy()])
                 m.ESTIMATED_TTFT.set(est)
                 admission = admit_request(priority, est, self.policy.qos)
                 if not admission.admitted:

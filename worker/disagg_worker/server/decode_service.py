@@ -249,7 +249,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                                   kv_transfer_seconds=transfer_s, first_token_seconds=now - t0)
         _observe_phases(rt.role, timings, remote=True)
         m.TTFT.labels(rt.role).observe(now - t0)
-        rt.avg_prefill_seconds.add(done.prefill_seconds)
+        # (not into this worker's mean prefill time: the router reads that as the cost of the prompts
+        # this worker prefills itself, and a remote prefill of a long prompt inflated it 12x)
         return out, pb.GenerateResponse(remote_prefill=True, timings=timings)
 
 
