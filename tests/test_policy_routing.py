@@ -209,3 +209,39 @@ def test_load_reports_with_nonsense_timings_read_as_unknown() -> None:
     from disagg_worker.server.peers import _finite
 
     assert [_finite(x) for x in (float("nan"), float("inf"), -1.0, 0.25)] == [0.0, 0.0, 0.0, 0.25]
+
+
+def test_a_request_of_several_prompts_is_admitted_or_rejected_once() -> None:
+    """Admission used to run per prompt, racing the cancellation of the others: one 429 counted 1 to n
+    rejections, and some prompts reached workers first. Now: one decision, on the slowest prompt."""
+    from types import SimpleNamespace
+
+    from disagg_worker import metrics as m
+    from disagg_worker.router.openai_schema import APIError
+    from disagg_worker.router.service import RouterService, SloTracker
+
+    class Pool:  # the peers' load reports, as PeerPool.healthy() hands them out
+        def __init__(self, *loads: WorkerLoad) -> None:
+            self.loads = loads
+
+        def healthy(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(load=load) for load in self.loads]
+
+    policy = parse_policy({"qos": {"lowPriorityThresholdMs": 150, "ttftSloMs": 1000}})
+    busy = WorkerLoad("d", num_waiting=10, avg_prefill_seconds=0.02, avg_decode_step_seconds=0.01)
+    service = RouterService.__new__(RouterService)
+    service.policy, service.block_size, service.slo = policy, 16, SloTracker(policy)
+    service.decode_pool, service.prefill_pool = Pool(busy), Pool()
+
+    def rejections() -> float:
+        return m.REJECTIONS.labels("ttft_estimate", "low")._value.get()
+
+    before = rejections()
+    service.admit([[5] * 10] * 3, "high")  # high priority: always admitted
+    with pytest.raises(APIError) as exc:
+        service.admit([[5] * 10] * 3, "low")  # 10 waiting x 20 ms = 200 ms > 150 ms
+    assert exc.value.status == 429 and exc.value.headers["Retry-After"]
+    assert rejections() == before + 1
+    assert service.slo.counts["low"]["n"] == 3  # each prompt is a generation that was not served
+    busy.num_waiting = 5  # 100 ms
+    service.admit([[5] * 10] * 3, "low")

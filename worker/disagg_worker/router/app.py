@@ -265,6 +265,7 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
 
     async def respond(request: Request, kind: str, prompts: list[list[int]], params: list[Any], priority: str,
                       stream: bool, include_usage: bool, chat: bool) -> Response:
+        service.admit(prompts, priority)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         results = [StreamResult() for _ in prompts]

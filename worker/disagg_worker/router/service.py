@@ -125,12 +125,41 @@ class RouterService:
                            code="context_length_exceeded")
         return params
 
+    def admit(self, prompts: list[list[int]], priority: str) -> None:
+        """QoS admission, once for a whole HTTP request (each of its prompts is a generation of its own):
+        the estimate is its slowest prompt's, each on the decode worker it would be routed to now. A
+        rejection raises a 429 and counts once; every prompt of it misses its SLO."""
+        hashes_of = [block_hashes(p, self.block_size) for p in prompts]
+        loads = [p.load for p in self.decode_pool.healthy()]
+        prefill = [p.load for p in self.prefill_pool.healthy()]
+        estimates = []
+        for prompt, hashes in zip(prompts, hashes_of, strict=True):
+            choice = pick_decode_worker(loads, hashes, len(prompt), self.policy.split_policy, self.policy.cache)
+            if choice is None:
+                return  # no worker: generate() answers 503
+            # as the decode worker counts its hit: never the block holding the last prompt token
+            reusable = min(choice.cached_blocks, (len(prompt) - 1) // self.block_size)
+            estimates.append(estimate_request_ttft(len(prompt), reusable * self.block_size, choice.worker, prefill,
+                                                   self.policy.split_policy, loads))
+        est = max(estimates)
+        m.ESTIMATED_TTFT.set(est)
+        admission = admit_request(priority, est, self.policy.qos)
+        if admission.admitted:
+            return
+        m.REJECTIONS.labels(admission.reason, priority).inc()
+        for _ in prompts:
+            self.slo.record(priority, None, None, failed=True)
+        raise APIError(429, f"server overloaded: estimated time to first token {est * 1000:.0f} ms is over the "
+                            f"limit for {priority}-priority requests; retry later", type_="rate_limit_error",
+                       code=admission.reason, headers={"Retry-After": str(self.policy.qos.retry_after_seconds)})
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
-        """Yield the chosen worker's responses; raises APIError for anything the client must see.
+        """Yield the chosen worker's responses (after ``admit``); raises APIError for anything the client
+        must see.
 
-        A request the system failed (rejected by QoS, no worker, a worker that died) counts as an SLO
-        violation: attainment must not look better for the requests it did not serve."""
+        A request the system failed (no worker, a worker that died) counts as an SLO violation:
+        attainment must not look better for the requests it did not serve."""
         async with contextlib.aclosing(self._generate(prompt_ids, params, priority, result)) as responses:
             try:
                 async for msg in responses:
@@ -154,20 +183,6 @@ class RouterService:
             if choice is None:
                 raise APIError(503, "no decode worker is available", type_="service_unavailable",
                                code="no_workers")
-            if attempt == 0:
-                # as the decode worker counts its hit: never the block holding the last prompt token
-                reusable = min(choice.cached_blocks, (len(prompt_ids) - 1) // self.block_size)
-                est = estimate_request_ttft(len(prompt_ids), reusable * self.block_size, choice.worker,
-                                            [p.load for p in self.prefill_pool.healthy()], self.policy.split_policy,
-                                            [p.load for p in self.decode_pool.healthy()])
-                m.ESTIMATED_TTFT.set(est)
-                admission = admit_request(priority, est, self.policy.qos)
-                if not admission.admitted:
-                    m.REJECTIONS.labels(admission.reason, priority).inc()
-                    retry = str(self.policy.qos.retry_after_seconds)
-                    raise APIError(429, f"server overloaded: estimated time to first token {est * 1000:.0f} ms "
-                                        f"is over the limit for {priority}-priority requests; retry later",
-                                   type_="rate_limit_error", code=admission.reason, headers={"Retry-After": retry})
             m.ROUTING_DECISIONS.labels("retry" if attempt else choice.outcome).inc()
             peer = peers[choice.worker.endpoint]
             peer.load.pending += 1
