@@ -280,13 +280,16 @@ def test_openai_defaults_and_spellings_are_accepted(cluster: LocalCluster) -> No
 
 
 def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:
+    complete(cluster, "hi", 2)  # labelled series appear once used (this test may run first)
     text = httpx.get(f"{cluster.base_url}/metrics", timeout=5).text
-    for name in ("disagg_routing_decisions_total", "disagg_router_ttft_seconds_bucket", "disagg_slo_attainment_ratio"):
+    for name in ("disagg_routing_decisions_total", "disagg_router_ttft_seconds_bucket", "disagg_slo_attainment_ratio",
+                 "disagg_estimated_ttft_seconds"):
         assert name in text
     worker = worker_metrics(cluster, "decode-0")
     for name in ("disagg_requests_waiting", "disagg_kv_cache_usage_ratio", "disagg_prefix_cache_hit_ratio",
                  "disagg_utilization_ratio", "disagg_ttft_seconds_bucket", "disagg_request_phase_seconds_bucket"):
         assert name in worker
+    assert "disagg_estimated_ttft_seconds" not in worker  # the router's: a worker's 0 skewed max() and avg()
 
 
 def test_workers_answer_the_standard_grpc_health_check(cluster: LocalCluster) -> None:
@@ -307,7 +310,11 @@ def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> N
         return sum(metric_value(worker_metrics(cluster, n), "disagg_requests_finished_total", 'reason="abort"')
                    for n in names)
 
-    before = aborted()
+    def finished_latencies() -> float:  # end-to-end and TPOT: for requests that finished, not gave up
+        return sum(metric_value(worker_metrics(cluster, n), f"disagg_{h}_seconds_count", "role=")
+                   for n in names for h in ("e2e", "tpot"))
+
+    before, latencies = aborted(), finished_latencies()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{cluster.base_url}/v1/completions", timeout=httpx.Timeout(30, read=0.5), json={
             "model": "tiny-llama", "prompt": "tell me everything", "max_tokens": 1900, "ignore_eos": True,
@@ -316,6 +323,7 @@ def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> N
     while aborted() == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert aborted() == before + 1
+    assert finished_latencies() == latencies
 
 
 def test_transfer_metrics_count_remote_prefills_and_commit_finishes(cluster: LocalCluster) -> None:

@@ -6,12 +6,13 @@ same names. Gauges that mirror engine state are refreshed from ``EngineStats`` b
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import contextlib
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                    7.5, 10.0, 20.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
-BYTES_BUCKETS = tuple(float(1 << p) for p in range(10, 34, 2))
 
 # ---- worker (label role = prefill | decode | both) ----------------------------------------------
 REQUESTS_WAITING = Gauge("disagg_requests_waiting", "Requests queued in the engine, not yet running", ["role"])
@@ -29,9 +30,11 @@ STEP_SECONDS = Histogram("disagg_engine_step_seconds", "Duration of one engine s
                          buckets=(*TPOT_BUCKETS, 2.0, 5.0))
 TTFT = Histogram("disagg_ttft_seconds", "Time to first token", ["role"], buckets=LATENCY_BUCKETS)
 TPOT = Histogram("disagg_tpot_seconds", "Mean time per output token after the first", ["role"], buckets=TPOT_BUCKETS)
-E2E = Histogram("disagg_e2e_seconds", "Request latency, arrival to last token", ["role"], buckets=LATENCY_BUCKETS)
+E2E = Histogram("disagg_e2e_seconds", "Latency of a finished request, arrival to last token", ["role"],
+                buckets=LATENCY_BUCKETS)
 PHASE = Histogram("disagg_request_phase_seconds",
-                  "Per-request phase timings: queue, prefill, kv_transfer, first_decode", ["role", "phase"],
+                  "Per-request phase timings: queue, prefill, kv_transfer, first_token, first_decode",
+                  ["role", "phase"],
                   buckets=LATENCY_BUCKETS)
 PREFILL_DECISIONS = Counter("disagg_prefill_decisions_total",
                             "Where a decode worker ran a request's prefill: local, remote, fallback", ["outcome"])
@@ -57,5 +60,13 @@ ROUTER_TTFT = Histogram("disagg_router_ttft_seconds", "TTFT seen by the router",
 ROUTER_TPOT = Histogram("disagg_router_tpot_seconds", "TPOT seen by the router", ["priority"], buckets=TPOT_BUCKETS)
 ROUTER_E2E = Histogram("disagg_router_e2e_seconds", "End-to-end latency seen by the router", ["priority"],
                        buckets=LATENCY_BUCKETS)
-ESTIMATED_TTFT = Gauge("disagg_estimated_ttft_seconds", "Admission control's current TTFT estimate")
+# unlabelled, so it would be exported (as 0) by every process that imports this module: the router
+# registers it (``register_router_metrics``), and workers never show it
+ESTIMATED_TTFT = Gauge("disagg_estimated_ttft_seconds", "Admission control's current TTFT estimate", registry=None)
 WORKERS_HEALTHY = Gauge("disagg_workers_healthy", "Workers answering load reports", ["role"])
+
+
+def register_router_metrics() -> None:
+    """Export the router's unlabelled gauges (once per process)."""
+    with contextlib.suppress(ValueError):  # already registered (a second app in one process)
+        REGISTRY.register(ESTIMATED_TTFT)

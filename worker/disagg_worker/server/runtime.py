@@ -76,8 +76,8 @@ class WorkerRuntime:
 
     def record_finished(self, out: RequestOutput) -> None:
         m.REQUESTS_FINISHED.labels(self.role, out.finish_reason or "unknown").inc()
-        if out.first_token_time is None:
-            return
+        if out.first_token_time is None or out.finish_reason not in ("stop", "length"):
+            return  # an aborted or failed request has no end-to-end time (the router's histograms agree)
         end = time.monotonic()
         m.E2E.labels(self.role).observe(end - out.arrival_time)
         if out.num_output_tokens > 1:
