@@ -4,8 +4,11 @@ A trace is an open-loop Poisson arrival process (exponential inter-arrival times
 ``1 / rate``) whose arrivals are either short chats or long-prompt requests (each arrival is long with
 probability ``long_fraction``) and either high or low priority (low with probability
 ``low_priority_fraction``). Prompt and output lengths are drawn from small length distributions
-(:class:`LengthDist`). Each random aspect draws from its own stream derived from the seed, so changing
-one knob (say the priority mix) leaves the arrivals and lengths of the others unchanged.
+(:class:`LengthDist`). The arrival times, the kinds, the priorities, the lengths and the prompt words
+each draw from their own stream derived from the seed: changing the rate or the priority mix leaves
+the rest of the trace unchanged. The lengths of both kinds share one stream, so changing
+``long_fraction`` or a length distribution changes the lengths drawn after the first request it
+affects (the recorded results' traces depend on this order, so it is kept).
 
 Prompts are either text made of words from a fixed word list (``prompt_len`` counts words; the
 server's tokenizer decides the token count) or lists of token ids (``prompt_len`` counts tokens).
