@@ -142,7 +142,9 @@ class Admission:
 
 
 def admit_request(priority: str, estimated_ttft_seconds: float, qos: QoS) -> Admission:
-    """Reject low-priority work early when the TTFT estimate is over the threshold; always admit high."""
+    """Reject low-priority work early when the TTFT estimate is over ``lowPriorityThresholdMs``, or over
+    ``ttftSloMs`` with ``rejectOnSloViolation`` (seed 001's ``admit_request`` compares with the SLO; with
+    its example values the lower of the two, the SLO, decides); always admit high."""
     if not qos.enable_early_rejection or priority == "high":
         return Admission(True)
     est_ms = estimated_ttft_seconds * 1000
