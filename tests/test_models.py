@@ -101,3 +101,20 @@ def test_bad_device_or_dtype(device: str, dtype: str, match: str) -> None:
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="no CUDA device"):
         load_model("tiny-llama", "cuda", "float32")
+
+
+def test_the_model_fingerprint_tells_checkpoints_apart() -> None:
+    """What a prefill and a decode worker compare before exchanging KV: a fine-tune of the same shape (one
+    changed weight in one layer here) must not pass for the model it came from."""
+    import copy
+
+    from disagg_worker.models.loader import model_fingerprint
+    from tests.conftest import get_model
+
+    lm = get_model("tiny-llama")
+    assert model_fingerprint(lm.model, lm.tokenizer) == lm.fingerprint  # stable
+    tuned = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        tuned.model.layers[2].self_attn.q_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(tuned, lm.tokenizer) != lm.fingerprint
+    assert get_model("tiny-qwen2").fingerprint != lm.fingerprint

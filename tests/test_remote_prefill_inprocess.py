@@ -124,3 +124,48 @@ async def test_a_worker_whose_engine_stopped_leaves_the_pool(pair: Pair) -> None
     await pair.prefill_runtime.engine.stop()  # as if its engine thread had died
     await pair.prefill_pool.poll_once()
     assert not pair.prefill_pool.healthy()  # its frozen load report used to keep it looking idle
+
+
+async def test_a_prefill_worker_on_another_model_is_never_used(llama: LoadedModel) -> None:
+    """Two checkpoints with KV blocks of one shape (a rolling update to a fine-tune): KV from the other
+    was accepted, the output was wrong, and the decode worker's prefix cache kept the wrong blocks. The
+    decode worker skips a peer reporting another model, and the prefill worker refuses one itself."""
+    from tests.conftest import get_model
+
+    other = get_model("tiny-qwen2")  # same KV layout as tiny-llama, other weights
+    assert other.fingerprint != llama.fingerprint
+    policy = Policy()
+    runtimes = []
+    server = grpc.aio.server()
+    pool = None
+    try:
+        for lm, role in ((other, "prefill"), (llama, "decode")):
+            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), lm))
+            engine.start()
+            runtimes.append(WorkerRuntime(engine, role, policy, lm.name))
+        prefill_rt, decode_rt = runtimes
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
+        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = PeerPool("prefill", f"127.0.0.1:{port}")
+        await pool.start()
+        [peer] = pool.healthy()
+        assert peer.model_fingerprint == other.fingerprint
+        decode = DecodeServicer(decode_rt, pool)
+        assert decode._decide("remote", list(range(40, 90)))[0] is None  # local prefill, not the other model
+        # asked anyway (a decode worker that cannot tell), the prefill worker refuses
+        from disagg_worker.server.prefill_service import layout_message
+
+        request = pb.PrefillRequest(request_id="x", prompt_token_ids=list(range(40, 90)), layout=layout_message(
+            decode_rt), params=pb.SamplingParams(max_tokens=1, temperature=0, top_p=1))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in peer.prefill.Prefill(request, timeout=30):
+                pass
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "model mismatch" in exc.value.details()
+    finally:
+        await server.stop(grace=None)
+        if pool is not None:
+            await pool.stop()
+        for rt in runtimes:
+            await rt.engine.stop()

@@ -6,8 +6,10 @@ the local Hugging Face cache fails at once with a message that says what to do.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,26 @@ UNAPPLIED_GENERATION_FIELDS = ("no_repeat_ngram_size", "encoder_no_repeat_ngram_
                                "forced_decoder_ids")
 
 
+def model_fingerprint(model: Any, tokenizer: Any) -> str:
+    """A short hash naming the weights and tokenizer a KV cache is computed with: the model's config, a
+    sample of every weight tensor (its first and last values: a fine-tune, merged LoRA included, changes
+    them) and the vocabulary. Two workers whose KV blocks have the same shape but come from different
+    checkpoints must not exchange them: the output would be silently wrong."""
+    import torch
+
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in sorted(model.state_dict().items()):
+            flat = param.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float32).numpy().tobytes())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -36,6 +58,14 @@ class LoadedModel:
     tokenizer: Any
     device: Any
     dtype: Any
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """``model_fingerprint``, computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.tokenizer)
+        return self._fingerprint
 
     @property
     def config(self) -> Any:

@@ -58,7 +58,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     # ---- the offload decision --------------------------------------------------------------
     def _pick_prefill_worker(self) -> Peer | None:
-        healthy = self.prefill_pool.healthy()
+        # only peers serving this worker's model (a rolling update to another checkpoint runs both for a
+        # while); a peer that has not reported one yet is checked by the prefill worker itself
+        ours = self.rt.engine.engine.loaded.fingerprint
+        healthy = [p for p in self.prefill_pool.healthy() if p.model_fingerprint in ("", ours)]
         if not healthy:
             return None
         return min(healthy, key=lambda p: (p.load.load, p.endpoint))

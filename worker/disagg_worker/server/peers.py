@@ -72,6 +72,7 @@ class Peer:
     channel: grpc.aio.Channel
     load: WorkerLoad
     model: str = ""
+    model_fingerprint: str = ""  # empty until its first load report (or from a worker that predates it)
     max_model_len: int = 0
     last_ok: float = 0.0
     # Stubs are made once, while the channel is open: grpcio (1.85) can crash the process (SIGSEGV)
@@ -190,3 +191,4 @@ class PeerPool:
         load.pending = max(0, load.pending - routed_before)
         load.healthy = True
         peer.model, peer.max_model_len, peer.last_ok = report.model, report.max_model_len, time.monotonic()
+        peer.model_fingerprint = report.model_fingerprint

@@ -37,7 +37,8 @@ MAX_CONCURRENT_SENDS = 16  # tcp transfers in flight from one prefill worker; mo
 def layout_message(runtime: WorkerRuntime) -> pb.KvLayout:
     lay = runtime.engine.engine.runner.layout
     return pb.KvLayout(num_layers=lay.num_layers, block_size=lay.block_size, num_kv_heads=lay.num_kv_heads,
-                       head_dim=lay.head_dim, dtype=dtype_name(lay.dtype))
+                       head_dim=lay.head_dim, dtype=dtype_name(lay.dtype),
+                       model_fingerprint=runtime.engine.engine.loaded.fingerprint)
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
@@ -63,6 +64,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         if rt.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is draining")
         ours = layout_message(rt)
+        if request.layout.model_fingerprint != ours.model_fingerprint:
+            # (a decode worker from before fingerprints sends none: refused too, it falls back to local)
+            log.warning("refusing a prefill for a decode worker on another model (fingerprint %r, ours %r)",
+                        request.layout.model_fingerprint, ours.model_fingerprint)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"model mismatch: the decode worker's KV is for model "
+                                f"{request.layout.model_fingerprint!r}, this worker serves "
+                                f"{ours.model_fingerprint!r} ({rt.model_name})")
         if request.layout != ours:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV layout mismatch: decode expects {request.layout}, this worker has {ours}")
