@@ -89,3 +89,56 @@ def test_requests_routed_during_a_load_report_stay_counted(monkeypatch: pytest.M
             await server.stop(None)
 
     asyncio.run(run())
+
+
+def test_a_name_that_fails_to_resolve_keeps_its_endpoints_while_the_others_resolve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DNS hiccup for one of several names retired that name's workers (only all names failing at
+    once kept them)."""
+    answers = {"pf-a": ["127.0.0.1:1", "127.0.0.2:1"], "pf-b": ["127.0.0.3:2"]}
+    monkeypatch.setattr(peers_mod, "resolve", lambda host, port: list(answers.get(host, [])))
+
+    async def run() -> None:
+        pool = PeerPool("prefill", "pf-a:1,pf-b:2")
+        try:
+            await pool._refresh_endpoints()
+            assert sorted(pool.peers) == ["127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:2"]
+            answers["pf-a"] = []  # pf-a's lookup fails this round
+            await pool._refresh_endpoints()
+            assert sorted(pool.peers) == ["127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:2"]
+            answers["pf-b"] = ["127.0.0.4:2"]  # pf-b's pod was replaced: that one does move
+            await pool._refresh_endpoints()
+            assert sorted(pool.peers) == ["127.0.0.1:1", "127.0.0.2:1", "127.0.0.4:2"]
+        finally:
+            await pool.stop()
+
+    asyncio.run(run())
+
+
+def test_a_peer_that_hangs_does_not_hold_up_the_others_reports() -> None:
+    """Polled in one gather, every round waited for the hung peer's timeout: the others' load reports
+    went 8x staler (a stopped pod or a black-holed address)."""
+    import socket
+
+    async def run() -> None:
+        calls = 0
+
+        def count() -> None:
+            nonlocal calls
+            calls += 1
+
+        server, addr = await serve(FakeWorker(on_load=count))
+        hole = socket.create_server(("127.0.0.1", 0))  # takes the connection, never speaks HTTP/2
+        pool = PeerPool("decode", f"{addr},127.0.0.1:{hole.getsockname()[1]}", poll_interval=0.1, timeout=3)
+        try:
+            await pool.start()  # its first poll waits for both
+            before = calls
+            await asyncio.sleep(1.5)  # within one timeout of the hung peer
+            assert calls - before >= 3, calls - before
+            assert [p.endpoint for p in pool.healthy()] == [addr]
+        finally:
+            await pool.stop()
+            await server.stop(None)
+            hole.close()
+
+    asyncio.run(run())

@@ -55,7 +55,7 @@ def resolve(host: str, port: int) -> list[str]:
     """Every address a name resolves to (sorted, as ``ip:port``); empty when it does not resolve."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (OSError, UnicodeError):  # gaierror, or a name the IDNA codec refuses
         return []
     addrs = sorted({f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos})
     return addrs
@@ -100,6 +100,8 @@ class PeerPool:
         self.peers: dict[str, Peer] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_resolve = 0.0
+        self._resolved: dict[tuple[str, int], set[str]] = {}  # each target's last non-empty answer
+        self._polling: dict[str, asyncio.Task[None]] = {}  # endpoint -> its load poll in flight
         self.first_poll = asyncio.Event()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -128,6 +130,9 @@ class PeerPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._polling.values()):
+            task.cancel()
+        await asyncio.gather(*self._polling.values(), return_exceptions=True)
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -147,21 +152,32 @@ class PeerPool:
             try:
                 if time.monotonic() - self._last_resolve > self.resolve_interval:
                     await self._refresh_endpoints()
-                await self.poll_once()
+                self._poll_in_background()
             except Exception:  # keep polling whatever one round did
                 log.exception("polling %s workers failed", self.name)
 
+    def _poll_in_background(self) -> None:
+        """Ask every peer whose last poll has ended: one that hangs (a stopped pod, a black-holed address)
+        holds up its own next report until its timeout, not everybody else's (they went 8x staler)."""
+        for peer in list(self.peers.values()):
+            if peer.endpoint in self._polling:
+                continue
+            task = asyncio.create_task(self._poll(peer), name=f"poll-{peer.endpoint}")
+            self._polling[peer.endpoint] = task
+            task.add_done_callback(lambda _, endpoint=peer.endpoint: self._polling.pop(endpoint, None))
+
     async def _refresh_endpoints(self) -> None:
         self._last_resolve = time.monotonic()
-        found: set[str] = set()
         for host, port in self.targets:
-            found.update(await asyncio.to_thread(resolve, host, port))
+            addrs = set(await asyncio.to_thread(resolve, host, port))
+            if addrs:  # a name that stops resolving keeps its last endpoints (a DNS hiccup), name by name
+                self._resolved[host, port] = addrs
+        found = set().union(*self._resolved.values())
         for endpoint in found - self.peers.keys():
             channel = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
             self.peers[endpoint] = Peer(endpoint, channel, WorkerLoad(endpoint, healthy=False))
         for endpoint in self.peers.keys() - found:
-            if found:  # a name that stops resolving altogether keeps its last endpoints (DNS hiccup)
-                self._retire(self.peers.pop(endpoint))
+            self._retire(self.peers.pop(endpoint))
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(p) for p in list(self.peers.values())))
