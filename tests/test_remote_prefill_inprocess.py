@@ -108,6 +108,15 @@ async def test_a_remote_prefill_is_not_counted_as_the_decode_workers_own(pair: P
     assert pair.decode_runtime.avg_prefill_seconds.value == 0
 
 
+async def test_an_unknown_prefill_mode_is_refused(pair: Pair) -> None:
+    request = pb.GenerateRequest(request_id="mode", prompt_token_ids=[5, 6, 7], prefill_mode="Remote",
+                                 params=pb.SamplingParams(max_tokens=2, temperature=0, top_p=1))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in pair.decode.Generate(request, timeout=30):
+            pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill_mode" in exc.value.details()
+
+
 async def test_a_closed_prefill_channel_falls_back_to_local_prefill(pair: Pair, llama: LoadedModel) -> None:
     [peer] = pair.prefill_pool.healthy()
     await peer.channel.close()  # as when the peer is retired between the choice and the call
@@ -126,21 +135,26 @@ async def test_a_worker_whose_engine_stopped_leaves_the_pool(pair: Pair) -> None
     assert not pair.prefill_pool.healthy()  # its frozen load report used to keep it looking idle
 
 
-async def test_a_prefill_worker_on_another_model_is_never_used(llama: LoadedModel) -> None:
+@pytest.mark.parametrize(("other_model", "block_size", "refusal"), [
+    ("tiny-qwen2", 16, "model mismatch"),  # same KV layout as tiny-llama, other weights
+    ("tiny-llama", 8, "KV layout mismatch"),
+])
+async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: LoadedModel, other_model: str,
+                                                                        block_size: int, refusal: str) -> None:
     """Two checkpoints with KV blocks of one shape (a rolling update to a fine-tune): KV from the other
     was accepted, the output was wrong, and the decode worker's prefix cache kept the wrong blocks. The
-    decode worker skips a peer reporting another model, and the prefill worker refuses one itself."""
+    decode worker skips a peer reporting another model (or block size: refused, a round trip each
+    time), and the prefill worker refuses one itself."""
     from tests.conftest import get_model
 
-    other = get_model("tiny-qwen2")  # same KV layout as tiny-llama, other weights
-    assert other.fingerprint != llama.fingerprint
+    other = get_model(other_model)
     policy = Policy()
     runtimes = []
     server = grpc.aio.server()
     pool = None
     try:
-        for lm, role in ((other, "prefill"), (llama, "decode")):
-            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), lm))
+        for lm, role, size in ((other, "prefill", block_size), (llama, "decode", 16)):
+            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, block_size=size), lm))
             engine.start()
             runtimes.append(WorkerRuntime(engine, role, policy, lm.name))
         prefill_rt, decode_rt = runtimes
@@ -153,7 +167,7 @@ async def test_a_prefill_worker_on_another_model_is_never_used(llama: LoadedMode
         [peer] = pool.healthy()
         assert peer.model_fingerprint == other.fingerprint
         decode = DecodeServicer(decode_rt, pool)
-        assert decode._decide("remote", list(range(40, 90)))[0] is None  # local prefill, not the other model
+        assert decode._decide("remote", list(range(40, 90)))[0] is None  # local prefill
         # asked anyway (a decode worker that cannot tell), the prefill worker refuses
         from disagg_worker.server.prefill_service import layout_message
 
@@ -162,7 +176,7 @@ async def test_a_prefill_worker_on_another_model_is_never_used(llama: LoadedMode
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             async for _ in peer.prefill.Prefill(request, timeout=30):
                 pass
-        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "model mismatch" in exc.value.details()
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and refusal in exc.value.details()
     finally:
         await server.stop(grace=None)
         if pool is not None:

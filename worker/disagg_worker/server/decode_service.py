@@ -41,6 +41,7 @@ from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
 from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
 log = logging.getLogger(__name__)
+PREFILL_MODES = ("", "auto", "local", "remote")  # "": auto
 
 
 def output_message(out: RequestOutput) -> pb.GenerateResponse:
@@ -60,8 +61,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     def _pick_prefill_worker(self) -> Peer | None:
         # only peers serving this worker's model (a rolling update to another checkpoint runs both for a
         # while); a peer that has not reported one yet is checked by the prefill worker itself
-        ours = self.rt.engine.engine.loaded.fingerprint
-        healthy = [p for p in self.prefill_pool.healthy() if p.model_fingerprint in ("", ours)]
+        eng = self.rt.engine.engine
+        ours = eng.loaded.fingerprint
+        # and with this worker's block size: another layout would be refused, a round trip per request
+        healthy = [p for p in self.prefill_pool.healthy()
+                   if p.model_fingerprint in ("", ours) and p.load.block_size == eng.config.block_size]
         if not healthy:
             return None
         return min(healthy, key=lambda p: (p.load.load, p.endpoint))
@@ -94,6 +98,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             eng.validate(prompt, params)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.prefill_mode not in PREFILL_MODES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prefill_mode {request.prefill_mode!r} is not one of auto, local, remote")
         priority = priority_from_proto(request.priority)
         m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
         peer, _cached = self._decide(request.prefill_mode or "auto", prompt)
