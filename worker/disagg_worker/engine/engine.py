@@ -99,6 +99,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self.eos_token_ids = frozenset(self.loaded.eos_token_ids)
         self.repetition_penalty = self.loaded.repetition_penalty  # for requests that do not set one
+        # now, not on the first load report: on a GPU it reads every weight tensor's ends (a sync each)
+        self.model_fingerprint = self.loaded.fingerprint
         unapplied = self.loaded.unapplied_generation_defaults()
         if unapplied:
             log.warning("the model's generation_config sets %s, which this engine does not apply: its output "

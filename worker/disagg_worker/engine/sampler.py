@@ -60,17 +60,18 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """``logits[i]`` belongs to ``requests[i]``; returns one token id per request."""
-        penalised = [i for i, req in enumerate(requests) if (req.params.repetition_penalty or 1.0) != 1.0]
-        if penalised:  # in float32, as HF generate's logits processors work
-            logits = logits.to(torch.float32, copy=True)
-            for i in penalised:
-                req = requests[i]
-                logits[i] = apply_repetition_penalty(logits[i], req.all_token_ids, req.params.repetition_penalty)
         tokens = torch.argmax(logits, dim=-1).tolist() if len(requests) else []
         for i, req in enumerate(requests):
-            if req.params.greedy:
+            penalty = req.params.repetition_penalty or 1.0
+            if req.params.greedy and penalty == 1.0:
                 continue
-            row = apply_temperature_top_k_top_p(logits[i].float(), req.params)  # fp16 logits / T overflow
+            row = logits[i].float()  # fp16 logits / T overflow; HF's logits processors work in float32 too
+            if penalty != 1.0:  # only this row is copied, not the batch's logits
+                row = apply_repetition_penalty(row, req.all_token_ids, penalty)
+                if req.params.greedy:
+                    tokens[i] = int(torch.argmax(row))
+                    continue
+            row = apply_temperature_top_k_top_p(row, req.params)
             probs = torch.softmax(row, dim=-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(req)).item())
         return tokens
