@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from disagg_operator import API_VERSION, KIND
-from disagg_operator.spec import ParsedSpec, PodSettings, RouterSpec, WorkerSpec
+from disagg_operator.spec import DEFAULT_STARTUP_SECONDS, ParsedSpec, PodSettings, RouterSpec, WorkerSpec
 from disagg_worker.policy import Policy, RoleAutoscale
 
 ROLES = ("prefill", "decode")
@@ -243,7 +243,6 @@ def _volumes(
 
 
 STARTUP_PROBE_PERIOD = 5
-ROUTER_STARTUP_SECONDS = 600  # it loads a tokenizer only
 
 
 def _probes(port: str, startup_seconds: int) -> dict[str, Any]:
@@ -356,7 +355,7 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         "args": args,
         "ports": ports,
         "env": _env(pod),
-        **_probes("http", pod.startup_timeout_seconds if isinstance(pod, WorkerSpec) else ROUTER_STARTUP_SECONDS),
+        **_probes("http", pod.startup_timeout_seconds if isinstance(pod, WorkerSpec) else DEFAULT_STARTUP_SECONDS),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }

@@ -130,6 +130,9 @@ class PodSettings(_Model):
     )
 
 
+DEFAULT_STARTUP_SECONDS = 600  # what a pod may take to start serving (the router: always this)
+
+
 class WorkerSpec(PodSettings):
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description="passed as --device")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
@@ -139,7 +142,7 @@ class WorkerSpec(PodSettings):
     max_batch_size: int | None = Field(None, ge=1, description="passed as --max-batch-size")
     kv_cache_blocks: int | None = Field(None, ge=1, description="passed as --kv-cache-blocks")
     startup_timeout_seconds: int = Field(
-        600, ge=30, le=86400,
+        DEFAULT_STARTUP_SECONDS, ge=30, le=86400,
         description="how long a worker may take to load its model and warm up before the kubelet restarts it "
                     "(its startup probe); a large model read from a network volume may need more")
 

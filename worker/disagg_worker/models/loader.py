@@ -6,10 +6,11 @@ the local Hugging Face cache fails at once with a message that says what to do.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,11 @@ class LoadedModel:
     tokenizer: Any
     device: Any
     dtype: Any
-    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """``model_fingerprint``, computed once."""
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, self.tokenizer)
-        return self._fingerprint
+        return model_fingerprint(self.model, self.tokenizer)
 
     @property
     def config(self) -> Any:

@@ -18,7 +18,8 @@ MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own gen
 
 def check_unicode(value: str | list[Any] | None, param: str) -> None:
     """JSON may carry a lone surrogate (``"\\ud800"``), which is no Unicode text: no tokenizer or
-    protobuf string takes it, so it is refused here, naming the field."""
+    protobuf string takes it, so it is refused here, naming the field (stop strings: by
+    ``SamplingParams``, for every caller of the engine)."""
     for text in [value] if isinstance(value, str) else value or []:
         if isinstance(text, str):
             try:
@@ -96,7 +97,6 @@ class _Common(BaseModel):
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
             raise APIError(400, "stream_options.include_usage must be a boolean", param="stream_options")
-        check_unicode(self.stop, "stop")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
             raise APIError(400, "top_p must be between 0 and 1", param="top_p")
 

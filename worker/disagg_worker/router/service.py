@@ -125,10 +125,11 @@ class RouterService:
                            code="context_length_exceeded")
         return params
 
-    def admit(self, prompts: list[list[int]], priority: str) -> None:
+    def admit(self, prompts: list[list[int]], priority: str) -> list[list[bytes]]:
         """QoS admission, once for a whole HTTP request (each of its prompts is a generation of its own):
         the estimate is its slowest prompt's, each on the decode worker it would be routed to now. A
-        rejection raises a 429 and counts once; every prompt of it misses its SLO."""
+        rejection raises a 429 and counts once; every prompt of it misses its SLO. Returns each prompt's
+        block hashes, which ``generate`` routes by (computed once)."""
         hashes_of = [block_hashes(p, self.block_size) for p in prompts]
         loads = [p.load for p in self.decode_pool.healthy()]
         prefill = [p.load for p in self.prefill_pool.healthy()]
@@ -136,7 +137,7 @@ class RouterService:
         for prompt, hashes in zip(prompts, hashes_of, strict=True):
             choice = pick_decode_worker(loads, hashes, len(prompt), self.policy.split_policy, self.policy.cache)
             if choice is None:
-                return  # no worker: generate() answers 503
+                return hashes_of  # no worker: generate() answers 503
             # as the decode worker counts its hit: never the block holding the last prompt token
             reusable = min(choice.cached_blocks, (len(prompt) - 1) // self.block_size)
             estimates.append(estimate_request_ttft(len(prompt), reusable * self.block_size, choice.worker, prefill,
@@ -145,7 +146,7 @@ class RouterService:
         m.ESTIMATED_TTFT.set(est)
         admission = admit_request(priority, est, self.policy.qos)
         if admission.admitted:
-            return
+            return hashes_of
         m.REJECTIONS.labels(admission.reason, priority).inc()
         for _ in prompts:
             self.slo.record(priority, None, None, failed=True)
@@ -153,14 +154,14 @@ class RouterService:
                             f"limit for {priority}-priority requests; retry later", type_="rate_limit_error",
                        code=admission.reason, headers={"Retry-After": str(self.policy.qos.retry_after_seconds)})
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
+    async def generate(self, prompt_ids: list[int], hashes: list[bytes], params: SamplingParams, priority: str,
                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the chosen worker's responses (after ``admit``); raises APIError for anything the client
         must see.
 
         A request the system failed (no worker, a worker that died) counts as an SLO violation:
         attainment must not look better for the requests it did not serve."""
-        async with contextlib.aclosing(self._generate(prompt_ids, params, priority, result)) as responses:
+        async with contextlib.aclosing(self._generate(prompt_ids, hashes, params, priority, result)) as responses:
             try:
                 async for msg in responses:
                     yield msg
@@ -169,10 +170,9 @@ class RouterService:
                     self.slo.record(priority, None, None, failed=True)
                 raise
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams, priority: str,
+    async def _generate(self, prompt_ids: list[int], hashes: list[bytes], params: SamplingParams, priority: str,
                         result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
         t0 = time.monotonic()
-        hashes = block_hashes(prompt_ids, self.block_size)
         request_id = uuid.uuid4().hex  # + the attempt: a retry is a new request to the workers
         tried: set[str] = set()
         first_token_at: float | None = None

@@ -62,7 +62,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         # only peers serving this worker's model (a rolling update to another checkpoint runs both for a
         # while); a peer that has not reported one yet is checked by the prefill worker itself
         eng = self.rt.engine.engine
-        ours = eng.loaded.fingerprint
+        ours = eng.model_fingerprint
         # and with this worker's block size: another layout would be refused, a round trip per request
         healthy = [p for p in self.prefill_pool.healthy()
                    if p.model_fingerprint in ("", ours) and p.load.block_size == eng.config.block_size]

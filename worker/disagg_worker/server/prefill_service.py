@@ -38,7 +38,7 @@ def layout_message(runtime: WorkerRuntime) -> pb.KvLayout:
     lay = runtime.engine.engine.runner.layout
     return pb.KvLayout(num_layers=lay.num_layers, block_size=lay.block_size, num_kv_heads=lay.num_kv_heads,
                        head_dim=lay.head_dim, dtype=dtype_name(lay.dtype),
-                       model_fingerprint=runtime.engine.engine.loaded.fingerprint)
+                       model_fingerprint=runtime.engine.engine.model_fingerprint)
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):

@@ -130,7 +130,7 @@ class WorkerRuntime:
             avg_prefill_seconds=self.avg_prefill_seconds.value, avg_decode_step_seconds=self.avg_step_seconds.value,
             draining=self.draining, model=self.model_name, max_model_len=eng.max_model_len,
             prefill_tokens_per_second=self.prefill_tokens_per_second.value,
-            model_fingerprint=eng.loaded.fingerprint,
+            model_fingerprint=eng.model_fingerprint,
         )
         if include_hashes:
             report.prefix_hashes.extend(eng.block_manager.cached_hashes()[:MAX_REPORTED_HASHES])
