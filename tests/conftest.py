@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -15,12 +16,17 @@ torch.set_num_threads(2)
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 # With a compiler the CPU kernels must build: the oracle passes on the torch path too, so it cannot tell.
 HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+# Where the oracle tests run: the CPU here and in CI; DISAGG_TEST_DEVICE=cuda runs the same tests on a GPU.
+# fp32 on both sides in either case, so that engine and HF differ only in the order of their sums.
+TEST_DEVICE = os.environ.get("DISAGG_TEST_DEVICE", "cpu")
+# Worker processes of the end-to-end tests load the model as the oracle does.
+WORKER_MODEL_ARGS = ["--device", TEST_DEVICE, "--dtype", "float32"]
 _MODELS: dict[str, LoadedModel] = {}
 
 
 def get_model(name: str) -> LoadedModel:
     if name not in _MODELS:
-        _MODELS[name] = load_model(name, device="cpu", dtype="float32")
+        _MODELS[name] = load_model(name, device=TEST_DEVICE, dtype="float32")
     return _MODELS[name]
 
 
@@ -31,7 +37,7 @@ def llama() -> LoadedModel:
 
 def hf_greedy(lm: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs: object) -> list[int]:
     """The oracle: ``model.generate(do_sample=False)`` on one unpadded prompt, new tokens only."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=lm.device)
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, **kwargs)

@@ -19,10 +19,10 @@ import openai
 import pytest
 
 from disagg_worker.launcher import LocalCluster, free_port
-from tests.conftest import get_model, hf_greedy, random_prompts
+from tests.conftest import WORKER_MODEL_ARGS, get_model, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.e2e
-SMALL_POOL = ["--kv-cache-blocks", "1024"]
+SMALL_POOL = ["--kv-cache-blocks", "1024", *WORKER_MODEL_ARGS]
 
 
 def write_policy(path: Path, **sections: dict) -> str:

@@ -55,7 +55,7 @@ def test_concurrent_mixed_lengths_with_prefix_hits(family: str, cpu_kernels: boo
     lm = get_model(family)
     prompts, lengths = mixed_workload(seed=11)
     engine, reqs = run(lm, prompts, lengths, cpu_kernels=cpu_kernels, max_num_batched_tokens=256)
-    if cpu_kernels and HAVE_COMPILER:
+    if cpu_kernels and HAVE_COMPILER and lm.device.type == "cpu":
         assert engine.runner.kernel is not None, "the CPU kernels did not build"
     assert engine.block_manager.prefix_hit_ratio > 0  # the shared prefix was reused
     for p, n, r in zip(prompts, lengths, reqs, strict=True):

@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("disagg_worker.bench.transfer_bench", "KV transfer GB/s vs raw TCP and memcpy"),
     "serve": ("disagg_worker.bench.serve_bench", "open-loop Poisson load against an OpenAI endpoint"),
     "autoscale": ("disagg_operator.bench_autoscale", "planner vs static replicas on a simulated cluster"),
+    "oracle": ("disagg_worker.bench.oracle_bench", "greedy agreement with HF generate on any model/device/dtype"),
 }
 
 

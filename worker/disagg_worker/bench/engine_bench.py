@@ -55,6 +55,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _sync(lm: Any) -> None:
+    """Wait for the device's queued work, so that a clock read after it times the work itself."""
+    if lm.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(lm.device)
+
+
+def _peak_gpu_mib(lm: Any) -> float | None:
+    if lm.device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(lm.device) / 2**20
+
+
 def _avoid(lm: Any) -> set[int]:
     return set(lm.eos_token_ids) | set(getattr(lm.tokenizer, "all_special_ids", []) or [])
 
@@ -72,8 +88,10 @@ def run_engine(model: str, device: str, dtype: str, threads: int | None, workloa
     engine.generate([prompts[0][:32]], {"max_tokens": 4, "temperature": 0})  # warm-up (kernel load)
     engine.block_manager.reset_prefix_cache()
     steps0 = engine.steps
+    _sync(lm)
     t0 = time.perf_counter()
     engine.generate(prompts, [{"max_tokens": m, "temperature": 0, "ignore_eos": True} for m in outputs])
+    _sync(lm)
     wall = time.perf_counter() - t0
     return {
         "system": "disagg engine",
@@ -85,6 +103,7 @@ def run_engine(model: str, device: str, dtype: str, threads: int | None, workloa
         "kv_pool_mib": engine.runner.kv.nbytes / 2**20,
         "cpu_kernel": engine.runner.kernel is not None,
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_gpu_mib": _peak_gpu_mib(lm),
     }
 
 
@@ -99,6 +118,7 @@ def run_hf(model: str, device: str, dtype: str, threads: int | None, workload: W
     with torch.inference_mode():  # untimed warm-up, as the engine gets one
         warm = torch.tensor([prompts[0][:32]], device=lm.device)
         hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    _sync(lm)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
@@ -110,6 +130,7 @@ def run_hf(model: str, device: str, dtype: str, threads: int | None, workload: W
             # min_new_tokens = max_new_tokens: every row runs to the batch's length (no early EOS stop)
             hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                         pad_token_id=pad)
+    _sync(lm)
     wall = time.perf_counter() - t0
     return {
         "system": f"HF generate, static batch {batch_size}",
@@ -117,6 +138,7 @@ def run_hf(model: str, device: str, dtype: str, threads: int | None, workload: W
         "output_tokens": sum(outputs),
         "output_tokens_per_s": sum(outputs) / wall,
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_gpu_mib": _peak_gpu_mib(lm),
     }
 
 
@@ -145,8 +167,10 @@ def run_ttft(model: str, device: str, dtype: str, threads: int | None, prefix_le
         cold.append(ttft(prefix + [rng.choice(pool) for _ in range(16)]))
         warm.append(ttft(prefix + [rng.choice(pool) for _ in range(16)]))
         prompt = torch.tensor([prefix + [rng.choice(pool) for _ in range(16)]], device=lm.device)
+        _sync(lm)
         t0 = time.perf_counter()
         lm.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+        _sync(lm)
         hf.append(time.perf_counter() - t0)
     return {
         "prefix_tokens": prefix_len,
@@ -203,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         f"Throughput: {workload.num_requests} requests, prompts {pmin}-{pmax}, outputs {omin}-{omax} "
         f"({args.model}, {args.device}, {args.dtype})",
-        ["system", "wall s", "output tok/s", "peak RSS MiB"],
-        [[r["system"], r["wall_seconds"], r["output_tokens_per_s"], r["peak_rss_mib"]] for r in results],
+        ["system", "wall s", "output tok/s", "peak RSS MiB", "peak GPU MiB"],
+        [[r["system"], r["wall_seconds"], r["output_tokens_per_s"], r["peak_rss_mib"],
+          "-" if r["peak_gpu_mib"] is None else r["peak_gpu_mib"]] for r in results],
         console,
     )
     print_table(
