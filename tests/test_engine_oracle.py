@@ -63,6 +63,18 @@ def test_concurrent_mixed_lengths_with_prefix_hits(family: str, cpu_kernels: boo
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_wide_decode_groups_as_on_a_gpu(family: str) -> None:
+    """The grouping a GPU uses (few wide decode groups, padded and masked), here on the torch path."""
+    lm = get_model(family)
+    prompts, lengths = mixed_workload(seed=13)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=512, cpu_kernels=False, max_num_batched_tokens=256), lm)
+    engine.runner.wide_decode_groups = True
+    reqs = engine.generate(prompts, [{"max_tokens": m, "temperature": 0} for m in lengths])
+    for p, n, r in zip(prompts, lengths, reqs, strict=True):
+        assert r.output_token_ids == reference(family, p, n), (len(p), n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_preemption_under_kv_pool_pressure(family: str) -> None:
     lm = get_model(family)
     prompts, lengths = mixed_workload(seed=5)

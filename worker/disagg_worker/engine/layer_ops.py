@@ -9,6 +9,7 @@ usable as it was.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,31 @@ def _is_silu(module: Any) -> bool:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the two halves of its last dimension exchanged (one copy kernel)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """A step's rotary cos/sin, shaped once for every layer.
+
+    ``rotate_half(x) * sin`` equals ``swap_halves(x) * sin_signed`` bit for bit (the first half of
+    ``sin_signed`` is negated, and negation is exact), in one op fewer per call than ``rotate_half``.
+    """
+
+    cos: torch.Tensor  # [T, D], the compiled kernel's form
+    sin: torch.Tensor
+    cos_heads: torch.Tensor  # [T, 1, D]
+    sin_signed: torch.Tensor  # [T, 1, D]
+
+    @classmethod
+    def build(cls, cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
+        half = sin.shape[-1] // 2
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cls(cos, sin, cos[:, None], sin_signed[:, None])
 
 
 class Norm:
@@ -91,11 +117,11 @@ class LayerOps:
         q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
         return q, k, v
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [T, heads, D]`` rotated by ``cos``/``sin [T, D]``."""
+    def rotary(self, x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+        """``x [T, heads, D]`` rotated by the step's tables: ``x * cos + rotate_half(x) * sin``."""
         if self.kernels is not None:
-            return self.kernels.rotary(x, cos, sin)
-        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+            return self.kernels.rotary(x, tables.cos, tables.sin)
+        return x * tables.cos_heads + swap_halves(x) * tables.sin_signed
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:

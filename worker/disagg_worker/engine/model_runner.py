@@ -16,7 +16,7 @@ import torch
 from disagg_worker.engine.attention import AttentionPlan, DecodeGroup, PrefillChunk, group_decodes, paged_attention
 from disagg_worker.engine.cpu_kernels import load_cpu_kernels
 from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
-from disagg_worker.engine.layer_ops import LayerOps
+from disagg_worker.engine.layer_ops import LayerOps, RotaryTables
 from disagg_worker.engine.scheduler import SchedulerOutput
 
 
@@ -50,6 +50,8 @@ class ModelRunner:
         self.kv = PagedKVCache(self.layout, num_blocks, self.device)
         self.kernel = load_cpu_kernels() if self.device.type == "cpu" and use_cpu_kernels else None
         self.ops = [LayerOps(layer, self.kernel) for layer in self.layers]
+        # Without the CPU kernel on a GPU, a step's time is mostly kernel launches: fewer, wider decode groups.
+        self.wide_decode_groups = self.device.type == "cuda"
 
     # ---- step inputs -----------------------------------------------------------------------
     def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -83,7 +85,7 @@ class ModelRunner:
                 logits_rows.append(row + n - 1)
 
         groups = []
-        for members in group_decodes(decode_ctx, single=self.kernel is not None):
+        for members in group_decodes(decode_ctx, single=self.kernel is not None, wide=self.wide_decode_groups):
             width = max(len(decode_tables[i]) for i in members)
             table = [decode_tables[i] + [0] * (width - len(decode_tables[i])) for i in members]
             groups.append(DecodeGroup(
@@ -106,7 +108,7 @@ class ModelRunner:
         kvh, hd = self.layout.num_kv_heads, self.layout.head_dim
         hidden = self.inner.embed_tokens(ids)  # [T, H], the residual stream (updated in place on CPU)
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
-        cos, sin = cos[0], sin[0]  # [T, head_dim]
+        rotary = RotaryTables.build(cos[0], sin[0])  # [T, head_dim]
         x = self.ops[0].input_norm(hidden)
         for li, ops in enumerate(self.ops):
             attn = ops.attn
@@ -114,7 +116,7 @@ class ModelRunner:
             q, k, v = q.reshape(t, self.num_heads, hd), k.reshape(t, kvh, hd), v.reshape(t, kvh, hd)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+            q, k = ops.rotary(q, rotary), ops.rotary(k, rotary)
             self.kv.write(li, slots, k, v)
             k_slots, v_slots = self.kv.layer_slots(li)
             o = paged_attention(q, k_slots, v_slots, plan, attn.scaling, self.windows[li])
