@@ -12,66 +12,156 @@ import torch
 from disagg_worker.engine.request import Request, SamplingParams
 
 _TOKEN_STRIDE = 1_000_003  # a prime: (seed, index) pairs map to distinct generator seeds
+_NUCLEUS_CANDIDATES = 1024
 
 
 def apply_temperature_top_k_top_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Scale one row of logits and mask everything outside top-k / top-p (nucleus) with -inf."""
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the top token is always kept)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return batch_temperature_top_k_top_p(logits[None], [params])[0]
+
+
+def batch_temperature_top_k_top_p(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``rows [n, vocab]`` (float32) scaled by each row's temperature, with everything outside its
+    top-k and its nucleus (top-p) set to -inf; a few whole-batch ops instead of a dozen per row."""
+    dev = rows.device
+    temps = torch.tensor([p.temperature for p in params], dtype=rows.dtype, device=dev)
+    rows = rows / temps[:, None]
+    vocab = rows.shape[-1]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        top = torch.topk(rows, max(ks), dim=-1).values  # [n, max k], descending
+        kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))
+        kth[torch.tensor([k == 0 for k in ks], device=dev)] = float("-inf")  # rows without top-k keep all
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in ps):
+        sel = torch.tensor([i for i, p in enumerate(ps) if p < 1.0], device=dev)
+        top_p = torch.tensor([p for p in ps if p < 1.0], dtype=rows.dtype, device=dev)
+        rows = rows.index_copy(0, sel, _nucleus(rows[sel], top_p))
+    return rows
+
+
+def _nucleus(rows: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``rows`` with every token outside its nucleus set to -inf: a token is dropped when the mass of
+    the tokens ranked before it already reaches ``top_p`` (so the top token is always kept).
+
+    The ranking is read from the ``_NUCLEUS_CANDIDATES`` most likely tokens (a partial top-k); only a
+    row whose nucleus does not fit in them is sorted whole (sorting 152k logits costs ~15 ms a row on
+    a CPU).
+    """
+    probs = torch.softmax(rows, dim=-1)
+    k = min(_NUCLEUS_CANDIDATES, rows.shape[-1])
+    top, order = torch.topk(probs, k, dim=-1)  # descending
+    cum = top.cumsum(dim=-1)
+    fits = cum[:, -1] >= top_p  # then every token past the k-th has at least top_p before it: dropped
+    if bool(fits.all()):
+        return _keep_nucleus(rows, top, order, top_p)
+    out = torch.empty_like(rows)
+    f, w = fits.nonzero()[:, 0], (~fits).nonzero()[:, 0]
+    out[f] = _keep_nucleus(rows[f], top[f], order[f], top_p[f])
+    ranked, full_order = torch.sort(probs[w], dim=-1, descending=True)
+    out[w] = _keep_nucleus(rows[w], ranked, full_order, top_p[w])
+    return out
+
+
+def _keep_nucleus(rows: torch.Tensor, ranked: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    keep_ranked = (ranked.cumsum(dim=-1) - ranked) < top_p[:, None]
+    keep = torch.zeros_like(rows, dtype=torch.bool).scatter(1, order, keep_ranked)
+    return rows.masked_fill(~keep, float("-inf"))
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row i's token is the first whose cumulative probability exceeds ``uniforms[i]`` x the row's total.
+
+    One uniform per row instead of one random number per vocabulary entry (what ``multinomial`` and the
+    exponential race draw): on a CPU with a 152k vocabulary that is most of the cost of a sampled row.
+    A token of probability 0 is never chosen: its cumulative sum equals its predecessor's.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def apply_repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
     """Hugging Face's repetition penalty on one row of logits: every token already in the prompt or the
     output has its logit divided by ``penalty`` when positive, multiplied by it when negative."""
-    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=row.device)
-    seen = row.gather(0, ids)
-    return row.scatter(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+    ids = torch.tensor(token_ids, dtype=torch.long, device=row.device)
+    rows = row[None].clone()
+    penalise_rows_(rows, torch.zeros_like(ids), ids, torch.tensor([penalty], device=row.device))
+    return rows[0]
+
+
+def penalise_rows_(rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch.Tensor,
+                   penalties: torch.Tensor) -> None:
+    """The repetition penalty for a batch, in place: ``rows[row_index[i], token_ids[i]]`` is penalised
+    by ``penalties[row_index[i]]``. A token listed twice is written twice with the same value."""
+    seen = rows[row_index, token_ids]
+    penalty = penalties[row_index].to(rows.dtype)
+    rows[row_index, token_ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
 
 
 class Sampler:
+    """Draws a step's tokens. Random numbers come from CPU generators whatever the device, one uniform
+    per sampled row, so a seeded request draws the same numbers on a CPU and on a GPU (its first token
+    may come from a prefill worker on one and the rest from a decode worker on the other)."""
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
-        self._default = torch.Generator(device=device)
+        self._default = torch.Generator()
         self._default.seed()
+        self._seeded = torch.Generator()  # reseeded for every draw of a request with a seed
+        self._seen: dict[str, torch.Tensor] = {}  # request id -> its token ids so far, on the device
 
     def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._seen.pop(request_id, None)
 
-    def _generator(self, req: Request) -> torch.Generator:
+    def _uniform(self, req: Request) -> torch.Tensor:
         if req.params.seed is None:
-            return self._default
-        gen = self._generators.get(req.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            self._generators[req.request_id] = gen
-        gen.manual_seed((req.params.seed * _TOKEN_STRIDE + req.num_output_tokens) % (1 << 63))
-        return gen
+            return torch.rand(1, generator=self._default)
+        self._seeded.manual_seed((req.params.seed * _TOKEN_STRIDE + req.num_output_tokens) % (1 << 63))
+        return torch.rand(1, generator=self._seeded)
+
+    def _seen_ids(self, req: Request) -> torch.Tensor:
+        """The request's prompt and output ids on the device, extended by the tokens added since last time."""
+        ids = req.all_token_ids
+        have = self._seen.get(req.request_id)
+        known = 0 if have is None else have.shape[0]
+        if have is None or known < len(ids):
+            new = torch.tensor(ids[known:], dtype=torch.long, device=self.device)
+            have = new if have is None else torch.cat((have, new))
+            self._seen[req.request_id] = have
+        return have
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """``logits[i]`` belongs to ``requests[i]``; returns one token id per request."""
-        tokens = torch.argmax(logits, dim=-1).tolist() if len(requests) else []
-        for i, req in enumerate(requests):
-            penalty = req.params.repetition_penalty or 1.0
-            if req.params.greedy and penalty == 1.0:
-                continue
-            row = logits[i].float()  # fp16 logits / T overflow; HF's logits processors work in float32 too
-            if penalty != 1.0:  # only this row is copied, not the batch's logits
-                row = apply_repetition_penalty(row, req.all_token_ids, penalty)
-                if req.params.greedy:
-                    tokens[i] = int(torch.argmax(row))
-                    continue
-            row = apply_temperature_top_k_top_p(row, req.params)
-            probs = torch.softmax(row, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(req)).item())
-        return tokens
+        """``logits[i]`` belongs to ``requests[i]``; returns one token id per request.
+
+        Greedy rows cost one argmax for the batch; the others are penalised, filtered and drawn
+        together, each with one uniform: from the sampler's generator, or for a request with a seed
+        from a generator seeded by (seed, token index), so that its tokens do not depend on what it
+        is batched with. One copy back to the host at the end.
+        """
+        if not requests:
+            return []
+        dev = logits.device
+        tokens = torch.argmax(logits, dim=-1)
+        work = [i for i, r in enumerate(requests) if not r.params.greedy or (r.params.repetition_penalty or 1.0) != 1.0]
+        if not work:
+            return tokens.tolist()
+        reqs = [requests[i] for i in work]
+        rows = logits[torch.tensor(work, device=dev)].float()  # fp16 logits / T overflow; HF works in fp32
+        penalised = [j for j, r in enumerate(reqs) if (r.params.repetition_penalty or 1.0) != 1.0]
+        if penalised:
+            seen = [self._seen_ids(reqs[j]) for j in penalised]
+            row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(penalised, seen, strict=True)])
+            penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
+            penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
+        picks = rows.argmax(dim=-1)
+        sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            at = torch.tensor(sampled, device=dev)
+            probs = torch.softmax(batch_temperature_top_k_top_p(rows[at], [reqs[j].params for j in sampled]), dim=-1)
+            uniforms = torch.cat([self._uniform(reqs[j]) for j in sampled]).to(dev)
+            picks[at] = inverse_cdf_sample(probs, uniforms)
+        tokens[torch.tensor(work, device=dev)] = picks
+        return tokens.tolist()

@@ -1,0 +1,80 @@
+"""The sampler's batched filters and draws, against per-row references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disagg_worker.engine.request import Request, SamplingParams
+from disagg_worker.engine.sampler import (
+    Sampler,
+    apply_temperature_top_k_top_p,
+    batch_temperature_top_k_top_p,
+    inverse_cdf_sample,
+)
+
+
+def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The textbook per-row version: temperature, then top-k, then the nucleus from a full sort."""
+    row = row / p.temperature
+    if 0 < p.top_k < row.shape[-1]:
+        row = row.masked_fill(row < torch.topk(row, p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        ranked, order = torch.sort(torch.softmax(row, -1), descending=True)
+        drop = (ranked.cumsum(-1) - ranked) >= p.top_p
+        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return row
+
+
+PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=0.5, top_k=40, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=0.999),  # a flat row's nucleus is wider than the candidates
+    SamplingParams(temperature=1.0, top_k=100_000),  # top-k beyond the vocabulary keeps everything
+]
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0], ids=["flat", "normal", "peaked"])
+def test_batched_filters_equal_the_per_row_reference(scale: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(len(PARAMS), 5000, generator=g) * scale
+    got = batch_temperature_top_k_top_p(rows, PARAMS)
+    for i, p in enumerate(PARAMS):
+        want = reference_filter(rows[i], p)
+        assert torch.equal(torch.isinf(got[i]), torch.isinf(want)), p
+        torch.testing.assert_close(got[i][~torch.isinf(want)], want[~torch.isinf(want)])
+        torch.testing.assert_close(apply_temperature_top_k_top_p(rows[i], p), got[i])
+
+
+def test_inverse_cdf_never_picks_a_zero_and_matches_the_distribution() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    edges = inverse_cdf_sample(probs.expand(3, -1), torch.tensor([0.0, 0.5, 1.0 - 2**-24]))
+    assert edges.tolist() == [1, 3, 4]
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    picks = inverse_cdf_sample(probs.expand(n, -1), u)
+    freq = torch.bincount(picks, minlength=6).float() / n
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+
+
+def make(i: int, **params: object) -> Request:
+    return Request(request_id=f"r{i}", prompt_token_ids=[3, 4, 5, 4], params=SamplingParams(max_tokens=4, **params))
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_its_batch_and_sampler() -> None:
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(2))
+    alone = Sampler(torch.device("cpu")).sample(logits[2:3], [make(0, temperature=1.0, seed=9)])
+    batch = [make(i, temperature=1.0, top_p=0.9) for i in range(5)]
+    batch[2] = make(7, temperature=1.0, seed=9)
+    assert Sampler(torch.device("cpu")).sample(logits, batch)[2] == alone[0]
+
+
+def test_greedy_rows_and_penalised_rows_in_one_batch() -> None:
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 2.0  # token 4 is in every prompt: a penalty of 3 makes it lose to token 7
+    logits[:, 7] = 1.0
+    reqs = [make(0, temperature=0), make(1, temperature=0, repetition_penalty=3.0), make(2, temperature=0)]
+    assert Sampler(torch.device("cpu")).sample(logits, reqs) == [4, 7, 4]
