@@ -14,7 +14,7 @@ import torch
 
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.models.loader import LoadedModel
-from tests.conftest import FAMILIES, HAVE_COMPILER, get_model, hf_greedy, random_prompts
+from tests.conftest import FAMILIES, HAVE_COMPILER, TEST_DEVICE, get_model, hf_greedy, random_prompts
 
 
 @functools.cache
@@ -26,8 +26,11 @@ def reference(family: str, prompt: list[int], n: int) -> list[int]:
     return list(_reference(family, tuple(prompt), n))
 
 
-def run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], **cfg: object) -> tuple[LLMEngine, list]:
+def run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], wide_decode_groups: bool | None = None,
+        **cfg: object) -> tuple[LLMEngine, list]:
     engine = LLMEngine(EngineConfig(**{"num_kv_blocks": 512, **cfg}), lm)
+    if wide_decode_groups is not None:  # the device's choice otherwise
+        engine.runner.wide_decode_groups = wide_decode_groups
     reqs = engine.generate(prompts, [{"max_tokens": m, "temperature": 0} for m in max_tokens])
     assert engine.block_manager.usage == 0, "blocks leaked"
     engine.block_manager.check_invariants([])
@@ -67,9 +70,7 @@ def test_wide_decode_groups_as_on_a_gpu(family: str) -> None:
     """The grouping a GPU uses (few wide decode groups, padded and masked), here on the torch path."""
     lm = get_model(family)
     prompts, lengths = mixed_workload(seed=13)
-    engine = LLMEngine(EngineConfig(num_kv_blocks=512, cpu_kernels=False, max_num_batched_tokens=256), lm)
-    engine.runner.wide_decode_groups = True
-    reqs = engine.generate(prompts, [{"max_tokens": m, "temperature": 0} for m in lengths])
+    _, reqs = run(lm, prompts, lengths, wide_decode_groups=True, cpu_kernels=False, max_num_batched_tokens=256)
     for p, n, r in zip(prompts, lengths, reqs, strict=True):
         assert r.output_token_ids == reference(family, p, n), (len(p), n)
 
@@ -112,10 +113,12 @@ def test_sliding_window_attention_matches_hf() -> None:
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         sliding_window=24, initializer_range=0.2, tie_word_embeddings=False)
     model = MistralForCausalLM(cfg).eval()
-    lm = LoadedModel("mistral-window", model, build_tokenizer(), torch.device("cpu"), torch.float32)
+    lm = LoadedModel("mistral-window", model.to(TEST_DEVICE), build_tokenizer(), torch.device(TEST_DEVICE),
+                     torch.float32)
     prompts = random_prompts(6, 20, 90, 8)
-    for cpu_kernels in (True, False):
-        _, reqs = run(lm, prompts, [30] * len(prompts), cpu_kernels=cpu_kernels, max_num_batched_tokens=32)
+    for cpu_kernels, wide in ((True, False), (False, False), (False, True)):
+        _, reqs = run(lm, prompts, [30] * len(prompts), wide_decode_groups=wide, cpu_kernels=cpu_kernels,
+                      max_num_batched_tokens=32)
         for p, r in zip(prompts, reqs, strict=True):
             assert r.output_token_ids == hf_greedy(lm, p, 30)
 

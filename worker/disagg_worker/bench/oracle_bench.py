@@ -30,7 +30,7 @@ class Divergence:
     position: int  # index of the first output token that differs
     engine_token: int
     hf_token: int
-    hf_margin: float  # HF's logit of its own choice minus its logit of the engine's choice there
+    hf_margin: float | None  # HF's logit of its own choice minus its logit of the engine's there (None: one stopped)
 
 
 def build_prompts(vocab: list[int], n: int, prompt_len: tuple[int, int], prefix_len: int,
@@ -53,11 +53,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _hf_margin(lm: Any, prompt: list[int], hf_out: list[int], pos: int, engine_token: int) -> float:
+def _hf_margin(lm: Any, prompt: list[int], hf_out: list[int], pos: int, engine_token: int) -> float | None:
     import torch
 
-    if pos >= len(hf_out) or engine_token < 0:
-        return float("nan")
+    if pos >= len(hf_out) or engine_token < 0:  # one side stopped there: no pair of tokens to compare
+        return None
     ids = torch.tensor([prompt + hf_out[:pos]], device=lm.device)
     with torch.inference_mode():
         logits = lm.model(ids).logits[0, -1].float()
@@ -115,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.model, args.device, args.dtype, args.num_requests, (lo, hi), args.prefix_len,
                      args.max_tokens, args.seed)
     divs = result["divergences"]
+    margins = [d["hf_margin"] for d in divs if d["hf_margin"] is not None]
     print_table(
         f"Greedy agreement with HF generate ({result['model']}, {result['device']}, {result['dtype']}, "
         f"{args.max_tokens} tokens each)",
         ["requests", "identical", "first difference at (median)", "HF margin there (median)", "prefix hit ratio"],
         [[result["requests"], result["identical"],
           statistics.median(d["position"] for d in divs) if divs else "-",
-          statistics.median(d["hf_margin"] for d in divs) if divs else "-",
+          statistics.median(margins) if margins else "-",
           result["prefix_hit_ratio"]]],
         console,
     )

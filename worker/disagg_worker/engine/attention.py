@@ -19,8 +19,11 @@ import torch.nn.functional as F
 _MAX_PAD_RATIO = 1.5
 _MAX_GROUP = 64
 # On a GPU every op of a group is a kernel launch and some Python, per layer, while gathered padding costs
-# little bandwidth: a group grows while its padded tokens stay within twice its real ones plus this slack.
+# little bandwidth: a group grows while its padded tokens stay within twice its real ones plus this slack,
+# and within a fixed total, since the group's K and V are gathered at once (and SDPA's math fallback for
+# masked GQA copies them once more per query head).
 _WIDE_PAD_SLACK_TOKENS = 65536
+_MAX_WIDE_PADDED_TOKENS = 131072
 _MAX_WIDE_GROUP = 512
 
 
@@ -40,7 +43,9 @@ class PrefillChunk:
     block_table: torch.Tensor  # [blocks covering the context]
     start: int  # position of the first query token
     context_len: int  # start + q_len
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window, built once
+    # by sliding window, built once; a chunk after a cached prefix keeps its q_len x context bool mask
+    # for the whole step (2048 x 128k: 256 MiB)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,7 +58,9 @@ class AttentionPlan:
 
 def _starts_new_group(size: int, real: int, shortest: int, ctx: int, wide: bool) -> bool:
     if wide:
-        return size >= _MAX_WIDE_GROUP or (size + 1) * ctx > 2 * (real + ctx) + _WIDE_PAD_SLACK_TOKENS
+        padded = (size + 1) * ctx
+        return (size >= _MAX_WIDE_GROUP or padded > _MAX_WIDE_PADDED_TOKENS
+                or padded > 2 * (real + ctx) + _WIDE_PAD_SLACK_TOKENS)
     return size >= _MAX_GROUP or ctx > _MAX_PAD_RATIO * shortest + 64
 
 

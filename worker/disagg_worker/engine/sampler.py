@@ -126,6 +126,8 @@ class Sampler:
         """The request's prompt and output ids on the device, extended by the tokens added since last time."""
         ids = req.all_token_ids
         have = self._seen.get(req.request_id)
+        if have is not None and have.shape[0] > len(ids):  # not this request's history: start again
+            have = None
         known = 0 if have is None else have.shape[0]
         if have is None or known < len(ids):
             new = torch.tensor(ids[known:], dtype=torch.long, device=self.device)
