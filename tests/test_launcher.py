@@ -169,3 +169,14 @@ def test_a_taken_grpc_port_is_a_clear_error() -> None:
                                 capture_output=True, text=True, timeout=120)
     assert worker.returncode == 2, worker.stderr[-2000:]
     assert f"cannot bind gRPC port 127.0.0.1:{port}" in worker.stderr
+
+
+def test_workers_sharing_a_gpu_each_get_a_share_and_a_worker_arg_overrides_it() -> None:
+    def share(cmd: list[str]) -> float:
+        return float(cmd[len(cmd) - 1 - cmd[::-1].index("--gpu-memory-utilization") + 1])  # the last one wins
+
+    disagg = LocalCluster(num_prefill=2, num_decode=1)
+    proc, _ = disagg._worker("decode-0", "decode", [])
+    assert share(proc.cmd) == pytest.approx(0.3)
+    mono = LocalCluster(monolithic=True, num_workers=1, worker_args=["--gpu-memory-utilization", "0.5"])
+    assert share(mono._worker("both-0", "both", [])[0].cmd) == 0.5

@@ -159,10 +159,19 @@ class LocalCluster:
             out += ["--policy", self.policy]
         return out
 
+    def _gpu_share(self) -> str:
+        """Each worker's share of a GPU they all land on (ignored on a CPU; a --worker-arg overrides it):
+        two workers each taking the default 0.9 of one GPU would not both fit."""
+        from disagg_worker.engine.engine import DEFAULT_GPU_MEMORY_UTILIZATION  # torch: imported by start()
+
+        workers = self.num_workers if self.monolithic else self.num_prefill + self.num_decode
+        return f"{DEFAULT_GPU_MEMORY_UTILIZATION / max(1, workers):.4f}"
+
     def _worker(self, name: str, role: str, prefill: list[str]) -> tuple[Process, str]:
         port, http_port = free_port(self.host), free_port(self.host)
         cmd = self._cli("worker", "--role", role, "--host", self.host, "--port", str(port), "--http-port",
-                        str(http_port), *self._common(), *self.worker_args)
+                        str(http_port), *self._common(), "--gpu-memory-utilization", self._gpu_share(),
+                        *self.worker_args)
         cpus = self.cpu_affinity.get(role)
         if cpus:
             cmd += ["--threads", str(len(cpus))]

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from disagg_worker.engine.async_engine import AsyncEngine
-from disagg_worker.engine.engine import EngineConfig, LLMEngine
+from disagg_worker.engine.engine import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig, LLMEngine
 from disagg_worker.models.loader import ModelLoadError
 from disagg_worker.policy import PolicyError, load_policy
 from disagg_worker.rpc import pb, pb_grpc
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch-size", type=int, default=128, help="most requests in the continuous batch")
     ap.add_argument("--kv-cache-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=fraction, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                    help="share of the GPU's memory this worker may use, weights and KV cache together "
+                         f"(default {DEFAULT_GPU_MEMORY_UTILIZATION}; workers sharing a GPU need shares that add "
+                         "up to at most 1)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--prefill-workers", default=None,
                     help="decode/both: comma list of prefill workers host:port (a name may resolve to many)")
@@ -73,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--log-level", default="INFO")
     return ap
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def advertise_host(args: argparse.Namespace) -> str:
@@ -88,7 +99,8 @@ async def serve(args: argparse.Namespace) -> int:
     model_ref = args.model or policy.model.ref
     config = EngineConfig(model=model_ref, device=args.device, dtype=args.dtype,
                           block_size=policy.cache.block_size, num_kv_blocks=args.kv_cache_blocks,
-                          kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_batch_size,
+                          kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_num_seqs=args.max_batch_size,
                           max_num_batched_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
                           enable_prefix_caching=policy.cache.reuse_prefix and not args.no_prefix_caching)
     engine = await asyncio.to_thread(LLMEngine, config)

@@ -32,7 +32,26 @@ from disagg_worker.models.loader import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 256 << 20
-CUDA_KV_FRACTION = 0.7
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Left free on a GPU for a step's activations and the allocator's slack, out of this process's share.
+GPU_ACTIVATION_HEADROOM = 0.05
+GPU_MIN_HEADROOM_BYTES = 512 << 20
+
+
+def gpu_kv_budget(total: int, free: int, held: int, utilization: float) -> int:
+    """Bytes for the KV pool on a GPU: this process may use ``utilization`` of the device's ``total``
+    memory (weights already ``held`` included), less activation headroom, and never more than is
+    ``free`` now, so that workers sharing one GPU can each take their share (``disagg up`` gives each
+    0.9 / number of workers)."""
+    headroom = max(GPU_MIN_HEADROOM_BYTES, int(total * GPU_ACTIVATION_HEADROOM))
+    share = int(total * utilization) - held - headroom
+    budget = min(share, free - headroom)
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: this worker may use {utilization:.0%} of "
+            f"{total / 2**30:.1f} GiB, the model holds {held / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free "
+            f"(another process has the rest?); raise --gpu-memory-utilization or set --kv-cache-bytes")
+    return budget
 
 
 @dataclass
@@ -42,7 +61,8 @@ class EngineConfig:
     dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # wins over kv_cache_bytes
-    kv_cache_bytes: int | None = None  # default: 256 MiB on CPU, 70% of free memory on CUDA
+    kv_cache_bytes: int | None = None  # default: 256 MiB on CPU, gpu_kv_budget on CUDA
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # this process's share of the GPU
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -131,8 +151,9 @@ class LLMEngine:
             budget = cfg.kv_cache_bytes
             if budget is None:
                 if self.loaded.device.type == "cuda":
-                    free, _ = torch.cuda.mem_get_info(self.loaded.device)
-                    budget = int(free * CUDA_KV_FRACTION)
+                    free, total = torch.cuda.mem_get_info(self.loaded.device)
+                    held = torch.cuda.memory_reserved(self.loaded.device)
+                    budget = gpu_kv_budget(total, free, held, cfg.gpu_memory_utilization)
                 else:
                     budget = DEFAULT_CPU_KV_BYTES
             blocks = budget // bytes_per_block
