@@ -87,3 +87,34 @@ async def test_calls_queued_behind_a_dying_engine_thread_get_an_error(running: A
     assert not running.running
     with pytest.raises(EngineStoppedError):
         await running.call(lambda: 42)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end is the test
+async def test_a_broken_device_stops_the_engine_after_failing_its_batch(running: AsyncEngine,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sticky CUDA error (simulated here: no GPU) makes every later step fail too: the engine stops, so
+    /health answers 503 and load reports UNAVAILABLE, instead of a worker that looks idle and fails all."""
+    def broken(out: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(running.engine.runner, "execute", broken)
+    outs = [o async for o in running.generate("x", [5, 6, 7], {"max_tokens": 3, "temperature": 0})]
+    assert outs[-1].finish_reason == "error" and "illegal memory access" in outs[-1].error
+    for _ in range(100):
+        if not running.running:
+            break
+        await asyncio.sleep(0.02)
+    assert not running.running
+    with pytest.raises(EngineStoppedError):
+        await collect(running, "later", [5, 6], 2)
+
+
+def test_only_device_faults_are_fatal() -> None:
+    import torch
+
+    from disagg_worker.engine.engine import is_device_fault
+
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_device_fault(torch.AcceleratorError("CUDA error: unspecified launch failure"))
+    assert not is_device_fault(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_device_fault(RuntimeError("shape mismatch"))

@@ -102,7 +102,9 @@ class AsyncEngine:
                     log.exception("on_step hook failed")
             if outputs:
                 self._deliver(outputs)
-            elif self.engine.stalled:  # what frees blocks or slots arrives as a command, which wakes us
+            if self.engine.device_fault is not None:  # /health turns 503 and load reports UNAVAILABLE
+                raise EngineStoppedError(f"the device failed: {self.engine.device_fault}")
+            if not outputs and self.engine.stalled:  # what frees blocks or slots arrives as a command, which wakes us
                 self._wake.wait(STALLED_WAIT_SECONDS)
                 self._wake.clear()
 

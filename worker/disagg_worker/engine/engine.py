@@ -38,6 +38,19 @@ GPU_ACTIVATION_HEADROOM = 0.05
 GPU_MIN_HEADROOM_BYTES = 512 << 20
 
 
+# What a failed kernel leaves behind on a GPU: the context is unusable, so every later step fails too.
+_DEVICE_FAULT_MARKS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                       "unspecified launch failure")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether a failed step broke the device for good (not an out-of-memory, which the next step survives)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+    return isinstance(exc, accelerator_error) or any(mark in str(exc) for mark in _DEVICE_FAULT_MARKS)
+
+
 def gpu_kv_budget(total: int, free: int, held: int, utilization: float) -> int:
     """Bytes for the KV pool on a GPU: this process may use ``utilization`` of the device's ``total``
     memory (weights already ``held`` included), less activation headroom, and never more than is
@@ -142,6 +155,8 @@ class LLMEngine:
         # every batch slot reserved): stepping again at once would only spin
         self.stalled = False
         self.last_step_seconds = 0.0
+        # a step broke the device (a sticky CUDA error): the engine must stop, not go on failing every batch
+        self.device_fault: BaseException | None = None
 
     def _pool_blocks(self, bytes_per_block: int) -> int:
         cfg = self.config
@@ -245,6 +260,8 @@ class LLMEngine:
             log.exception("engine step failed; failing %d requests", len(sched.scheduled))
             for s in sched.scheduled:
                 outputs.append(self._fail(s.request, f"engine step failed: {exc}"))
+            if is_device_fault(exc):  # unless the device itself broke: then nothing it runs can succeed
+                self.device_fault = exc
             return outputs
         finally:
             self.last_step_seconds = time.perf_counter() - t0

@@ -55,7 +55,7 @@ class ModelRunner:
 
     # ---- step inputs -----------------------------------------------------------------------
     def _build_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           AttentionPlan, list[int]]:
+                                                           AttentionPlan, torch.Tensor]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -95,9 +95,12 @@ class ModelRunner:
                 max_context=max(decode_ctx[i] for i in members),
             ))
         plan = AttentionPlan(groups, prefills, bs, self.kernel)
+        # Every index is copied to the device here, before any layer is queued: a copy made after the
+        # layers would wait for all of them before the LM head could be queued.
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev),
-                torch.tensor(slots, dtype=torch.long, device=dev), plan, logits_rows)
+                torch.tensor(slots, dtype=torch.long, device=dev), plan,
+                torch.tensor(logits_rows, dtype=torch.long, device=dev))
 
     # ---- the forward pass ------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,7 +129,7 @@ class ModelRunner:
                 hidden, x = self.ops[li + 1].input_norm.add_then_norm(hidden, mlp_out)
             else:
                 hidden = hidden + mlp_out
-        if not logits_rows:
+        if not logits_rows.numel():
             return torch.empty(0, self.model.config.vocab_size)
-        last = self.inner.norm(hidden[torch.tensor(logits_rows, device=self.device)])
+        last = self.inner.norm(hidden[logits_rows])
         return self.model.lm_head(last).float()

@@ -155,8 +155,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             else:
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)
-                    k, v = await asyncio.to_thread(export, spec, 0)
-                    chunk = encode_chunk(rid, spec, k, v)
+                    # encoding copies (from a GPU: waits for it) and hashes the chunk: not on the event loop
+                    chunk = await asyncio.to_thread(lambda s=spec: encode_chunk(rid, s, *export(s, 0)))
                     if spec.seq == corrupt_seq:
                         chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
                     total += len(chunk.k) + len(chunk.v)
