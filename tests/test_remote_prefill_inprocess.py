@@ -138,6 +138,7 @@ async def test_a_worker_whose_engine_stopped_leaves_the_pool(pair: Pair) -> None
 @pytest.mark.parametrize(("other_model", "block_size", "refusal"), [
     ("tiny-qwen2", 16, "model mismatch"),  # same KV layout as tiny-llama, other weights
     ("tiny-llama", 8, "KV layout mismatch"),
+    ("tiny-llama:bfloat16", 16, "KV layout mismatch"),  # its fingerprint differs too: the layout says why
 ])
 async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: LoadedModel, other_model: str,
                                                                         block_size: int, refusal: str) -> None:
@@ -145,9 +146,11 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
     was accepted, the output was wrong, and the decode worker's prefix cache kept the wrong blocks. The
     decode worker skips a peer reporting another model (or block size: refused, a round trip each
     time), and the prefill worker refuses one itself."""
-    from tests.conftest import get_model
+    from disagg_worker.models.loader import load_model
+    from tests.conftest import TEST_DEVICE, get_model
 
-    other = get_model(other_model)
+    name, _, dtype = other_model.partition(":")
+    other = load_model(name, TEST_DEVICE, dtype) if dtype else get_model(name)
     policy = Policy()
     runtimes = []
     server = grpc.aio.server()

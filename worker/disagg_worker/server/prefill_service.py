@@ -64,6 +64,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         if rt.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is draining")
         ours = layout_message(rt)
+        if _shape_of(request.layout) != _shape_of(ours):  # first: another dtype changes the fingerprint too
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV layout mismatch: decode expects {request.layout}, this worker has {ours}")
         if request.layout.model_fingerprint != ours.model_fingerprint:
             # (a decode worker from before fingerprints sends none: refused too, it falls back to local)
             log.warning("refusing a prefill for a decode worker on another model (fingerprint %r, ours %r)",
@@ -72,9 +75,6 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                                 f"model mismatch: the decode worker's KV is for model "
                                 f"{request.layout.model_fingerprint!r}, this worker serves "
                                 f"{ours.model_fingerprint!r} ({rt.model_name})")
-        if request.layout != ours:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"KV layout mismatch: decode expects {request.layout}, this worker has {ours}")
         rid = request.request_id
         t0 = time.monotonic()
         try:
@@ -170,6 +170,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
         finally:
             await _release(rt, rid)
+
+
+def _shape_of(layout: pb.KvLayout) -> pb.KvLayout:
+    """The layout without the model fingerprint: what the KV's bytes look like."""
+    shape = pb.KvLayout()
+    shape.CopyFrom(layout)
+    shape.ClearField("model_fingerprint")
+    return shape
 
 
 async def _release(rt: WorkerRuntime, rid: str) -> None:
