@@ -186,3 +186,57 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
             await pool.stop()
         for rt in runtimes:
             await rt.engine.stop()
+
+
+def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the decode worker install KV as it does for a GPU pool (through the engine thread) in 4 KiB
+    chunks; returns the list that counts the engine's imports."""
+    from disagg_worker.server import decode_service
+
+    monkeypatch.setattr(decode_service, "PoolSink", lambda *a: None)  # what a pool off the CPU gets
+    rt = pair.decode_runtime
+    rt.policy = rt.policy.model_copy(update={"kv_transfer": rt.policy.kv_transfer.model_copy(
+        update={"chunk_bytes": 4096})})
+    imports: list[int] = []
+    eng = rt.engine.engine
+    real = eng.import_kv
+
+    def counted(*args: object, **kwargs: object) -> None:
+        imports.append(1)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(eng, "import_kv", counted)
+    return imports
+
+
+async def test_kv_for_a_pool_off_the_cpu_is_installed_through_the_engine(pair: Pair, llama: LoadedModel,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    imports = _staged(pair, monkeypatch)
+    prompt = list(range(40, 340))  # 19 blocks: dozens of 4 KiB chunks, more than the queued window
+    request = pb.GenerateRequest(request_id="staged", prompt_token_ids=prompt, prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert messages[0].remote_prefill and not messages[0].fallback_reason
+    assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
+    assert len(imports) > 8
+
+
+async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, llama: LoadedModel,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    imports = _staged(pair, monkeypatch)
+    eng = pair.decode_runtime.engine.engine
+    counted = eng.import_kv
+
+    def fails_third(*args: object, **kwargs: object) -> None:
+        counted(*args, **kwargs)  # type: ignore[arg-type]
+        if len(imports) == 3:
+            raise RuntimeError("install failed")
+
+    monkeypatch.setattr(eng, "import_kv", fails_third)
+    prompt = list(range(40, 340))
+    request = pb.GenerateRequest(request_id="fails", prompt_token_ids=prompt, prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert not messages[0].remote_prefill and messages[0].fallback_reason
+    assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
+    assert await pair.decode_runtime.engine.call(lambda: eng.block_manager.usage) == 0
