@@ -23,3 +23,9 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
     assert repeats_for(1, 1) == 8 and repeats_for(16, 3) == 12 and repeats_for(64, 3) == repeats_for(512, 3) == 3
     assert methods["raw TCP"]["vs_raw_tcp"] == 1.0
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
+
+
+def test_no_grpc_leaves_the_grpc_rows_out(tmp_path: Path) -> None:
+    assert main(["--sizes", "1", "--repeats", "1", "--rounds", "1", "--no-grpc", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "transfer.json").read_text())
+    assert {r["method"] for r in result["results"]} == {"memcpy", "raw TCP", "disagg tcp transport (verified)"}

@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="passes over every size and method; each method's median is over all rounds, so a "
                          "slow minute on a shared machine hits every method alike")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
+    ap.add_argument("--no-grpc", action="store_true",
+                    help="leave out the gRPC rows (~0.2-0.3 GB/s: most of the run's time at 256-512 MiB)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -295,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = [("memcpy", lambda s: bench_memcpy(s, repeats_for(s, args.repeats))),
                ("raw TCP", lambda s: bench_tcp(s, repeats_for(s, args.repeats))),
                ("disagg tcp transport (verified)",
-                lambda s: bench_tcp_transport(s, repeats_for(s, args.repeats) + 1, args.chunk_bytes)),
-               ("disagg gRPC (checksums verified)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, True)),
-               ("disagg gRPC (no verification)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, False))]
+                lambda s: bench_tcp_transport(s, repeats_for(s, args.repeats) + 1, args.chunk_bytes))]
+    if not args.no_grpc:
+        methods += [
+            ("disagg gRPC (checksums verified)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, True)),
+            ("disagg gRPC (no verification)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, False))]
     samples: dict[tuple[str, int], list[float]] = {(name, size): [] for size in sizes for name, _ in methods}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("transfers", total=args.rounds * len(sizes) * len(methods))
