@@ -497,3 +497,27 @@ def test_closing_the_receiver_cuts_pooled_connections() -> None:
         assert not conn.alive()  # a pool would drop it rather than send into a dead receiver
     finally:
         conn.close()
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_a_pooled_one_still_works(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection holds a receiver thread: one that never starts a transfer was held forever."""
+    monkeypatch.setattr(tcp, "RECEIVER_IDLE_SECONDS", 0.3)
+    receiver = KvReceiver("127.0.0.1")
+    try:
+        host, port = receiver.endpoint.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as silent:
+            silent.sendall(b"DKV")  # part of a preamble, then nothing
+            t0 = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the receiver
+            assert 0.2 < time.monotonic() - t0 < 4
+        for _ in range(100):
+            if not receiver._conns:
+                break
+            time.sleep(0.02)
+        assert not receiver._conns
+        src, dst = filled_pool(16, seed=3), PagedKVCache(LAYOUT, 16, CPU)
+        assert run_transfer(src, SRC_BLOCKS, lambda: PoolSink(dst, DST_BLOCKS), 0, len(SRC_BLOCKS), 1 << 20,
+                            receiver=receiver) == len(SRC_BLOCKS) * LAYOUT.bytes_per_block  # the listener lives on
+    finally:
+        receiver.close()

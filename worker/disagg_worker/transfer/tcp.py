@@ -52,6 +52,9 @@ IOV_BATCH = 64  # buffers per sendmsg/recvmsg_into call (the kernel allows 1024)
 PIECE_BYTES = 1 << 20
 ACK = b"\x00"  # the receiver's answer to a transfer it verified and installed
 ACCEPT_RETRY_SECONDS = 0.1
+# A connection with no transfer for this long is closed by the receiver: each holds a thread. Senders
+# retire pooled connections after 60 s idle (KvConnectionPool), well before, so none is cut in use.
+RECEIVER_IDLE_SECONDS = 180.0
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -276,9 +279,11 @@ class KvReceiver:
         while not self._closed:
             transfer: PendingTransfer | None = None
             try:
+                conn.settimeout(RECEIVER_IDLE_SECONDS)  # between transfers; a transfer has its own deadline
                 token = _recv_preamble(conn)
                 if token is None or self._closed:  # the sender closed it between transfers, or we did
                     return
+                conn.settimeout(None)
                 with self._lock:  # a token is good for one connection
                     transfer = self._pending.pop(token, None)
                 if transfer is None or not transfer.attach(conn):
