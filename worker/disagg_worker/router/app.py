@@ -23,6 +23,14 @@ from disagg_worker.router.openai_schema import APIError, ChatCompletionRequest, 
 from disagg_worker.router.service import RouterService, StreamResult
 
 log = logging.getLogger(__name__)
+
+
+def internal_error(exc: BaseException, where: str) -> APIError:
+    """A 500 for a client: an id to find the traceback in the router's log, not the exception's text
+    (which can name files, hosts and internals)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", error_id, where, exc_info=exc)
+    return APIError(500, f"internal error {error_id}: the router's log has the details", "server_error")
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 # Text up to this long is tokenized on the event loop (well under a millisecond): a few huge prompts
 # in the thread pool must not hold up every small request behind them.
@@ -160,9 +168,8 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
         m.ROUTER_REQUESTS.labels(route_label(request), "500").inc()
-        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+        return internal_error(exc, request.url.path).response()
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -334,7 +341,7 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
             except APIError as exc:
                 await queue.put((i, exc))
             except Exception as exc:
-                await queue.put((i, APIError(500, f"internal error: {exc}", "server_error")))
+                await queue.put((i, internal_error(exc, "a completion stream")))
             except asyncio.CancelledError:  # never leave the reader waiting for an end that will not come
                 queue.put_nowait((i, APIError(502, "the stream was cancelled", "server_error")))
                 raise
