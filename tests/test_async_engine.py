@@ -97,7 +97,10 @@ async def test_a_broken_device_stops_the_engine_after_failing_its_batch(running:
     def broken(out: object) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    from disagg_worker.engine import engine as engine_module
+
     monkeypatch.setattr(running.engine.runner, "execute", broken)
+    monkeypatch.setattr(engine_module, "device_works", lambda device: False)  # what a GPU answers then
     outs = [o async for o in running.generate("x", [5, 6, 7], {"max_tokens": 3, "temperature": 0})]
     assert outs[-1].finish_reason == "error" and "illegal memory access" in outs[-1].error
     for _ in range(100):
@@ -109,12 +112,33 @@ async def test_a_broken_device_stops_the_engine_after_failing_its_batch(running:
         await collect(running, "later", [5, 6], 2)
 
 
-def test_only_device_faults_are_fatal() -> None:
+async def test_a_device_error_that_left_the_device_working_fails_only_its_batch(
+        running: AsyncEngine, llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every CUDA error is sticky (an allocation outside torch's allocator, a launch too big for one
+    batch): when the device still runs a kernel, the engine goes on."""
+    real = running.engine.runner.execute
+    calls = []
+
+    def once(out: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(out)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(running.engine.runner, "execute", once)
+    outs = [o async for o in running.generate("x", [5, 6, 7], {"max_tokens": 3, "temperature": 0})]
+    assert outs[-1].finish_reason == "error"
+    assert await collect(running, "after", [5, 6, 7], 3) == hf_greedy(llama, [5, 6, 7], 3)
+    assert running.running
+
+
+def test_which_errors_may_have_broken_the_device() -> None:
     import torch
 
-    from disagg_worker.engine.engine import is_device_fault
+    from disagg_worker.engine.engine import device_works, looks_like_device_error
 
-    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
-    assert is_device_fault(torch.AcceleratorError("CUDA error: unspecified launch failure"))
-    assert not is_device_fault(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert not is_device_fault(RuntimeError("shape mismatch"))
+    assert looks_like_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert looks_like_device_error(torch.AcceleratorError("CUDA error: unspecified launch failure"))
+    assert not looks_like_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not looks_like_device_error(RuntimeError("shape mismatch"))
+    assert device_works(torch.device("cpu"))

@@ -190,7 +190,8 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
 
 def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the decode worker install KV as it does for a GPU pool (through the engine thread) in 4 KiB
-    chunks; returns the list that counts the engine's imports."""
+    chunks; returns a list with, per import the engine ran, the engine calls then waiting (itself
+    included), or -1 for an import that ran when its request no longer awaited KV."""
     from disagg_worker.server import decode_service
 
     monkeypatch.setattr(decode_service, "PoolSink", lambda *a: None)  # what a pool off the CPU gets
@@ -202,7 +203,7 @@ def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = eng.import_kv
 
     def counted(*args: object, **kwargs: object) -> None:
-        imports.append(1)
+        imports.append(len(rt.engine._pending) if args[0] in eng.scheduler.awaiting_kv else -1)
         real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(eng, "import_kv", counted)
@@ -219,6 +220,7 @@ async def test_kv_for_a_pool_off_the_cpu_is_installed_through_the_engine(pair: P
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert len(imports) > 8
+    assert max(imports) > 1  # chunks were queued on the engine together, not awaited one at a time
 
 
 async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, llama: LoadedModel,
@@ -240,3 +242,4 @@ async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, lla
     assert not messages[0].remote_prefill and messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert await pair.decode_runtime.engine.call(lambda: eng.block_manager.usage) == 0
+    assert len(imports) >= 3 and -1 not in imports  # none ran after the fallback had freed the blocks

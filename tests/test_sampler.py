@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from disagg_worker.engine import sampler as sampler_module
 from disagg_worker.engine.request import Request, SamplingParams
 from disagg_worker.engine.sampler import (
+    NOT_FINITE,
+    ON_A_MASKED_TOKEN,
     Sampler,
     apply_temperature_top_k_top_p,
     batch_temperature_top_k_top_p,
+    exact_inverse_cdf_sample,
     inverse_cdf_sample,
 )
 
@@ -78,3 +82,29 @@ def test_greedy_rows_and_penalised_rows_in_one_batch() -> None:
     logits[:, 7] = 1.0
     reqs = [make(0, temperature=0), make(1, temperature=0, repetition_penalty=3.0), make(2, temperature=0)]
     assert Sampler(torch.device("cpu")).sample(logits, reqs) == [4, 7, 4]
+
+
+def test_non_finite_logits_fail_the_step_instead_of_sampling_outside_the_vocabulary() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    logits[1, 7] = float("nan")
+    reqs = [make(i, temperature=1.0) for i in range(3)]
+    with pytest.raises(ValueError, match="r1 are not finite"):
+        Sampler(torch.device("cpu")).sample(logits, reqs)
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 1.0], [0.0, 0.0]])
+    assert inverse_cdf_sample(probs, torch.tensor([0.7, 0.5, 0.5])).tolist() == [1, NOT_FINITE, NOT_FINITE]
+
+
+def test_a_masked_token_is_never_chosen_and_tiny_ones_still_can_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    probs = torch.full((1, 2000), 1e-9)
+    probs[0, ::2] = 0.0  # every other token masked, the rest tiny: float32 sums near 1 would not see them
+    probs[0, -1] = 1.0
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(5))
+    fast = inverse_cdf_sample(probs.expand(4000, -1), u)
+    assert bool(((fast == ON_A_MASKED_TOKEN) | (probs[0, fast.clamp(min=0)] > 0)).all())
+    exact = [exact_inverse_cdf_sample(probs[0], x) for x in (0.0, 5e-7, 0.9)]
+    assert exact[0] == 1 and exact[1] % 2 == 1 and exact[1] < 1999 and exact[2] == 1999
+    # a GPU's sums can leave a rounding step on a masked token: that row is settled the exact way
+    monkeypatch.setattr(sampler_module, "inverse_cdf_sample",
+                        lambda p, uniforms: torch.full((p.shape[0],), ON_A_MASKED_TOKEN))
+    logits = torch.log(torch.tensor([[0.0, 0.6, 0.0, 0.4]]))
+    assert Sampler(torch.device("cpu")).sample(logits, [make(0, temperature=1.0)])[0] in (1, 3)

@@ -38,17 +38,30 @@ GPU_ACTIVATION_HEADROOM = 0.05
 GPU_MIN_HEADROOM_BYTES = 512 << 20
 
 
-# What a failed kernel leaves behind on a GPU: the context is unusable, so every later step fails too.
-_DEVICE_FAULT_MARKS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+# Errors a broken GPU raises. Some are not sticky (an allocation outside torch's allocator, a launch
+# too big for one batch's shape), so a match only makes the engine check the device itself.
+_DEVICE_ERROR_MARKS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert", "illegal memory access",
                        "unspecified launch failure")
 
 
-def is_device_fault(exc: BaseException) -> bool:
-    """Whether a failed step broke the device for good (not an out-of-memory, which the next step survives)."""
+def looks_like_device_error(exc: BaseException) -> bool:
+    """Whether a failed step may have broken the device (never for an out-of-memory, which the next
+    step survives)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
-    return isinstance(exc, accelerator_error) or any(mark in str(exc) for mark in _DEVICE_FAULT_MARKS)
+    return isinstance(exc, accelerator_error) or any(mark in str(exc) for mark in _DEVICE_ERROR_MARKS)
+
+
+def device_works(device: torch.device) -> bool:
+    """Run one tiny kernel and wait for it: after a sticky error (an illegal memory access, a device-side
+    assert) every later call on the device fails, so this does too."""
+    if device.type != "cuda":
+        return True
+    try:
+        return torch.ones(1, device=device).add_(1).item() == 2.0
+    except Exception:
+        return False
 
 
 def gpu_kv_budget(total: int, free: int, held: int, utilization: float) -> int:
@@ -260,8 +273,8 @@ class LLMEngine:
             log.exception("engine step failed; failing %d requests", len(sched.scheduled))
             for s in sched.scheduled:
                 outputs.append(self._fail(s.request, f"engine step failed: {exc}"))
-            if is_device_fault(exc):  # unless the device itself broke: then nothing it runs can succeed
-                self.device_fault = exc
+            if looks_like_device_error(exc) and not device_works(self.loaded.device):
+                self.device_fault = exc  # the device itself broke: nothing it runs can succeed any more
             return outputs
         finally:
             self.last_step_seconds = time.perf_counter() - t0

@@ -31,7 +31,8 @@ def batch_temperature_top_k_top_p(rows: torch.Tensor, params: list[SamplingParam
     if any(ks):
         top = torch.topk(rows, max(ks), dim=-1).values  # [n, max k], descending
         kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))
-        kth[torch.tensor([k == 0 for k in ks], device=dev)] = float("-inf")  # rows without top-k keep all
+        no_top_k = torch.tensor([[k == 0] for k in ks], device=dev)
+        kth = torch.where(no_top_k, float("-inf"), kth)  # rows without top-k keep all (no mask write: no sync)
         rows = rows.masked_fill(rows < kth, float("-inf"))
     ps = [p.top_p for p in params]
     if any(p < 1.0 for p in ps):
@@ -70,17 +71,34 @@ def _keep_nucleus(rows: torch.Tensor, ranked: torch.Tensor, order: torch.Tensor,
     return rows.masked_fill(~keep, float("-inf"))
 
 
+NOT_FINITE = -1  # inverse_cdf_sample: the row's probabilities are NaN or inf, or sum to 0
+ON_A_MASKED_TOKEN = -2  # inverse_cdf_sample: the float32 sums rounded a step onto a token of probability 0
+
+
 def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Row i's token is the first whose cumulative probability exceeds ``uniforms[i]`` x the row's total.
+    """Row i's token is the first whose cumulative probability exceeds ``uniforms[i]`` x the row's total,
+    or one of the two codes above for the (rare) rows ``exact_inverse_cdf_sample`` must settle.
 
     One uniform per row instead of one random number per vocabulary entry (what ``multinomial`` and the
     exponential race draw): on a CPU with a 152k vocabulary that is most of the cost of a sampled row.
-    A token of probability 0 is never chosen: its cumulative sum equals its predecessor's.
+    A CPU sums in double and rounds each prefix, so a masked token's prefix equals its predecessor's and
+    it is never chosen; a GPU scan adds in another order, which can leave a rounding step on one.
     """
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    picks = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    masked = probs.gather(1, picks)[:, 0] <= 0
+    picks = torch.where(masked, ON_A_MASKED_TOKEN, picks[:, 0])
+    return torch.where(~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0), NOT_FINITE, picks)
+
+
+def exact_inverse_cdf_sample(probs: torch.Tensor, uniform: float) -> int:
+    """One row, the slow and exact way (float64 sums, held flat across masked tokens)."""
+    row = probs.detach().to("cpu", torch.float64)
+    cdf = torch.where(row > 0, row.cumsum(0), 0.0).cummax(0).values
+    target = min(uniform * float(cdf[-1]), float(torch.nextafter(cdf[-1], torch.zeros((), dtype=torch.float64))))
+    return int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
 
 
 def apply_repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
@@ -111,7 +129,7 @@ class Sampler:
         self._default = torch.Generator()
         self._default.seed()
         self._seeded = torch.Generator()  # reseeded for every draw of a request with a seed
-        self._seen: dict[str, torch.Tensor] = {}  # request id -> its token ids so far, on the device
+        self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # request id -> (buffer, ids so far), on the device
 
     def forget(self, request_id: str) -> None:
         self._seen.pop(request_id, None)
@@ -123,17 +141,21 @@ class Sampler:
         return torch.rand(1, generator=self._seeded)
 
     def _seen_ids(self, req: Request) -> torch.Tensor:
-        """The request's prompt and output ids on the device, extended by the tokens added since last time."""
+        """The request's prompt and output ids on the device: a buffer that doubles when full, so each
+        step copies only the tokens added since the last one."""
         ids = req.all_token_ids
-        have = self._seen.get(req.request_id)
-        if have is not None and have.shape[0] > len(ids):  # not this request's history: start again
-            have = None
-        known = 0 if have is None else have.shape[0]
-        if have is None or known < len(ids):
-            new = torch.tensor(ids[known:], dtype=torch.long, device=self.device)
-            have = new if have is None else torch.cat((have, new))
-            self._seen[req.request_id] = have
-        return have
+        buf, n = self._seen.get(req.request_id, (None, 0))
+        if buf is None or n > len(ids):  # new, or not this request's history: start again
+            buf, n = torch.empty(max(16, 2 * len(ids)), dtype=torch.long, device=self.device), 0
+        if n < len(ids):
+            if len(ids) > buf.shape[0]:
+                grown = torch.empty(2 * len(ids), dtype=torch.long, device=self.device)
+                grown[:n] = buf[:n]
+                buf = grown
+            buf[n:len(ids)] = torch.tensor(ids[n:], dtype=torch.long, device=self.device)
+            n = len(ids)
+        self._seen[req.request_id] = (buf, n)
+        return buf[:n]
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """``logits[i]`` belongs to ``requests[i]``; returns one token id per request.
@@ -163,7 +185,16 @@ class Sampler:
         if sampled:
             at = torch.tensor(sampled, device=dev)
             probs = torch.softmax(batch_temperature_top_k_top_p(rows[at], [reqs[j].params for j in sampled]), dim=-1)
-            uniforms = torch.cat([self._uniform(reqs[j]) for j in sampled]).to(dev)
-            picks[at] = inverse_cdf_sample(probs, uniforms)
+            uniforms = torch.cat([self._uniform(reqs[j]) for j in sampled])
+            picks[at] = inverse_cdf_sample(probs, uniforms.to(dev))
         tokens[torch.tensor(work, device=dev)] = picks
-        return tokens.tolist()
+        out = tokens.tolist()
+        broken = [requests[i].request_id for i, t in enumerate(out) if t == NOT_FINITE]
+        if broken:  # multinomial raised here too: the step fails, not a token outside the vocabulary
+            raise ValueError(f"the logits of {', '.join(broken)} are not finite (NaN or inf): nothing to sample from")
+        if ON_A_MASKED_TOKEN in out:
+            row_of = {work[j]: k for k, j in enumerate(sampled)}
+            for i, t in enumerate(out):
+                if t == ON_A_MASKED_TOKEN:
+                    out[i] = exact_inverse_cdf_sample(probs[row_of[i]], float(uniforms[row_of[i]]))
+        return out

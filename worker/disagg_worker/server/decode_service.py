@@ -301,8 +301,8 @@ def _observe_phases(role: str, t: pb.PhaseTimings, remote: bool = False) -> None
 
 
 def _drop_imports(imports: deque[asyncio.Future[None]]) -> None:
-    """Cancel chunk imports not yet queued on the engine (a queued one still runs before the fallback,
-    and then fails: the request no longer awaits KV); their errors are read, not left unretrieved."""
+    """Cancel chunk imports not yet queued on the engine (a queued one still runs, before the fallback
+    queued after it frees the blocks); their errors are read, not left unretrieved."""
     while imports:
         task = imports.popleft()
         task.cancel()
