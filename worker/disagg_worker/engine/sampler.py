@@ -1,8 +1,9 @@
-"""Turn a step's logits into next tokens: greedy rows in one argmax, sampled rows with their own RNG.
+"""Turn a step's logits into next tokens: greedy rows in one argmax, the others penalised, filtered
+and drawn together (inverse CDF, one uniform per row), with one copy back to the host.
 
-A request with a ``seed`` draws each token from a generator seeded by (seed, token index), so its
-output is reproducible whatever it is batched with, and identical whether its first token was sampled
-by a prefill worker and the rest by a decode worker, or all on one worker.
+A request with a ``seed`` draws each token's uniform from a CPU generator seeded by (seed, token
+index), so its output is reproducible whatever it is batched with, on any device, and identical
+whether its first token was sampled by a prefill worker and the rest by a decode worker, or all on one.
 """
 
 from __future__ import annotations
