@@ -175,7 +175,7 @@ def clamp(value: int, low: int, high: int) -> int:
 
 
 def role_replicas(parsed: ParsedSpec, role: str, observed: int | None) -> int:
-    """The replicas the reconciler asks for; with an autoscaler, the current count is kept."""
+    """The replicas the reconciler asks for; with an autoscaler, the current count is kept as it is."""
     pod: PodSettings = getattr(parsed.pods, role)
     mode = parsed.policy.autoscale.mode
     if role == "router" or mode == "off":
@@ -183,9 +183,10 @@ def role_replicas(parsed: ParsedSpec, role: str, observed: int | None) -> int:
     scaling: RoleAutoscale = getattr(parsed.policy.autoscale, role)
     if observed is None:
         return clamp(pod.replicas, scaling.min_replicas, scaling.max_replicas)
-    if mode == "builtin":
-        return clamp(observed, scaling.min_replicas, scaling.max_replicas)
-    return observed  # hpa / keda own the count
+    # builtin, hpa, keda: the autoscaler owns the count, also when new bounds leave it outside them. The
+    # planner brings it back within a round, and for decode it ranks the pods (deletion costs) first;
+    # the reconciler lowering replicas itself would drop pods holding KV state at random.
+    return observed
 
 
 # ---- pods -------------------------------------------------------------------------------------

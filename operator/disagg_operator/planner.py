@@ -283,60 +283,72 @@ def plan_once(
     scrape: Scraper = scrape_pod,
     logger: logging.Logger | logging.LoggerAdapter[Any] = log,
 ) -> dict[str, Decision]:
-    """One planning round for both worker roles; returns the decisions (changed or not)."""
+    """One planning round for both worker roles; returns the decisions (changed or not).
+
+    Each role is planned on its own: an API error for one (a scale write an admission policy refuses,
+    say) is logged and leaves the other's decision to be made. After a scale, the status, the Event
+    and the counter are best effort: the replicas already changed, and failing one of them must not
+    lose the others."""
     owner = Owner.from_body(body)
     decisions: dict[str, Decision] = {}
     for role in ROLES:
-        policy = getattr(parsed.policy.autoscale, role)
-        state = states[role]
-        sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape)
-        state.add(sample)
-        name = child_name(owner, role)
-        with lock:
-            deployment = kube.get_deployment(owner.namespace, name)
-            if deployment is None:
-                continue
-            current = int((deployment.get("spec") or {}).get("replicas") or 0)
-            # a sample may be up to ~2 intervals old before it (or a gap that long) counts as missing data
-            stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
-            decision = decide(list(state.history), policy, current, starting, now, state.last_change,
-                              stale_after=stale_after)
+        try:
+            decision = _plan_role(body, parsed, owner, role, states[role], kube=kube, lock=lock, now=now,
+                                  scrape=scrape, logger=logger)
+        except ApiError as exc:
+            logger.warning("Planner could not read or scale %s: %s", role, exc)
+            continue
+        if decision is not None:
             decisions[role] = decision
-            metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
-            if not decision.changed:
-                continue
-            if decision.direction == "down" and role == "decode":
-                for pod_name, cost in deletion_costs(per_pod, not_warm).items():
-                    try:
-                        kube.annotate_pod(owner.namespace, pod_name, {ANNOTATION_DELETION_COST: cost})
-                    except ApiError as exc:
-                        if exc.status != 404:
-                            raise
-                        # gone since the listing: one pod less to rank, not a reason to skip the step
-            kube.scale_deployment(owner.namespace, name, decision.desired)
-            state.last_change = now
-            message = f"Scaled {role} from {current} to {decision.desired}: {decision.reason}"
-            logger.info("%s", message)
-            kube.patch_status(
-                owner.namespace,
-                owner.name,
-                {
-                    "lastScale": {
-                        "role": role,
-                        "from": current,
-                        "to": decision.desired,
-                        "reason": decision.reason,
-                        "time": timestamp(datetime.fromtimestamp(now, UTC)),
-                    }
-                },
-            )
-            kube.post_event(
-                involved_object(body), "Normal", "ScaledUp" if decision.direction == "up" else "ScaledDown", message
-            )
-            metrics.SCALE_DECISIONS.labels(
-                owner.namespace, owner.name, role, decision.direction, decision.reason.split(",")[0][:60]
-            ).inc()
     return decisions
+
+
+def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: RoleState, *, kube: Any,
+               lock: threading.Lock, now: float, scrape: Scraper,
+               logger: logging.Logger | logging.LoggerAdapter[Any]) -> Decision | None:
+    policy = getattr(parsed.policy.autoscale, role)
+    sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape)
+    state.add(sample)
+    name = child_name(owner, role)
+    with lock:
+        deployment = kube.get_deployment(owner.namespace, name)
+        if deployment is None:
+            return None
+        current = int((deployment.get("spec") or {}).get("replicas") or 0)
+        # a sample may be up to ~2 intervals old before it (or a gap that long) counts as missing data
+        stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
+        decision = decide(list(state.history), policy, current, starting, now, state.last_change,
+                          stale_after=stale_after)
+        metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
+        if not decision.changed:
+            return decision
+        if decision.direction == "down" and role == "decode":
+            for pod_name, cost in deletion_costs(per_pod, not_warm).items():
+                try:
+                    kube.annotate_pod(owner.namespace, pod_name, {ANNOTATION_DELETION_COST: cost})
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    # gone since the listing: one pod less to rank, not a reason to skip the step
+        kube.scale_deployment(owner.namespace, name, decision.desired)
+        state.last_change = now
+        message = f"Scaled {role} from {current} to {decision.desired}: {decision.reason}"
+        logger.info("%s", message)
+        last_scale = {"role": role, "from": current, "to": decision.desired, "reason": decision.reason,
+                      "time": timestamp(datetime.fromtimestamp(now, UTC))}
+        reason = "ScaledUp" if decision.direction == "up" else "ScaledDown"
+        for what, write in (
+            ("status.lastScale", lambda: kube.patch_status(owner.namespace, owner.name, {"lastScale": last_scale})),
+            ("the Event", lambda: kube.post_event(involved_object(body), "Normal", reason, message)),
+        ):
+            try:
+                write()
+            except ApiError as exc:
+                logger.warning("Scaled %s, but could not write %s: %s", role, what, exc)
+        metrics.SCALE_DECISIONS.labels(
+            owner.namespace, owner.name, role, decision.direction, decision.reason.split(",")[0][:60]
+        ).inc()
+    return decision
 
 
 async def run_loop(

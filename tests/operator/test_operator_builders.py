@@ -231,7 +231,7 @@ def test_replicas_by_mode() -> None:
     assert role_replicas(off, "decode", 7) == 1  # static: the spec wins over what runs
     assert role_replicas(builtin, "decode", None) == 8  # initial, clamped to [8, 24]
     assert role_replicas(builtin, "decode", 13) == 13  # the planner's count is kept
-    assert role_replicas(builtin, "decode", 30) == 24  # but clamped
+    assert role_replicas(builtin, "decode", 30) == 30  # even outside the bounds: the planner clamps it
     assert role_replicas(hpa, "decode", 5) == 5  # the HPA owns it
     assert role_replicas(builtin, "router", 5) == 2
 

@@ -308,3 +308,50 @@ def test_a_round_records_every_pod_taking_traffic_not_just_those_that_answered()
     [sample] = states["decode"].history
     # d0, d1 answered; d2 timed out and "warming" is ready but not sampled yet: both take traffic too
     assert (sample.pods, sample.serving, sample.sharing) == (2, 4, 4)
+
+
+def test_a_role_whose_scale_is_refused_does_not_starve_the_other() -> None:
+    """An admission policy refusing prefill's scale write ended the whole round, every round: decode,
+    planned second, was never looked at."""
+    from disagg_operator.kube import ApiError
+
+    class Refusing(FakeCluster):
+        def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+            if name == "demo-prefill":
+                raise ApiError(403, "Forbidden", "denied by policy")
+            super().scale_deployment(namespace, name, replicas)
+
+    cluster = Refusing({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]}, {"prefill": 1, "decode": 1})
+    decisions = run_round(cluster, lambda ip, role: PodSample(queue_length=20, gpu_utilization=50,
+                                                               kv_cache_usage=95))
+    assert "prefill" not in decisions and decisions["decode"].direction == "up"
+    assert cluster.replicas == {"prefill": 1, "decode": 2}
+
+
+def test_after_a_scale_a_failed_status_write_still_leaves_the_event() -> None:
+    from disagg_operator.kube import ApiError
+
+    class NoStatus(FakeCluster):
+        def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+            raise ApiError(500, "InternalError", "etcd timeout")
+
+    cluster = NoStatus({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]}, {"prefill": 1, "decode": 1})
+    decisions = run_round(cluster, lambda ip, role: PodSample(queue_length=20 if role == "prefill" else 1,
+                                                               gpu_utilization=50, kv_cache_usage=50))
+    assert decisions["prefill"].direction == "up"
+    assert [w[1][0] for w in cluster.writes if w[0] == "event"] == ["ScaledUp"]
+
+
+def test_decode_above_new_bounds_is_brought_down_by_the_planner_with_costs_first() -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["autoscale"]["decode"]["maxReplicas"] = 2
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")],
+                           "decode": [pod("d0", ip="10.0.0.10"), pod("d1", ip="10.0.0.11"), pod("d2", ip="10.0.0.12")]},
+                          {"prefill": 1, "decode": 3})
+    states = {r: RoleState() for r in ("prefill", "decode")}
+    decisions = plan_once({**BODY, "spec": spec}, parse_spec(spec, name="demo"), states, kube=cluster,
+                          lock=threading.Lock(), now=NOW,
+                          scrape=lambda ip, role: PodSample(queue_length=1, gpu_utilization=50, kv_cache_usage=60))
+    assert decisions["decode"].direction == "down" and cluster.replicas["decode"] == 2
+    kinds = [w[0] for w in cluster.writes]
+    assert "annotate" in kinds and kinds.index("annotate") < kinds.index("scale")
