@@ -145,4 +145,10 @@ def on_child_event(
 async def autoscaler(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
     """The built-in planner loop (idle unless ``autoscale.mode`` is ``builtin``); async so that stopping
     the operator cancels it at once."""
-    await planner.run_loop(body, stopped, logger, lock=_lock(body.metadata.uid))
+    uid = body.metadata.uid
+    try:
+        await planner.run_loop(body, stopped, logger, lock=_lock(uid))
+    finally:  # the resource is gone (or the operator stops): nothing of it is kept per uid
+        with _locks_guard:
+            _locks.pop(uid, None)
+        _newest_generation.pop(uid, None)

@@ -21,6 +21,7 @@ parts (pod classification, aggregation, deletion costs) are functions tested on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -359,9 +360,25 @@ async def run_loop(
     lock: threading.Lock,
     kube_factory: Callable[[], Any] = get_kube,
     clock: Callable[[], float] = time.time,
+    scrape: Scraper = scrape_pod,
 ) -> None:
     """The daemon: plan every ``intervalSeconds`` while ``autoscale.mode`` is builtin."""
     states = recover_states(body)
+    try:
+        await _loop(body, stopped, logger, states, lock=lock, kube_factory=kube_factory, clock=clock, scrape=scrape)
+    finally:  # deleted (or the operator stops): its gauge must not report a desired count for ever
+        _forget_desired(body)
+
+
+def _forget_desired(body: Any) -> None:
+    meta = body.get("metadata", {})
+    for role in ROLES:
+        with contextlib.suppress(KeyError):
+            metrics.DESIRED_REPLICAS.remove(meta.get("namespace", ""), meta.get("name", ""), role)
+
+
+async def _loop(body: Any, stopped: Any, logger: Any, states: dict[str, RoleState], *, lock: threading.Lock,
+                kube_factory: Callable[[], Any], clock: Callable[[], float], scrape: Scraper) -> None:
     while not stopped:
         interval = 15.0
         try:
@@ -369,11 +386,13 @@ async def run_loop(
             interval = parsed.policy.autoscale.interval_seconds
             if parsed.policy.autoscale.mode == "builtin":
                 await asyncio.to_thread(
-                    plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), logger=logger
+                    plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), scrape=scrape,
+                    logger=logger,
                 )
             else:  # samples from before a mode switch must not count when builtin resumes
                 for state in states.values():
                     state.history.clear()
+                _forget_desired(body)  # the HPA or KEDA decides now
         except SpecError:
             pass  # the reconciler reports it
         except ApiError as exc:

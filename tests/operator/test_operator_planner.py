@@ -355,3 +355,45 @@ def test_decode_above_new_bounds_is_brought_down_by_the_planner_with_costs_first
     assert decisions["decode"].direction == "down" and cluster.replicas["decode"] == 2
     kinds = [w[0] for w in cluster.writes]
     assert "annotate" in kinds and kinds.index("annotate") < kinds.index("scale")
+
+
+async def test_the_desired_replicas_gauge_goes_when_the_planner_stops_or_hands_over() -> None:
+    from disagg_operator import metrics
+
+    class Stopped:
+        """kopf's DaemonStopped as the loop uses it: truthy once stopped; wait() returns at once."""
+
+        def __init__(self, rounds: int) -> None:
+            self.rounds = rounds
+
+        def __bool__(self) -> bool:
+            return self.rounds <= 0
+
+        async def wait(self, timeout: float) -> None:
+            self.rounds -= 1
+
+    def sample_names() -> set[tuple[str, ...]]:
+        return {tuple(s.labels.values()) for m in metrics.DESIRED_REPLICAS.collect() for s in m.samples}
+
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]}, {"prefill": 1, "decode": 1})
+    body = copy.deepcopy(BODY)
+    seen: list[set[tuple[str, ...]]] = []
+    scrapes: list[str] = []
+
+    def scrape(ip: str, role: str) -> PodSample:
+        scrapes.append(role)
+        return PodSample(queue_length=1, gpu_utilization=50, kv_cache_usage=50)
+
+    async def a_round_then_off() -> None:
+        await planner.run_loop(body, Stopped(1), planner.log, lock=threading.Lock(), kube_factory=lambda: cluster,
+                               clock=lambda: NOW, scrape=scrape)
+        seen.append(sample_names())
+
+    await a_round_then_off()
+    assert scrapes == ["prefill", "decode"]  # one round ran (and set the gauge)
+    assert ("ns", "demo", "decode") not in seen[-1]  # removed when the loop ended
+    metrics.DESIRED_REPLICAS.labels("ns", "demo", "decode").set(3)
+    body["spec"]["autoscale"]["mode"] = "hpa"
+    await planner.run_loop(body, Stopped(1), planner.log, lock=threading.Lock(), kube_factory=lambda: cluster,
+                           clock=lambda: NOW, scrape=scrape)
+    assert ("ns", "demo", "decode") not in sample_names()
