@@ -11,6 +11,8 @@ The answer equals Hugging Face greedy either way."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -204,6 +206,7 @@ def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counted(*args: object, **kwargs: object) -> None:
         imports.append(len(rt.engine._pending) if args[0] in eng.scheduler.awaiting_kv else -1)
+        time.sleep(0.005)  # a GPU copy's worth: chunks arriving meanwhile can queue up behind it
         real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(eng, "import_kv", counted)
@@ -243,3 +246,44 @@ async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, lla
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert await pair.decode_runtime.engine.call(lambda: eng.block_manager.usage) == 0
     assert len(imports) >= 3 and -1 not in imports  # none ran after the fallback had freed the blocks
+
+
+class _AbortingContext:
+    async def abort(self, code: object, details: str) -> None:
+        raise RuntimeError(f"abort {code} {details}")
+
+
+async def test_a_prefill_cancelled_while_queued_still_releases_its_blocks(llama: LoadedModel) -> None:
+    """The decode side gave up while the add waited for a step: the request then prefilled, finished and
+    held its KV blocks for an export nobody would ever ask for (the pool filled up over time)."""
+    from disagg_worker.server.prefill_service import layout_message
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64), llama))
+    engine.start()
+    try:
+        rt = WorkerRuntime(engine, "prefill", Policy(), "tiny-llama")
+        eng = engine.engine
+        real_add = eng.add_request
+
+        def slow_add(*args: object, **kwargs: object) -> object:
+            time.sleep(0.3)  # an engine step in progress when the add is queued
+            return real_add(*args, **kwargs)  # type: ignore[arg-type]
+
+        eng.add_request = slow_add  # type: ignore[method-assign]
+        request = pb.PrefillRequest(request_id="p1", prompt_token_ids=list(range(40, 90)), first_block=0,
+                                    params=pb.SamplingParams(max_tokens=4, temperature=0, top_p=1),
+                                    layout=layout_message(rt), chunk_bytes=1 << 20)
+        stream = PrefillServicer(rt).Prefill(request, _AbortingContext())  # type: ignore[arg-type]
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not eng.has_unfinished() and not eng.scheduler.held:
+                break
+            await asyncio.sleep(0.05)
+        assert await engine.call(lambda: (dict(eng.scheduler.held), eng.block_manager.usage, rt.num_active)) == (
+            {}, 0, 0)
+    finally:
+        await engine.stop()

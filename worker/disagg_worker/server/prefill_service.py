@@ -88,13 +88,15 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             q = rt.engine.open_stream(rid)
         except InvalidRequestError as exc:  # an id in use: that request's stream stays untouched
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        queued = True  # from here on the request is released however this ends, also cancelled while queued
         try:
-            priority = priority_from_proto(request.priority)
-            await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, hold_kv=True))
-        except InvalidRequestError as exc:
-            rt.engine.close_stream(rid)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
+            try:
+                priority = priority_from_proto(request.priority)
+                await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, hold_kv=True))
+            except InvalidRequestError as exc:  # refused (an id in use): the engine's request is not ours
+                queued = False
+                rt.engine.close_stream(rid)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             first = None
             async for out in rt.engine.stream(rid, q):
                 if out.error:
@@ -169,7 +171,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 first_token=first.new_token_ids[0], num_chunks=len(specs), total_bytes=total,
                 prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
         finally:
-            await _release(rt, rid)
+            if queued:
+                await _release(rt, rid)
 
 
 def _shape_of(layout: pb.KvLayout) -> pb.KvLayout:
@@ -181,6 +184,7 @@ def _shape_of(layout: pb.KvLayout) -> pb.KvLayout:
 
 
 async def _release(rt: WorkerRuntime, rid: str) -> None:
+    rt.engine.close_stream(rid)
     try:
         await asyncio.shield(rt.engine.call(lambda: rt.engine.engine.release(rid)))
     except Exception:  # the engine stopped: nothing left to release
