@@ -142,3 +142,22 @@ def test_which_errors_may_have_broken_the_device() -> None:
     assert not looks_like_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not looks_like_device_error(RuntimeError("shape mismatch"))
     assert device_works(torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end is the test
+async def test_a_step_that_keeps_raising_ends_the_streams_instead_of_hanging(running: AsyncEngine,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error outside the step's own handling (here the scheduler's bookkeeping) was logged and the same
+    batch retried for ever: every stream hung while /health said OK."""
+    def broken(*args: object) -> None:
+        raise RuntimeError("scheduler invariant broken")
+
+    monkeypatch.setattr(running.engine.scheduler, "update_from_output", broken)
+    outs = await asyncio.wait_for(
+        collect_outputs(running.generate("x", [5, 6, 7], {"max_tokens": 3, "temperature": 0})), timeout=10)
+    assert outs[-1].finish_reason == "error"
+    assert not running.running
+
+
+async def collect_outputs(stream: AsyncIterator[object]) -> list:
+    return [o async for o in stream]

@@ -287,3 +287,14 @@ async def test_a_prefill_cancelled_while_queued_still_releases_its_blocks(llama:
             {}, 0, 0)
     finally:
         await engine.stop()
+
+
+async def test_a_worker_whose_engine_stopped_answers_unavailable(pair: Pair) -> None:
+    """UNAVAILABLE is what the router retries on another decode worker; this was UNKNOWN (a 502)."""
+    await pair.decode_runtime.engine.stop()
+    request = pb.GenerateRequest(request_id="stopped", prompt_token_ids=list(range(40, 60)), prefill_mode="local",
+                                 params=pb.SamplingParams(max_tokens=2, temperature=0, top_p=1))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in pair.decode.Generate(request, timeout=30):
+            pass
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not running" in exc.value.details()

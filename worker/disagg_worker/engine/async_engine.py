@@ -22,6 +22,9 @@ from disagg_worker.engine.request import PRIORITY_HIGH, InvalidRequestError, Sam
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STALLED_WAIT_SECONDS = 0.005
+# A step raising past its own error handling is a bug in the bookkeeping; this many in a row stop the engine
+# (its streams end with an error, /health answers 503) instead of retrying the same batch for ever.
+MAX_FAILED_STEPS = 3
 
 
 class EngineStoppedError(RuntimeError):
@@ -83,6 +86,7 @@ class AsyncEngine:
         self._streams.clear()
 
     def _serve(self) -> None:
+        failed_steps = 0
         while not self._stopping:
             self._run_commands()
             if not self.engine.has_unfinished():
@@ -92,8 +96,12 @@ class AsyncEngine:
             t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
-            except Exception:  # the engine itself fails requests it cannot run; this is a last resort
+                failed_steps = 0
+            except Exception as exc:  # the engine itself fails requests it cannot run; this is a last resort
                 log.exception("engine step raised")
+                failed_steps += 1
+                if failed_steps >= MAX_FAILED_STEPS:  # its bookkeeping broke: retrying would hang every stream
+                    raise EngineStoppedError(f"{failed_steps} engine steps in a row raised: {exc}") from exc
                 outputs = []
             if self.on_step is not None:
                 try:

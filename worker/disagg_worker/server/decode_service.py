@@ -129,6 +129,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 finished = True
                 rt.engine.close_stream(rid)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineStoppedError as exc:  # UNAVAILABLE, which the router retries on another worker
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
 
             first_token_at: float | None = None
             if first_output is not None:

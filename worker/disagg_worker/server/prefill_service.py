@@ -23,6 +23,7 @@ import grpc
 import torch
 
 from disagg_worker import metrics as m
+from disagg_worker.engine.async_engine import EngineStoppedError
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import WorkerRuntime, params_from_proto, priority_from_proto
@@ -97,6 +98,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 queued = False
                 rt.engine.close_stream(rid)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineStoppedError as exc:  # UNAVAILABLE: the decode worker prefills locally or elsewhere
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
             first = None
             async for out in rt.engine.stream(rid, q):
                 if out.error:
