@@ -302,6 +302,27 @@ def test_workers_answer_the_standard_grpc_health_check(cluster: LocalCluster) ->
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_watchers_do_not_starve_a_workers_threads(cluster: LocalCluster) -> None:
+    """The blocking health servicer held a thread of the worker's default executor per Watch stream:
+    past a few dozen watchers (a service mesh, client-side health checking) new ones got no answer, and
+    everything else run in a thread (peer DNS polling, KV chunk encoding) stalled with them."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    addrs = cluster.prefill_addresses + cluster.decode_addresses
+    channels = [grpc.insecure_channel(addr) for addr in addrs for _ in range(40)]
+    try:
+        request = health_pb2.HealthCheckRequest(service="")
+        watches = [health_pb2_grpc.HealthStub(c).Watch(request, timeout=20) for c in channels]  # fails, not hangs
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        prompt = random_prompts(1, 200, 200, 43)[0]
+        body = complete(cluster, prompt, 8)
+        assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 8))
+    finally:
+        for c in channels:
+            c.close()
+
+
 def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> None:
     """A non-streaming client that times out must not leave its request decoding to max_tokens."""
     names = [f"decode-{i}" for i in range(len(cluster.decode_addresses))]

@@ -298,3 +298,14 @@ async def test_a_worker_whose_engine_stopped_answers_unavailable(pair: Pair) -> 
         async for _ in pair.decode.Generate(request, timeout=30):
             pass
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not running" in exc.value.details()
+
+
+async def test_the_sigterm_drain_only_waits_for_what_the_prestop_drain_left(pair: Pair) -> None:
+    """A pod's preStop /drain?wait=T and then SIGTERM's drain each waited T: with requests still running
+    the kubelet killed the pod (grace T + 30 s) in the middle of its shutdown."""
+    rt = pair.decode_runtime
+    assert rt.drain_left(5.0) == 5.0  # no drain yet
+    await rt.drain(0.3)  # as the preStop hook does (idle here: returns at once)
+    await asyncio.sleep(0.3)
+    assert 4.0 < rt.drain_left(5.0) < 4.8
+    assert rt.drain_left(0.2) == 0.0

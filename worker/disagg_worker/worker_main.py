@@ -15,13 +15,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig, LLMEngine
@@ -36,6 +37,8 @@ from disagg_worker.server.runtime import WorkerRuntime
 from disagg_worker.transfer.tcp import KvReceiver
 
 log = logging.getLogger("disagg.worker")
+# After the drain timeout, what the rest of the shutdown (gRPC grace, closing) may take before the process exits anyway.
+SHUTDOWN_EXTRA_SECONDS = 30.0
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -122,10 +125,13 @@ async def serve(args: argparse.Namespace) -> int:
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool, kv_receiver), server)
     if args.role in ("prefill", "both"):
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
-    health = HealthServicer()  # grpc.health.v1, for Kubernetes gRPC probes and grpc_health_probe
+    # grpc.health.v1, for Kubernetes gRPC probes and grpc_health_probe. The asyncio servicer: the
+    # blocking one holds a thread of the loop's default executor per Watch stream, and a few watchers
+    # starved every to_thread call (DNS polling of peers, KV chunk encoding)
+    health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
-        health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     try:
         bound = server.add_insecure_port(f"{args.host}:{args.port}")
     except RuntimeError:  # grpcio raises where older versions returned 0
@@ -146,9 +152,15 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining before exit")
-    health.enter_graceful_shutdown()
-    drain_deadline = time.monotonic() + policy.autoscale.drain_timeout_seconds
-    await runtime.drain(policy.autoscale.drain_timeout_seconds)
+    left = runtime.drain_left(policy.autoscale.drain_timeout_seconds)  # a preStop /drain may have used some
+    # Whatever hangs in the shutdown below, the process ends: a worker left running after its launcher
+    # or pod is gone holds its ports and memory for good.
+    watchdog = threading.Timer(left + SHUTDOWN_EXTRA_SECONDS, _exit_now)
+    watchdog.daemon = True
+    watchdog.start()
+    await health.enter_graceful_shutdown()
+    drain_deadline = time.monotonic() + left
+    await runtime.drain(left)
     await server.stop(grace=max(2.0, drain_deadline - time.monotonic()))
     http.should_exit = True
     with contextlib.suppress(Exception):
@@ -159,6 +171,12 @@ async def serve(args: argparse.Namespace) -> int:
     await runtime.stop()
     await async_engine.stop()
     return 0
+
+
+def _exit_now() -> None:
+    log.error("shutdown did not finish %ss after the drain timeout: exiting", SHUTDOWN_EXTRA_SECONDS)
+    logging.shutdown()
+    os._exit(1)
 
 
 class _DrainAwareServer(uvicorn.Server):

@@ -42,6 +42,7 @@ class WorkerRuntime:
     policy: Policy
     model_name: str
     draining: bool = False
+    drain_started: float | None = None  # monotonic time of the first drain
     avg_prefill_seconds: Ewma = field(default_factory=Ewma)
     avg_step_seconds: Ewma = field(default_factory=Ewma)
     prefill_tokens_per_second: Ewma = field(default_factory=Ewma)
@@ -145,11 +146,20 @@ class WorkerRuntime:
     async def drain(self, wait_seconds: float) -> bool:
         """Stop taking requests; with ``wait_seconds`` > 0 wait until running ones finish. True if idle."""
         self.draining = True
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
         self.refresh_gauges()
         deadline = time.monotonic() + wait_seconds
         while self.num_active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         return self.num_active == 0
+
+    def drain_left(self, timeout: float) -> float:
+        """What is left of a drain ``timeout`` counted from the first drain (a pod's preStop /drain, say):
+        the SIGTERM after it must not start the wait again, or the kubelet kills the pod mid-shutdown."""
+        if self.drain_started is None:
+            return timeout
+        return max(0.0, timeout - (time.monotonic() - self.drain_started))
 
 
 def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
