@@ -161,3 +161,31 @@ async def test_a_step_that_keeps_raising_ends_the_streams_instead_of_hanging(run
 
 async def collect_outputs(stream: AsyncIterator[object]) -> list:
     return [o async for o in stream]
+
+
+async def test_a_hung_step_fails_liveness_until_it_ends(running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung device or a deadlock in a step: the thread is alive, so /health said OK for ever."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from disagg_worker.engine import async_engine
+    from disagg_worker.policy import Policy
+    from disagg_worker.server.http import build_app
+    from disagg_worker.server.runtime import WorkerRuntime
+
+    monkeypatch.setattr(async_engine, "STUCK_STEP_SECONDS", 0.2)
+    real = running.engine.runner.execute
+
+    def slow(out: object) -> object:
+        time.sleep(1.0)
+        return real(out)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(running.engine.runner, "execute", slow)
+    client = TestClient(build_app(WorkerRuntime(running, "decode", Policy(), "tiny-llama")))
+    task = asyncio.ensure_future(collect(running, "slow", [5, 6, 7], 1))
+    await asyncio.sleep(0.6)
+    during = client.get("/health")
+    await task
+    assert during.status_code == 503 and "step running" in during.json()["status"]
+    assert client.get("/health").status_code == 200

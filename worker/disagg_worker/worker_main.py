@@ -48,6 +48,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
         if not self.rt.engine.running:  # frozen numbers would keep requests coming to a dead engine
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+        if self.rt.engine.stuck:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the engine's step has run for {self.rt.engine.step_seconds:.0f} s")
         return self.rt.load_report(request.include_prefix_hashes)
 
 

@@ -25,6 +25,9 @@ STALLED_WAIT_SECONDS = 0.005
 # A step raising past its own error handling is a bug in the bookkeeping; this many in a row stop the engine
 # (its streams end with an error, /health answers 503) instead of retrying the same batch for ever.
 MAX_FAILED_STEPS = 3
+# A step running this long is a hung device or a deadlock, not work: /health fails (Kubernetes restarts
+# the pod) and load reports are refused, so no router keeps sending requests that would only wait.
+STUCK_STEP_SECONDS = 300.0
 
 
 class EngineStoppedError(RuntimeError):
@@ -42,6 +45,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.started_at = time.monotonic()
+        self._step_started: float | None = None  # monotonic start of the step in progress
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None  # metrics hook (engine thread)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -60,6 +64,16 @@ class AsyncEngine:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def step_seconds(self) -> float:
+        """How long the step in progress has run (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def stuck(self) -> bool:
+        return self.step_seconds > STUCK_STEP_SECONDS
 
     def _run(self) -> None:
         try:
@@ -94,6 +108,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             t0 = time.perf_counter()
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
                 failed_steps = 0
@@ -103,6 +118,8 @@ class AsyncEngine:
                 if failed_steps >= MAX_FAILED_STEPS:  # its bookkeeping broke: retrying would hang every stream
                     raise EngineStoppedError(f"{failed_steps} engine steps in a row raised: {exc}") from exc
                 outputs = []
+            finally:
+                self._step_started = None
             if self.on_step is not None:
                 try:
                     self.on_step(outputs, time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """A worker's small HTTP side: Prometheus ``/metrics``, ``/health``, ``/ready`` and ``/drain``.
 
-``/health`` is liveness (the engine thread runs). ``/ready`` is readiness (model loaded, not draining).
+``/health`` is liveness (the engine thread runs, and no step has run for over ``STUCK_STEP_SECONDS``).
+``/ready`` is readiness (model loaded, not draining).
 ``POST /drain?wait=SECONDS`` stops new requests and, with ``wait``, blocks until the running ones are
 done: the decode pods' preStop hook, so a scale-down never cuts a stream.
 """
@@ -24,9 +25,10 @@ def build_app(runtime: WorkerRuntime) -> FastAPI:
 
     @app.get("/health")
     def health() -> JSONResponse:
-        ok = runtime.engine.running
-        return JSONResponse({"status": "ok" if ok else "engine stopped", "role": runtime.role},
-                            status_code=200 if ok else 503)
+        engine = runtime.engine
+        status = ("engine stopped" if not engine.running else
+                  f"engine step running for {engine.step_seconds:.0f} s" if engine.stuck else "ok")
+        return JSONResponse({"status": status, "role": runtime.role}, status_code=200 if status == "ok" else 503)
 
     @app.get("/ready")
     def ready() -> JSONResponse:
