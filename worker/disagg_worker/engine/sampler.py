@@ -102,19 +102,11 @@ def exact_inverse_cdf_sample(probs: torch.Tensor, uniform: float) -> int:
     return int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
 
 
-def apply_repetition_penalty(row: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
-    """Hugging Face's repetition penalty on one row of logits: every token already in the prompt or the
-    output has its logit divided by ``penalty`` when positive, multiplied by it when negative."""
-    ids = torch.tensor(token_ids, dtype=torch.long, device=row.device)
-    rows = row[None].clone()
-    penalise_rows_(rows, torch.zeros_like(ids), ids, torch.tensor([penalty], device=row.device))
-    return rows[0]
-
-
 def penalise_rows_(rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch.Tensor,
                    penalties: torch.Tensor) -> None:
-    """The repetition penalty for a batch, in place: ``rows[row_index[i], token_ids[i]]`` is penalised
-    by ``penalties[row_index[i]]``. A token listed twice is written twice with the same value."""
+    """Hugging Face's repetition penalty for a batch, in place: the logit ``rows[row_index[i], token_ids[i]]``
+    is divided by ``penalties[row_index[i]]`` when positive, multiplied by it when negative. A token listed
+    twice is written twice with the same value."""
     seen = rows[row_index, token_ids]
     penalty = penalties[row_index].to(rows.dtype)
     rows[row_index, token_ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
@@ -181,7 +173,11 @@ class Sampler:
             row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(penalised, seen, strict=True)])
             penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
             penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
-        picks = rows.argmax(dim=-1)
+        picks = torch.empty(len(work), dtype=torch.long, device=dev)
+        greedy = [j for j, r in enumerate(reqs) if r.params.greedy]  # penalised greedy rows
+        if greedy:
+            at = torch.tensor(greedy, device=dev)
+            picks[at] = rows[at].argmax(dim=-1)
         sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
             at = torch.tensor(sampled, device=dev)
