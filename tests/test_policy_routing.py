@@ -243,5 +243,42 @@ def test_a_request_of_several_prompts_is_admitted_or_rejected_once() -> None:
     assert exc.value.status == 429 and exc.value.headers["Retry-After"]
     assert rejections() == before + 1
     assert service.slo.counts["low"]["n"] == 3  # each prompt is a generation that was not served
-    busy.num_waiting = 5  # 100 ms
-    service.admit([[5] * 10] * 3, "low")
+    busy.num_waiting, busy.pending = 5, 0  # a load report: the admitted ones are in num_waiting now
+    service.admit([[5] * 10] * 3, "low")  # 100, 120 and 140 ms: each prompt queues behind the one before
+
+
+def test_admission_counts_each_admitted_request_at_once() -> None:
+    """A burst of low-priority requests in one event-loop pass used to see the same idle queue (a
+    request was counted on its worker only when its stream started), so all 50 got in; and so did a
+    request of 50 prompts. Now each admitted prompt queues the next one behind it."""
+    from types import SimpleNamespace
+
+    from disagg_worker.router.openai_schema import APIError
+    from disagg_worker.router.service import RouterService, SloTracker
+
+    class Pool:
+        def __init__(self, *loads: WorkerLoad) -> None:
+            self.loads = loads
+
+        def healthy(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(load=load) for load in self.loads]
+
+    policy = parse_policy({"qos": {"lowPriorityThresholdMs": 150, "ttftSloMs": 1000}})
+    idle = WorkerLoad("d", avg_prefill_seconds=0.02, avg_decode_step_seconds=0.01)
+    service = RouterService.__new__(RouterService)
+    service.policy, service.block_size, service.slo = policy, 16, SloTracker(policy)
+    service.decode_pool, service.prefill_pool = Pool(idle), Pool()
+
+    outcomes = []
+    for _ in range(12):
+        try:
+            [admitted] = service.admit([[5] * 10], "low")
+            outcomes.append(admitted.worker is idle)
+        except APIError as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [True] * 8 + [429] * 4  # 0..7 ahead x 20 ms <= 150 ms; 8 ahead = 160 ms
+    assert idle.pending == 8  # rejected requests are not counted
+    idle.pending = 0
+    with pytest.raises(APIError):
+        service.admit([[5] * 10] * 50, "low")  # its 50th prompt would wait behind its first 49
+    assert idle.pending == 0

@@ -273,12 +273,12 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
 
     async def respond(request: Request, kind: str, prompts: list[list[int]], params: list[Any], priority: str,
                       stream: bool, include_usage: bool, chat: bool) -> Response:
-        hashes = service.admit(prompts, priority)
+        admitted = service.admit(prompts, priority)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         results = [StreamResult() for _ in prompts]
-        streams = [service.generate(p, h, sp, priority, r)
-                   for p, h, sp, r in zip(prompts, hashes, params, results, strict=True)]
+        streams = [service.generate(p, a, sp, priority, r)
+                   for p, a, sp, r in zip(prompts, admitted, params, results, strict=True)]
 
         async def collect(first: Any, s: AsyncIterator[Any]) -> str:
             parts = [first.text] if first is not None else []

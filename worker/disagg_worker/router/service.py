@@ -26,7 +26,7 @@ from disagg_worker.engine.prefix_hash import block_hashes
 from disagg_worker.engine.request import MAX_TOKEN_ID, InvalidRequestError, SamplingParams
 from disagg_worker.policy import Policy
 from disagg_worker.router.openai_schema import APIError
-from disagg_worker.routing import admit_request, estimate_request_ttft, pick_decode_worker
+from disagg_worker.routing import WorkerLoad, admit_request, estimate_request_ttft, pick_decode_worker
 from disagg_worker.rpc import pb
 from disagg_worker.server.peers import PeerPool
 from disagg_worker.server.runtime import params_to_proto
@@ -37,6 +37,31 @@ MAX_ATTEMPTS = 3
 # fit, and is refused before it is tokenized (a 12 MB prompt took the tokenizer 25 s and 3.4 GB). The
 # slack covers normalisers that merge characters (NFC: a letter and its combining marks; Hangul jamo).
 NORMALISATION_SLACK = 4
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """One prompt of an admitted request: its block hashes (to route a retry by) and the decode worker
+    admission counted it on (None when there was none), with the routing outcome."""
+
+    hashes: list[bytes]
+    worker: WorkerLoad | None = None
+    outcome: str = ""
+
+
+def _uncount(admitted: list[Admitted]) -> None:
+    for a in admitted:
+        if a.worker is not None:
+            a.worker.pending = max(0, a.worker.pending - 1)
+
+
+def _worker_failed(worker: str, failure: str) -> APIError:
+    """A 502 for a client: an id to find the worker and its error in the router's log, not their text
+    (a worker's errors can carry device and library internals, and its address is the cluster's)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s: decode worker %s %s", error_id, worker, failure)
+    return APIError(502, f"a decode worker failed the request (error {error_id}: the router's log has the details)",
+                    type_="server_error", code="worker_failed")
 
 
 @dataclass
@@ -125,28 +150,37 @@ class RouterService:
                            code="context_length_exceeded")
         return params
 
-    def admit(self, prompts: list[list[int]], priority: str) -> list[list[bytes]]:
+    def admit(self, prompts: list[list[int]], priority: str) -> list[Admitted]:
         """QoS admission, once for a whole HTTP request (each of its prompts is a generation of its own):
-        the estimate is its slowest prompt's, each on the decode worker it would be routed to now. A
-        rejection raises a 429 and counts once; every prompt of it misses its SLO. Returns each prompt's
-        block hashes, which ``generate`` routes by (computed once)."""
+        the estimate is its slowest prompt's, each on the decode worker it is routed to. A rejection
+        raises a 429 and counts once; every prompt of it misses its SLO.
+
+        Admission is the routing decision: each admitted prompt is counted on its worker at once, so
+        the next prompt, and a request arriving in the same event-loop pass, is estimated behind it
+        (counted only when its stream started, a burst of requests all saw the same idle queue and
+        all got in). ``generate`` sends each prompt where it was counted."""
         hashes_of = [block_hashes(p, self.block_size) for p in prompts]
         loads = [p.load for p in self.decode_pool.healthy()]
         prefill = [p.load for p in self.prefill_pool.healthy()]
-        estimates = []
+        estimates: list[float] = []
+        admitted: list[Admitted] = []
         for prompt, hashes in zip(prompts, hashes_of, strict=True):
             choice = pick_decode_worker(loads, hashes, len(prompt), self.policy.split_policy, self.policy.cache)
-            if choice is None:
-                return hashes_of  # no worker: generate() answers 503
+            if choice is None:  # no worker: generate() answers 503
+                _uncount(admitted)
+                return [Admitted(h) for h in hashes_of]
             # as the decode worker counts its hit: never the block holding the last prompt token
             reusable = min(choice.cached_blocks, (len(prompt) - 1) // self.block_size)
             estimates.append(estimate_request_ttft(len(prompt), reusable * self.block_size, choice.worker, prefill,
                                                    self.policy.split_policy, loads))
+            choice.worker.pending += 1  # routed here until its next load report says so
+            admitted.append(Admitted(hashes, choice.worker, choice.outcome))
         est = max(estimates)
         m.ESTIMATED_TTFT.set(est)
         admission = admit_request(priority, est, self.policy.qos)
         if admission.admitted:
-            return hashes_of
+            return admitted
+        _uncount(admitted)
         m.REJECTIONS.labels(admission.reason, priority).inc()
         for _ in prompts:
             self.slo.record(priority, None, None, failed=True)
@@ -154,14 +188,14 @@ class RouterService:
                             f"limit for {priority}-priority requests; retry later", type_="rate_limit_error",
                        code=admission.reason, headers={"Retry-After": str(self.policy.qos.retry_after_seconds)})
 
-    async def generate(self, prompt_ids: list[int], hashes: list[bytes], params: SamplingParams, priority: str,
+    async def generate(self, prompt_ids: list[int], admitted: Admitted, params: SamplingParams, priority: str,
                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the chosen worker's responses (after ``admit``); raises APIError for anything the client
         must see.
 
         A request the system failed (no worker, a worker that died) counts as an SLO violation:
         attainment must not look better for the requests it did not serve."""
-        async with contextlib.aclosing(self._generate(prompt_ids, hashes, params, priority, result)) as responses:
+        async with contextlib.aclosing(self._generate(prompt_ids, admitted, params, priority, result)) as responses:
             try:
                 async for msg in responses:
                     yield msg
@@ -170,33 +204,41 @@ class RouterService:
                     self.slo.record(priority, None, None, failed=True)
                 raise
 
-    async def _generate(self, prompt_ids: list[int], hashes: list[bytes], params: SamplingParams, priority: str,
+    async def _generate(self, prompt_ids: list[int], admitted: Admitted, params: SamplingParams, priority: str,
                         result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
         t0 = time.monotonic()
         request_id = uuid.uuid4().hex  # + the attempt: a retry is a new request to the workers
         tried: set[str] = set()
         first_token_at: float | None = None
+        last_failure = ""
         for attempt in range(MAX_ATTEMPTS):
             peers = {p.endpoint: p for p in self.decode_pool.healthy() if p.endpoint not in tried}
-            choice = pick_decode_worker([p.load for p in peers.values()], hashes, len(prompt_ids),
-                                        self.policy.split_policy, self.policy.cache)
-            if choice is None:
-                raise APIError(503, "no decode worker is available", type_="service_unavailable",
-                               code="no_workers")
-            m.ROUTING_DECISIONS.labels("retry" if attempt else choice.outcome).inc()
-            peer = peers[choice.worker.endpoint]
-            peer.load.pending += 1
+            counted = admitted.worker if attempt == 0 else None
+            if counted is not None and counted.endpoint in peers and peers[counted.endpoint].load is counted:
+                peer, outcome = peers[counted.endpoint], admitted.outcome  # admission counted it there
+            else:
+                choice = pick_decode_worker([p.load for p in peers.values()], admitted.hashes, len(prompt_ids),
+                                            self.policy.split_policy, self.policy.cache)
+                if choice is None:
+                    if last_failure:  # a worker failed it, not merely went away: the request may be what fails
+                        raise _worker_failed("each decode worker tried", last_failure)
+                    raise APIError(503, "no decode worker is available", type_="service_unavailable",
+                                   code="no_workers")
+                peer, outcome = peers[choice.worker.endpoint], choice.outcome
+                peer.load.pending += 1
+            m.ROUTING_DECISIONS.labels("retry" if attempt else outcome).inc()
             result.worker = peer.endpoint
             req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}", prompt_token_ids=prompt_ids,
                                      params=params_to_proto(params),
                                      priority=pb.PRIORITY_LOW if priority == "low" else pb.PRIORITY_HIGH,
                                      prefill_mode="auto")
             call = peer.decode.Generate(req)
+            failure = ""  # why this worker did not finish the request, when it ended the stream itself
             try:
                 async for msg in call:
                     if msg.error:
-                        raise APIError(500, f"the decode worker failed the request: {msg.error}",
-                                       type_="server_error")
+                        failure = f"failed the request: {msg.error}"
+                        break
                     if msg.token_ids and first_token_at is None:
                         first_token_at = time.monotonic()
                         result.remote_prefill = msg.remote_prefill
@@ -205,7 +247,18 @@ class RouterService:
                     if msg.finished:
                         result.finish_reason = msg.finish_reason
                     yield msg
-                break
+                    if msg.finished:
+                        break
+                else:  # a stream that ends without its final message is not a finished request
+                    failure = "ended the stream before the request finished"
+                if not failure:
+                    break
+                if first_token_at is None:  # the client has seen nothing: another worker may serve it
+                    log.warning("decode worker %s %s; trying another", peer.endpoint, failure)
+                    tried.add(peer.endpoint)
+                    last_failure = failure
+                    continue
+                raise _worker_failed(peer.endpoint, failure)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -215,9 +268,7 @@ class RouterService:
                     tried.add(peer.endpoint)
                     self.decode_pool.mark_unhealthy(peer.endpoint)
                     continue
-                raise APIError(502, f"the decode worker {peer.endpoint} failed mid-request: "
-                                    f"{code.name}: {exc.details()}", type_="server_error",
-                               code="worker_failed") from None
+                raise _worker_failed(peer.endpoint, f"failed mid-request: {code.name}: {exc.details()}") from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not call.cancelled() or (task is not None and task.cancelling()):
@@ -227,11 +278,12 @@ class RouterService:
                 if first_token_at is None:
                     tried.add(peer.endpoint)
                     continue
-                raise APIError(502, f"the call to decode worker {peer.endpoint} was cancelled mid-request",
-                               type_="server_error", code="worker_failed") from None
+                raise _worker_failed(peer.endpoint, "had the call cancelled mid-request") from None
             finally:
                 call.cancel()
         else:
+            if last_failure:
+                raise _worker_failed("each decode worker tried", last_failure)
             raise APIError(503, "every decode worker tried was unavailable", type_="service_unavailable",
                            code="no_workers")
         end = time.monotonic()

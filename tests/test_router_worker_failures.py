@@ -1,0 +1,113 @@
+"""The router against decode workers that fail a request: real in-process gRPC servers on 127.0.0.1
+with scripted streams (the engine is not what is tested here).
+
+A worker that fails a request before its first token (an error message, or a stream that ends early)
+hands it to another worker; one that fails it midway is a 502 with an error id. The client never
+sees a worker's address or its error text (device and library internals), and a stream cut short is
+never answered as a success."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from disagg_worker.policy import parse_policy
+from disagg_worker.router.openai_schema import APIError
+from disagg_worker.router.service import RouterService, StreamResult
+from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.server.peers import PeerPool
+
+SECRET = "CUDA error at /opt/private/kernel.cu"
+
+
+class ScriptedWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
+    """``mode``: ok (4 tokens, then finished), error_first (an error before any token), truncated_first
+    (ends before any token), truncated (ends after 2 tokens, never finished)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.calls = mode, 0
+
+    async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+        return pb.LoadReport(role="decode", model="m", max_model_len=64)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        self.calls += 1
+        if self.mode == "error_first":
+            yield pb.GenerateResponse(finished=True, finish_reason="error", error=f"engine step failed: {SECRET}")
+            return
+        if self.mode == "truncated_first":
+            return
+        n = 2 if self.mode == "truncated" else 4
+        for i in range(n):
+            yield pb.GenerateResponse(token_ids=[i], text=str(i), output_tokens=i + 1,
+                                      finished=self.mode == "ok" and i == n - 1,
+                                      finish_reason="length" if self.mode == "ok" and i == n - 1 else "")
+
+
+async def serve(worker: ScriptedWorker) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerServicer_to_server(worker, server)
+    pb_grpc.add_DecodeServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+class NoTokenizer:
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0}
+
+
+async def generate(modes: list[str]) -> tuple[list[str] | APIError, list[ScriptedWorker], list[str]]:
+    """One request through a RouterService over workers in ``modes``: its texts (or the APIError), the
+    workers, and their addresses."""
+    workers = [ScriptedWorker(mode) for mode in modes]
+    servers = [await serve(w) for w in workers]
+    addresses = [addr for _, addr in servers]
+    pool = PeerPool("decode", addresses, poll_interval=60)
+    service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
+    try:
+        await pool.start()
+        prompt = [5, 6, 7]
+        params = service.validate(prompt, {"max_tokens": 4, "temperature": 0})
+        [admitted] = service.admit([prompt], "high")
+        texts: list[str] | APIError = []
+        try:
+            async for msg in service.generate(prompt, admitted, params, "high", StreamResult()):
+                texts.append(msg.text)
+        except APIError as exc:
+            texts = exc
+        return texts, workers, addresses
+    finally:
+        await pool.stop()
+        for server, _ in servers:
+            await server.stop(None)
+
+
+@pytest.mark.parametrize("first", ["error_first", "truncated_first"])
+def test_a_request_failed_before_its_first_token_goes_to_another_worker(first: str) -> None:
+    texts, workers, _ = asyncio.run(generate([first, "ok"]))
+    assert texts == ["0", "1", "2", "3"]
+    # routing is least-loaded with random ties, so the failing worker may or may not have been first
+    assert workers[1].calls == 1 and workers[0].calls <= 1
+
+
+def test_a_request_every_worker_fails_is_a_502_without_their_addresses_or_errors(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="disagg_worker.router.service"):
+        error, workers, addresses = asyncio.run(generate(["error_first", "error_first"]))
+    assert isinstance(error, APIError) and error.status == 502 and error.code == "worker_failed"
+    assert SECRET not in error.message and not any(a in error.message for a in addresses)
+    assert [w.calls for w in workers] == [1, 1]
+    error_id = error.message.split("error ")[1].split(":")[0]
+    assert any(error_id in r.getMessage() and SECRET in r.getMessage() for r in caplog.records)
+
+
+def test_a_stream_cut_short_after_tokens_is_a_502_not_a_success() -> None:
+    texts, _, _ = asyncio.run(generate(["truncated"]))
+    assert isinstance(texts, APIError) and texts.status == 502
