@@ -197,6 +197,8 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
     ({"prompt": "hi", "stop": ["x" * 1025]}, "stop"),
     ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 1e-45}, "repetition_penalty"),  # every seen logit would be inf
+    ({"prompt": "hi", "stop_token_ids": list(range(1025))}, "stop_token_ids"),  # copied per prompt and call
     # longer than the context can hold whatever it tokenizes to: refused before it is tokenized
     ({"prompt": "hi " * 50_000, "max_tokens": 2}, "prompt"),
 ])
@@ -220,6 +222,8 @@ def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": "\ud800x"}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"]}, "modalities"),
+    # megabytes of template to render, though no message has content: refused, not rendered on the loop
+    ({"messages": [{"role": "user", "content": ""}] * 100_000}, "messages"),
 ])
 def test_unsupported_chat_features_are_refused_not_ignored(cluster: LocalCluster, body: dict, param: str) -> None:
     r = post_json(f"{cluster.base_url}/v1/chat/completions", {"model": "tiny-llama", "max_tokens": 2, **body})

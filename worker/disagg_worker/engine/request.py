@@ -28,6 +28,7 @@ MAX_TOKEN_ID = 2**31 - 1
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # far past any real stop sequence; bounds the text a request holds back
+MAX_STOP_TOKEN_IDS = 1024  # a request's list is copied per prompt and per worker call: it must stay small
 
 
 class SamplingParams(BaseModel):
@@ -42,10 +43,10 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_TOKEN_ID, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)], ...] = ()
+    stop_token_ids: tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)], ...] = Field((), max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     repetition_penalty: float | None = Field(
-        None, gt=0.0, le=100.0,
+        None, ge=0.01, le=100.0,  # far below 0.01 the logits of every token seen overflow to inf
         description="Hugging Face's: the logit of every token already in the prompt or the output is divided by "
                     "it (multiplied when negative); None: the model's generation_config value (1: none)")
 

@@ -35,6 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 # Text up to this long is tokenized on the event loop (well under a millisecond): a few huge prompts
 # in the thread pool must not hold up every small request behind them.
 INLINE_TOKENIZE_CHARS = 8192
+MESSAGE_OVERHEAD_CHARS = 16  # what a chat template adds per message, at the least (Llama 3's adds ~20)
 
 
 class BodyLimit:
@@ -234,7 +235,8 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         return [list(p) for p in texts]
 
     def max_tokens_of(body: Any, prompt_len: int, default: int | None) -> int:
-        value = getattr(body, "max_completion_tokens", None)
+        # chat only: a completion request's unknown fields are kept untyped, so it must not read one
+        value = body.max_completion_tokens if isinstance(body, ChatCompletionRequest) else None
         if value is None:
             value = body.max_tokens
         if value is None:
@@ -257,7 +259,9 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         # "developer" is OpenAI's newer name for "system"; chat templates only know the latter
         messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
                     for msg in body.messages]
-        chars = sum(len(msg["content"]) for msg in messages)
+        # every message costs template text too (role markers, separators): 100k empty messages are
+        # megabytes to render and tokenize, which must be refused or done off the event loop like text
+        chars = sum(len(msg["content"]) + MESSAGE_OVERHEAD_CHARS for msg in messages)
         service.check_text_fits(chars, "messages")
         try:
             ids = await off_loop_if_long(chars, service.tokenizer.apply_chat_template, messages, tokenize=True,

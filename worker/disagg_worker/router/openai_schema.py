@@ -8,10 +8,12 @@ echo, penalties, logit_bias, ...) are refused with a 400 naming the parameter ra
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from disagg_worker.engine.request import MAX_STOP_TOKEN_IDS
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own generation)
 
@@ -65,7 +67,8 @@ class _Common(BaseModel):
     seed: StrictInt | None = None
     priority: Literal["high", "low"] | None = None
     ignore_eos: StrictBool | None = False
-    stop_token_ids: list[StrictInt] | None = None
+    # refused before a huge list is copied for every prompt (the engine's own limit)
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     presence_penalty: StrictFloat | None = 0.0
     frequency_penalty: StrictFloat | None = 0.0
     logit_bias: dict[str, StrictFloat] | None = None
