@@ -252,6 +252,19 @@ def test_failed_text_fails_that_request_only(engine: LLMEngine, monkeypatch: pyt
     assert engine.block_manager.usage == 0
 
 
+def test_non_finite_logits_fail_that_request_only(engine: LLMEngine, llama: LoadedModel) -> None:
+    """A penalty of 1e-45 turns the logits of every token seen into inf, so the row's softmax is NaN.
+    That failed the whole step before: every request batched with it ended with an error."""
+    prompt = random_prompts(1, 12, 12, 6)[0]
+    engine.add_request("good", prompt, {"max_tokens": 6, "temperature": 0})
+    engine.add_request("bad", prompt, {"max_tokens": 6, "temperature": 1.0, "repetition_penalty": 1e-45})
+    outs = drain(engine)
+    bad = [o for o in outs if o.request_id == "bad"]
+    assert bad[-1].finish_reason == "error" and "not finite" in bad[-1].error
+    assert [t for o in outs if o.request_id == "good" for t in o.new_token_ids] == hf_greedy(llama, prompt, 6)
+    assert engine.block_manager.usage == 0
+
+
 def test_vanishing_temperature_is_greedy(engine: LLMEngine, llama: LoadedModel) -> None:
     """logits / 1e-30 overflows to inf and NaN probabilities: such a temperature samples as argmax."""
     prompt = random_prompts(1, 12, 12, 5)[0]

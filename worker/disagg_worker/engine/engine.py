@@ -25,7 +25,7 @@ from disagg_worker.engine.request import (
     RequestStatus,
     SamplingParams,
 )
-from disagg_worker.engine.sampler import Sampler
+from disagg_worker.engine.sampler import NOT_FINITE, Sampler
 from disagg_worker.engine.scheduler import Scheduler, SchedulerConfig
 from disagg_worker.models.loader import LoadedModel, load_model
 
@@ -280,8 +280,13 @@ class LLMEngine:
             self.last_step_seconds = time.perf_counter() - t0
             self.busy_seconds += self.last_step_seconds
             self.steps += 1
-        self.scheduler.update_from_output(sched, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+        sampled = {r.request_id: t for r, t in zip(sampling, tokens, strict=True) if t != NOT_FINITE}
+        self.scheduler.update_from_output(sched, sampled)
         for req in sampling:
+            if req.request_id not in sampled:  # its own logits broke (e.g. a penalty of 1e-45): it alone ends
+                outputs.append(self._fail(req, "the model's logits for this request are not finite (NaN or inf): "
+                                               "nothing to sample from"))
+                continue
             try:
                 outputs.append(self._postprocess(req))
             except Exception as exc:  # one request's text failed: it alone ends, the batch goes on

@@ -151,7 +151,9 @@ class Sampler:
         return buf[:n]
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """``logits[i]`` belongs to ``requests[i]``; returns one token id per request.
+        """``logits[i]`` belongs to ``requests[i]``; returns one token id per request, or ``NOT_FINITE``
+        for a request whose logits are NaN or inf (nothing to sample from: the engine fails that request
+        alone, not its batch).
 
         Greedy rows cost one argmax for the batch; the others are penalised, filtered and drawn
         together, each with one uniform: from the sampler's generator, or for a request with a seed
@@ -186,9 +188,6 @@ class Sampler:
             picks[at] = inverse_cdf_sample(probs, uniforms.to(dev))
         tokens[torch.tensor(work, device=dev)] = picks
         out = tokens.tolist()
-        broken = [requests[i].request_id for i, t in enumerate(out) if t == NOT_FINITE]
-        if broken:  # multinomial raised here too: the step fails, not a token outside the vocabulary
-            raise ValueError(f"the logits of {', '.join(broken)} are not finite (NaN or inf): nothing to sample from")
         if ON_A_MASKED_TOKEN in out:
             row_of = {work[j]: k for k, j in enumerate(sampled)}
             for i, t in enumerate(out):
