@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -68,6 +69,24 @@ async def test_a_request_id_in_use_is_refused_and_its_stream_kept(running: Async
         await collect(running, "", [8, 9], 2)
     tokens += [t async for out in first for t in out.new_token_ids]
     assert tokens == hf_greedy(llama, [5, 6, 7], 6)
+
+
+@pytest.mark.parametrize("engine_busy_seconds", [0.3, 0.0])
+async def test_a_caller_cancelled_while_its_request_is_added_leaves_nothing_running(
+        running: AsyncEngine, llama: LoadedModel, engine_busy_seconds: float) -> None:
+    """Cancelled while the add waited behind a busy engine thread, the request used to be added anyway
+    and decode its whole max_tokens with nobody reading, holding its blocks and its id."""
+    busy = asyncio.ensure_future(running.call(lambda: time.sleep(engine_busy_seconds)))
+    consumer = asyncio.ensure_future(collect(running, "gone", [5] * 20, 400))
+    await asyncio.sleep(0.05 if engine_busy_seconds else 0)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await busy
+    await running.call(lambda: None)  # whatever the cancel queued has run
+    assert running.engine.get_request("gone") is None or running.engine.get_request("gone").is_finished
+    assert await collect(running, "gone", [5, 6, 7], 3) == hf_greedy(llama, [5, 6, 7], 3)  # the id is free
+    assert running.engine.block_manager.usage == 0
 
 
 def _end_the_engine_thread() -> None:

@@ -199,10 +199,28 @@ class AsyncEngine:
         Raises ``InvalidRequestError`` before yielding anything if the request can never be served.
         """
         q = self.open_stream(request_id)
+        # A caller cancelled while the add waits its turn must not leave the request running with no
+        # reader (holding blocks and a batch slot for its whole max_tokens): the add is skipped if it
+        # has not run yet, and aborted if it has. Only an add of ours is aborted (an id the engine
+        # refused as in use belongs to someone else).
+        lock, state = threading.Lock(), {"added": False, "cancelled": False}
+
+        def add() -> None:
+            with lock:
+                if state["cancelled"]:
+                    return
+                self.engine.add_request(request_id, prompt_token_ids, params, priority)
+                state["added"] = True
+
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, priority))
-        except BaseException:
+            await self.call(add)
+        except BaseException as exc:
+            with lock:
+                state["cancelled"] = True
+                added = state["added"]
             self.close_stream(request_id)
+            if added and isinstance(exc, asyncio.CancelledError):
+                self.abort_nowait(request_id)
             raise
         async for out in self.stream(request_id, q):
             yield out
