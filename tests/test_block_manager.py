@@ -220,8 +220,32 @@ def test_a_remote_prefill_does_not_take_blocks_ahead_of_waiting_higher_priority_
     s.update_from_output(s.schedule(), {"low": 1})
     assert high.status is RequestStatus.WAITING
     assert s.reserve_for_import(make_request("import-low", [1, 2, 3], priority=1)) is None
-    assert s.reserve_for_import(make_request("import-high", [1, 2, 3])) == 0  # same priority: may go
+    # same priority, but "high" came first and needs the 2 free blocks and one more: the import waits too
+    assert s.reserve_for_import(make_request("import-high", [1, 2, 3])) is None
     bm.check_invariants(s.live_requests())
+
+
+def test_remote_prefills_take_only_the_blocks_a_waiting_request_of_their_priority_leaves() -> None:
+    """Reservations run between steps, so a steady stream of them used to take every freed block before
+    a waiting request of the same priority, which then never ran."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096), bm)
+    first = make_request("first", list(range(1, 13)), max_tokens=3)  # 3 of the 8 blocks
+    s.add_request(first)
+    s.update_from_output(s.schedule(), {"first": 7})
+    waiting = make_request("waiting", list(range(1, 25)), max_tokens=2)  # needs 6 blocks: 5 are free
+    s.add_request(waiting)
+    served = 0
+    for i in range(40):  # one remote prefill of 3 blocks arrives per step
+        imp = make_request(f"import-{i}", list(range(1, 13)), max_tokens=2)
+        if s.reserve_for_import(imp) is not None:
+            served += 1
+            s.commit_import(imp.request_id, 5)
+        out = s.schedule()
+        s.update_from_output(out, {x.request.request_id: 9 for x in out.scheduled if x.samples})
+        bm.check_invariants(s.live_requests())
+    assert waiting.status is RequestStatus.FINISHED
+    assert served >= 30  # imports still go whenever they leave the waiting request its blocks
 
 
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:

@@ -254,14 +254,28 @@ class Scheduler:
 
         Returns the number of leading prompt tokens already cached (the KV to import starts there),
         or None when there are not enough free blocks or batch slots right now, or when requests of
-        a higher priority are waiting (the caller then queues this one for local prefill).
+        a higher priority are waiting, or the blocks and slot a waiting one of its own priority needs
+        next would be taken (the caller then queues this one for local prefill, behind it).
         """
         if self._num_slots_taken() >= self.config.max_num_seqs:
             return None
         if any(q for prio, q in self._waiting.items() if prio < req.priority):
             return None  # higher-priority requests wait for memory here: they get it first
+        # A waiting request of the same priority came first (a preempted one may have streamed tokens
+        # already): an import takes only what its next admission leaves. Reservations run between
+        # steps, so otherwise a steady stream of them took every freed block before it, for ever.
+        keep_free, head = 0, next(iter(self._waiting.get(req.priority) or ()), None)
+        if head is not None:
+            if self._num_slots_taken() + 1 >= self.config.max_num_seqs:
+                return None
+            head_hit = self.bm.find_cached_prefix(head) if not head.block_ids else []
+            head_new = min(head.num_tokens - head.num_computed_tokens - len(head_hit) * self.bm.block_size,
+                           self.config.max_num_batched_tokens)
+            keep_free = self.bm.num_new_blocks_needed(head, max(0, head_new), head_hit)
         hit = self.bm.find_cached_prefix(req)
         num_cached = len(hit) * self.bm.block_size
+        if not self.bm.can_allocate(req, req.num_prompt_tokens - num_cached, hit, keep_free=keep_free):
+            return None
         if not self.bm.allocate_slots(req, req.num_prompt_tokens - num_cached, hit):
             return None
         req.num_cached_tokens = num_cached
