@@ -13,7 +13,8 @@ replica count, a reason and a direction. Rules, in order:
    ``scaleUpStabilizationSeconds`` (the window must be covered by samples taken after the last
    change). The new count brings the sustained per-pod load down to a target (the middle of the
    scale-down and scale-up thresholds), counting pods still starting as capacity already on its
-   way, at most ``maxStep`` more and at most ``maxReplicas``;
+   way, at most ``maxStep`` more and at most ``maxReplicas``. A queue crossed while the busy
+   fraction stays under its own threshold is a transient: it adds one pod, it does not size the step;
 5. scale **down** when ALL ``scaleDown`` thresholds hold for every sample of the last
    ``scaleDownStabilizationSeconds`` and no pod is starting: remove as many pods (at most
    ``maxStep``, never below ``minReplicas``) as keep the projected per-pod load of every metric, at
@@ -151,6 +152,24 @@ def _sustained(window: Sequence[Sample], metric: str, above: float | None = None
     return True
 
 
+def _sizing_metrics(window: Sequence[Sample], policy: RoleAutoscale, crossed: list[str]) -> list[str]:
+    """The crossed metrics a scale-up is sized by (none: it adds one pod).
+
+    A queue crossed while the busy fraction (``gpuUtilization``, when the policy sets it) stays under
+    its own scale-up threshold is the transient any Poisson arrival stream has, not a shortage of that
+    size: it adds one pod instead of sizing the step. A queue is not proportional to the load (one
+    request waiting per pod turns up at 20% busy as at 90%), so sizing by it doubled a pool on a sample
+    that caught one waiting request per pod, and the next scale-down took the pods back. Once the role
+    is busy, the queue sizes the step again: the busy fraction stops at 100% and the queue is what
+    shows how far over it the load is. KV usage cannot tell a transient: a decode worker whose batch
+    slots are full queues requests at any KV usage.
+    """
+    busy_threshold = policy.scale_up.gpu_utilization
+    transient = (busy_threshold is not None and "gpu_utilization" not in crossed
+                 and all(s.gpu_utilization is not None for s in window))
+    return [m for m in crossed if not (m == "queue_length" and transient)]
+
+
 def decide(
     history: Sequence[Sample],
     policy: RoleAutoscale,
@@ -177,15 +196,15 @@ def decide(
     # ---- up: any threshold, sustained
     up_window = _window(history, now, policy.scale_up_stabilization_seconds, last_change, stale_after)
     crossed: list[str] = []
-    needed = 0
     if up_window is not None:
-        for metric, threshold in policy.scale_up.items().items():
-            if _sustained(up_window, metric, above=threshold):
-                crossed.append(metric)
-                level = min(s.value(metric) or 0.0 for s in up_window)  # the sustained level
-                goal = target(policy, metric) or threshold
-                needed = max(needed, math.ceil(level * latest.sharing / max(goal, EPSILON) - EPSILON))
-    if crossed:
+        crossed = [m for m, threshold in policy.scale_up.items().items()
+                   if _sustained(up_window, m, above=threshold)]
+    if crossed and up_window is not None:
+        needed = 0
+        for metric in _sizing_metrics(up_window, policy, crossed):
+            level = min(s.value(metric) or 0.0 for s in up_window)  # the sustained level
+            goal = target(policy, metric) or policy.scale_up.items()[metric]
+            needed = max(needed, math.ceil(level * latest.sharing / max(goal, EPSILON) - EPSILON))
         reason = ", ".join(f"{_label(m)} above {policy.scale_up.items()[m]:g}" for m in crossed)
         if current_replicas >= high:
             return Decision(current_replicas, f"{reason}; at maxReplicas", "hold")

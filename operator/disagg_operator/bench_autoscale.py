@@ -298,8 +298,10 @@ class Cluster:
         if not ready:
             return Sample(now, 0), starting
         n = len(ready)
-        # arrivals are handed to pods at the start of the step they fall in; count only those already here
-        queue = sum(sum(1 for r in p.queue if r.arrival <= now) for p in ready) / n
+        # arrivals are handed to pods at the start of the step they fall in; count only those already
+        # here, and not a prefill pod's prompt in progress (the queue's head): the workers' queue gauge
+        # (disagg_requests_waiting) counts requests not yet running
+        queue = sum(sum(1 for r in p.queue if r.arrival <= now) - (p.busy_left > 0) for p in ready) / n
         busy = sum(min(1.0, p.busy_time / interval) for p in ready) / n * 100
         kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in ready) / n * 100
         for p in self.pools[role]:

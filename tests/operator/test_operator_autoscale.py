@@ -62,6 +62,20 @@ def test_any_scale_up_threshold_is_enough_but_scale_down_needs_all() -> None:
     assert decide(queue_calm_kv_middle, DECODE, 8, 0, NOW, None).direction == "hold"
 
 
+def test_a_queue_sizes_the_step_only_while_the_pods_are_busy() -> None:
+    """A queue over its threshold while the busy fraction is under its own is a transient: one pod more.
+    Sized by the queue (not proportional to the load), such a sample at 30% busy doubled the pool and
+    the next scale-down took it back. Once busy, the queue shows how far over 100% the load is."""
+    wide = PREFILL.model_copy(update={"max_step": 4, "max_replicas": 12})
+    transient = steady(2, NOW, queue_length=9.0, gpu_utilization=30.0)
+    d = decide(transient, wide, 2, 0, NOW, None)
+    assert (d.desired, d.direction) == (3, "up")
+    saturated = steady(2, NOW, queue_length=20.0, gpu_utilization=95.0)
+    assert decide(saturated, wide, 2, 0, NOW, None).desired == 6  # 20 x 2 / target 5 = 8, step 4
+    # without a busy threshold nothing tells a transient: the queue sizes it (decode: slots, not KV, may be full)
+    assert decide(steady(2, NOW, queue_length=30.0, kv_cache_usage=50.0), DECODE, 2, 0, NOW, None).desired == 4
+
+
 def test_scale_up_must_be_sustained_over_the_window() -> None:
     history = [*steady(4, NOW, **MIDDLE)[:-2], Sample(NOW - 15, 4, **BUSY), Sample(NOW, 4, **BUSY)]
     assert decide(history, DECODE, 4, 0, NOW, None).direction == "hold"  # busy for 15 s of a 30 s window
