@@ -31,7 +31,7 @@ from disagg_worker.policy import PolicyError, load_policy
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.decode_service import DecodeServicer
 from disagg_worker.server.http import build_app
-from disagg_worker.server.peers import GRPC_OPTIONS, PeerPool
+from disagg_worker.server.peers import GRPC_OPTIONS, SERVER_PING_OPTIONS, PeerPool
 from disagg_worker.server.prefill_service import PrefillServicer
 from disagg_worker.server.runtime import WorkerRuntime
 from disagg_worker.transfer.tcp import KvReceiver
@@ -119,7 +119,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     # grpcio sets SO_REUSEPORT by default: a second worker on a taken port would bind and silently
     # split the traffic with the first one
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(runtime), server)
     kv_receiver = None
     if args.role in ("decode", "both"):

@@ -30,6 +30,11 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# What a worker's server accepts from those clients: a ping every keepalive_time_ms even while it
+# sends nothing. The default (5 minutes between pings on a quiet connection, 2 strikes) answered the
+# third ping of a stream waiting for its first token with GOAWAY "too_many_pings" and failed it after
+# ~30 s, on any channel not also carrying load reports (a retired worker's, finishing its streams).
+SERVER_PING_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 # A worker that leaves DNS (scale-down, drain) keeps its channel this long, so the streams it is
 # finishing are not cut off by the router; after that they are cancelled.
 RETIRE_GRACE_SECONDS = 600.0
