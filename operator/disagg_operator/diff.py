@@ -90,6 +90,18 @@ def _same_scalar(want: Any, have: Any, path: Sequence[str]) -> bool:
     return False
 
 
+# The keys of the lists server-side apply merges entry by entry (containers, env, volumes, ports...):
+# there another field manager's entries live beside ours, and applying ours never removes them.
+MERGE_KEYS = ("name", "mountPath", "containerPort", "port")
+
+
+def _merge_key(items: list[Any]) -> str | None:
+    """The key a list of objects is merged by, if every entry has it; None for an atomic list."""
+    if not items or not all(isinstance(item, Mapping) for item in items):
+        return None
+    return next((k for k in MERGE_KEYS if all(k in item for item in items)), None)
+
+
 def first_mismatch(want: Any, have: Any, path: tuple[str, ...] = ()) -> str | None:
     """The first path where ``have`` does not carry ``want`` (None: ``want`` is a subset of ``have``)."""
     if isinstance(want, Mapping):
@@ -106,7 +118,19 @@ def first_mismatch(want: Any, have: Any, path: tuple[str, ...] = ()) -> str | No
                 return found
         return None
     if isinstance(want, list):
-        if not isinstance(have, list) or len(want) != len(have):
+        if not isinstance(have, list):
+            return ".".join(path)
+        merge_key = _merge_key(want)
+        if merge_key is not None:  # a keyed list: entries others added (kubectl set env, a webhook) stay
+            have_by_key = {h.get(merge_key): h for h in have if isinstance(h, Mapping)}
+            for i, w in enumerate(want):
+                h = have_by_key.get(w[merge_key])
+                found = (".".join(path) if h is None else
+                         first_mismatch(w, h, (*path[:-1], f"{path[-1] if path else ''}[{i}]")))
+                if found:
+                    return found
+            return None
+        if len(want) != len(have):
             return ".".join(path)
         for i, (w, h) in enumerate(zip(want, have, strict=True)):
             found = first_mismatch(w, h, (*path[:-1], f"{path[-1] if path else ''}[{i}]"))

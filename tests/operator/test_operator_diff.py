@@ -144,6 +144,22 @@ def test_children_of_others_are_never_deleted() -> None:
     assert actions == []
 
 
+def test_entries_another_manager_added_to_a_keyed_list_are_not_drift() -> None:
+    """Server-side apply merges keyed lists (env, containers, volumes) entry by entry, so an env var added
+    with ``kubectl set env`` or by a webhook stays whatever the operator applies. Lists of unequal length
+    used to read as drift: an update and an Event every pass, and Ready never True."""
+    kube = applied(SMALL_SPEC)
+    kube.hand_edit("Deployment", "demo-decode", lambda o: o["spec"]["template"]["spec"]["containers"][0]
+                   .setdefault("env", []).append({"name": "NCCL_DEBUG", "value": "INFO"}))
+    have = observed(kube)
+    assert diff(desired(SMALL_SPEC, have), have, OWNER.uid) == []
+    # an entry of ours that changed, or went, still is drift
+    assert first_mismatch({"env": [{"name": "A", "value": "1"}]},
+                          {"env": [{"name": "B", "value": "x"}, {"name": "A", "value": "2"}]}) == "env[0].value"
+    assert first_mismatch({"env": [{"name": "A", "value": "1"}]}, {"env": [{"name": "B", "value": "x"}]}) == "env"
+    assert first_mismatch({"args": ["--a", "1"]}, {"args": ["--a", "1", "--b"]}) == "args"  # atomic: replaced
+
+
 def test_first_mismatch_semantics() -> None:
     assert first_mismatch({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}, "d": 3}) is None
     assert first_mismatch({"a": {"b": 1}}, {"a": {"b": 2}}) == "a.b"
