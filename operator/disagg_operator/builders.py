@@ -400,7 +400,15 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
 
 
+# How long past its startup probe's allowance a rollout may go without progress before the Deployment
+# reports ProgressDeadlineExceeded (image pull, scheduling). The default 600 s is shorter than a big
+# model's allowed load time: a healthy rollout was reported Degraded.
+PROGRESS_DEADLINE_MARGIN_SECONDS = 600
+
+
 def build_deployment(parsed: ParsedSpec, owner: Owner, component: str, replicas: int) -> dict[str, Any]:
+    pod = getattr(parsed.pods, component)
+    startup = pod.startup_timeout_seconds if isinstance(pod, WorkerSpec) else DEFAULT_STARTUP_SECONDS
     return _finish(
         {
             "apiVersion": "apps/v1",
@@ -408,6 +416,7 @@ def build_deployment(parsed: ParsedSpec, owner: Owner, component: str, replicas:
             "metadata": _metadata(owner, component),
             "spec": {
                 "replicas": replicas,
+                "progressDeadlineSeconds": int(startup) + PROGRESS_DEADLINE_MARGIN_SECONDS,
                 "selector": {"matchLabels": selector_labels(owner, component)},
                 "template": _pod_template(parsed, owner, component),
             },
@@ -525,10 +534,27 @@ def build_hpa(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:
     )
 
 
+# The API server cuts a generated name's base (here "DEPLOYMENT-HASH-") to this many characters before
+# it adds 5 random ones.
+GENERATED_NAME_BASE_MAX = 58
+POD_TEMPLATE_HASH_MAX = 10  # the ReplicaSet's pod-template-hash: a uint32, safe-encoded
+
+
+def pod_name_pattern(deployment: str) -> str:
+    """A regex for the names of a Deployment's pods: DEPLOYMENT-<template hash>-<5 random>, the base cut
+    to 58 characters. ".*" would also match the pods of a DisaggDeployment whose name extends this one's
+    (``chat`` vs ``chat-decode``); a fixed "-HASH-SUFFIX" matched nothing once the cut took the dash
+    (deployment names from 46 characters on: a DisaggDeployment name of 39 or more)."""
+    base = deployment.replace(".", "[.]") + "-"
+    if len(deployment) + 1 >= GENERATED_NAME_BASE_MAX:
+        return f"{base[:GENERATED_NAME_BASE_MAX]}[a-z0-9]{{5}}"
+    if len(deployment) + 1 + POD_TEMPLATE_HASH_MAX + 1 <= GENERATED_NAME_BASE_MAX:
+        return f"{base}[a-z0-9]{{1,{POD_TEMPLATE_HASH_MAX}}}-[a-z0-9]{{5}}"
+    return f"{base}[a-z0-9]{{0,{POD_TEMPLATE_HASH_MAX}}}-?[a-z0-9]{{5}}"
+
+
 def promql(metric: str, owner: Owner, role: str, agg: str = "avg") -> str:
-    # a Deployment's pods are NAME-<replicaset hash>-<suffix>; ".*" would also match the pods of a
-    # DisaggDeployment whose name extends this one's (``chat`` vs ``chat-decode``)
-    pods = f"{child_name(owner, role)}-[a-z0-9]+-[a-z0-9]+"
+    pods = pod_name_pattern(child_name(owner, role))
     return f'{agg}({metric}{{namespace="{owner.namespace}",pod=~"{pods}"}})'
 
 

@@ -4,6 +4,7 @@ data-plane contract (args, ports, probes, drain hook), the labelling and the sec
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -20,7 +21,9 @@ from disagg_operator.builders import (
     LABEL_NAME,
     Owner,
     build_children,
+    child_name,
     format_quantity,
+    pod_name_pattern,
     role_replicas,
 )
 from disagg_operator.spec import parse_spec
@@ -159,6 +162,10 @@ def test_a_worker_may_take_as_long_to_start_as_its_spec_allows() -> None:
     assert startup(SMALL_SPEC, "decode") == 600
     slow = {**SMALL_SPEC, "decode": {"startupTimeoutSeconds": 1801}}
     assert startup(slow, "decode") >= 1801 and startup(slow, "prefill") == 600 and startup(slow, "router") == 600
+    # a rollout waiting out a slow load is not reported stalled (ProgressDeadlineExceeded: Degraded) first
+    deadline = {name: by(children(slow), "Deployment", f"demo-{name}")["spec"]["progressDeadlineSeconds"]
+                for name in ("decode", "prefill", "router")}
+    assert deadline["decode"] > 1801 and deadline["prefill"] > 600 and deadline["router"] > 600
 
 
 def test_decode_drains_before_it_stops() -> None:
@@ -219,10 +226,28 @@ def test_keda_scaled_object_queries_prometheus() -> None:
     assert (so["minReplicaCount"], so["maxReplicaCount"]) == (1, 6)
     [trigger] = so["triggers"]
     assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
-    # the pods of demo-decode's ReplicaSets only, not those of a DisaggDeployment named demo-decode
-    pods = "demo-decode-[a-z0-9]+-[a-z0-9]+"
+    pods = pod_name_pattern("demo-decode")
     assert trigger["metadata"]["query"] == f'sum(disagg_kv_cache_usage_ratio{{namespace="ns",pod=~"{pods}"}})'
     assert trigger["metadata"]["threshold"] == "0.75"
+
+
+@pytest.mark.parametrize("name_length", [4, 20, 38, 39, 45, 50, 55])
+def test_the_pod_pattern_matches_the_names_the_api_server_generates(name_length: int) -> None:
+    """A pod is named (DEPLOYMENT-HASH-)[:58] + 5 random characters. The pattern used to require
+    "-HASH-SUFFIX", which the cut removed from 39-character DisaggDeployment names on: KEDA then saw no
+    pods and kept the pool at its minimum under any load."""
+    name = ("d" * name_length)[:name_length]
+    for role in ("prefill", "decode"):
+        deployment = child_name(Owner(name, "ns", "u", 1), role)
+        pattern = re.compile(pod_name_pattern(deployment))  # PromQL's =~ is anchored at both ends
+        for template_hash in ("5d8f7b9c64", "7c9d4b6f8", "b5"):
+            pod = f"{deployment}-{template_hash}-"[:58] + "x7k2p"
+            assert pattern.fullmatch(pod), (pod, pattern.pattern)
+        # ...and not those of a DisaggDeployment whose name extends this one's (``demo`` vs ``demo-decode``),
+        # where the names tell them apart: cut to 58 characters, longer ones cannot
+        other = child_name(Owner(f"{name}-{role}", "ns", "u", 1), role)
+        if len(deployment) + 12 <= 58:
+            assert not pattern.fullmatch(f"{other}-5d8f7b9c64-"[:58] + "x7k2p")
 
 
 def test_replicas_by_mode() -> None:
