@@ -63,6 +63,7 @@ def test_a_whole_disaggdeployment_is_accepted_as_a_policy_file(tmp_path: Path) -
     ({"splitPolicy": {"prefixCacheWeight": float("nan")}}, "splitPolicy.prefixCacheWeight"),
     ({"qos": {"unknownKnob": 1}}, "qos.unknownKnob"),
     ({"kvTransfer": {"backend": "carrier-pigeon"}}, "kvTransfer.backend"),
+    ({"autoscale": {"decode": {"scaleUp": {"queueLength": 0}}}}, "scaleUp.queueLength"),  # an HPA refuses 0
 ])
 def test_invalid_values_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):

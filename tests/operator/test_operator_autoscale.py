@@ -179,7 +179,7 @@ def test_target_sits_between_thresholds() -> None:
 policies = st.builds(
     lambda lo, span, up_q, gap_q, step, cool, up_stab, down_stab: RoleAutoscale(
         min_replicas=lo, max_replicas=max(1, lo + span), scale_up=Thresholds(queue_length=up_q, kv_cache_usage=80),
-        scale_down=Thresholds(queue_length=max(0.0, up_q - gap_q), kv_cache_usage=30), max_step=step,
+        scale_down=Thresholds(queue_length=max(0.1, up_q - gap_q), kv_cache_usage=30), max_step=step,
         cooldown_seconds=cool, scale_up_stabilization_seconds=up_stab, scale_down_stabilization_seconds=down_stab),
     st.integers(0, 4), st.integers(0, 8), st.floats(1, 40), st.floats(0.5, 30), st.integers(1, 4),
     st.sampled_from([0, 30, 60, 120]), st.sampled_from([0, 15, 30, 60]), st.sampled_from([0, 60, 300]))

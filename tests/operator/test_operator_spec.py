@@ -180,7 +180,7 @@ def test_names_must_fit_children_and_dns() -> None:
 # ---- CEL rules and their pydantic twins agree --------------------------------------------------
 
 thresholds = st.fixed_dictionaries({}, optional={
-    "queueLength": st.integers(0, 20), "gpuUtilization": st.integers(0, 100), "kvCacheUsage": st.integers(0, 100)})
+    "queueLength": st.integers(1, 20), "gpuUtilization": st.integers(1, 100), "kvCacheUsage": st.integers(1, 100)})
 role_autoscale = st.fixed_dictionaries({}, optional={
     "minReplicas": st.integers(0, 6), "maxReplicas": st.integers(1, 6), "scaleUp": thresholds, "scaleDown": thresholds})
 

@@ -56,9 +56,11 @@ class CachePolicy(_Model):
 
 
 class Thresholds(_Model):
-    queue_length: float | None = Field(None, ge=0)
-    gpu_utilization: float | None = Field(None, ge=0, le=100, description="percent")
-    kv_cache_usage: float | None = Field(None, ge=0, le=100, description="percent")
+    # above 0: a scale-down below 0 can never hold, and an HPA's averageValue of 0 is refused by the API
+    # server (the resource would stay Degraded)
+    queue_length: float | None = Field(None, gt=0)
+    gpu_utilization: float | None = Field(None, gt=0, le=100, description="percent")
+    kv_cache_usage: float | None = Field(None, gt=0, le=100, description="percent")
 
     def items(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump(by_alias=False).items() if v is not None}
