@@ -46,6 +46,8 @@ def test_tcp_transport_matches_hf(tmp_path: Path) -> None:
     ("grpc", "slow_transfer:4", 1, "deadline"),
     ("grpc", "die_mid_transfer", 30, None),
     ("tcp", "corrupt_chunk", 30, "checksum"),
+    # the deadline cuts the socket too: its "closed mid-frame" was counted as the reason (invalid_chunk)
+    ("tcp", "slow_transfer:4", 1, "deadline"),
     ("tcp", "die_mid_transfer", 30, None),
 ])
 def test_broken_kv_transfer_falls_back_to_local_prefill(tmp_path: Path, backend: str, fault: str, timeout_s: float,

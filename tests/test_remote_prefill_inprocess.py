@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from disagg_worker import metrics
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.engine.request import PRIORITY_HIGH, PRIORITY_LOW
@@ -92,10 +93,13 @@ async def test_remote_prefill_is_queued_with_the_requests_priority(pair: Pair, l
     prompt = list(range(40, 90))
     request = pb.GenerateRequest(request_id=f"r-{priority}", prompt_token_ids=prompt, priority=priority,
                                  prefill_mode="remote", params=pb.SamplingParams(max_tokens=6, temperature=0, top_p=1))
+    counted = metrics.GENERATION_TOKENS.labels("decode")._value.get()
     messages = [m async for m in pair.decode.Generate(request, timeout=60)]
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 6)
     assert pair.prefill_priorities == [queued_as]
+    # the first token too, sampled on the prefill worker (no decode step saw it: it went uncounted)
+    assert metrics.GENERATION_TOKENS.labels("decode")._value.get() - counted == 6
 
 
 async def test_a_remote_prefill_is_not_counted_as_the_decode_workers_own(pair: Pair) -> None:

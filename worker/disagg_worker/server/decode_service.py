@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 PREFILL_MODES = ("", "auto", "local", "remote")  # "": auto
 # A pool off the CPU installs each received gRPC chunk through the engine thread, which runs commands
 # between steps: awaited one by one, every chunk waited for a step of its own (4 MiB chunks at 75 ms a
-# step: ~50 MB/s). Up to this many are queued at once, so those that arrive during a step all go in at
-# its end; a fallback queued after them still runs after them (the engine's commands run in order).
-_IMPORT_WINDOW = 8
+# step: ~50 MB/s). Up to kvTransfer.maxInflightChunks are queued at once (the memory bound), so those
+# that arrive during a step all go in at its end; a fallback queued after them still runs after them
+# (the engine's commands run in order).
 
 
 def output_message(out: RequestOutput) -> pb.GenerateResponse:
@@ -215,10 +215,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     if pool_sink is not None:  # no wait for the engine's current step
                         pool_sink.write(ChunkSpec(chunk.seq, chunk.first_block, chunk.num_blocks, chunk.layer_start,
                                                   chunk.num_layers), chunk.k, chunk.v)
-                    else:  # queued, not awaited one by one (see _IMPORT_WINDOW)
+                    else:  # queued, not awaited one by one (at most maxInflightChunks at once)
                         imports.append(asyncio.ensure_future(rt.engine.call(
                             lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))))
-                        if len(imports) > _IMPORT_WINDOW:
+                        if len(imports) >= rt.policy.kv_transfer.max_inflight_chunks:
                             await imports.popleft()
                     received += len(chunk.k) + len(chunk.v)
                 elif resp.HasField("done"):
@@ -245,9 +245,15 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 left = deadline - (time.monotonic() - t_start)
                 with contextlib.suppress(Exception):  # let the data plane report its side of the failure
                     await asyncio.wait_for(asyncio.shield(side.finished), min(1.0, max(0.01, left)))
-            if (side is not None and side.finished.done() and not side.finished.cancelled()
+            # the data plane's error explains the control stream's (an ABORTED from a prefill worker whose
+            # send failed), unless that one failed first on its own: a deadline or a dead peer cuts the
+            # socket too, and its "closed mid-frame" would then be counted as a bad chunk
+            control_cause = isinstance(exc, asyncio.TimeoutError) or (
+                isinstance(exc, grpc.aio.AioRpcError)
+                and exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
+            if (not control_cause and side is not None and side.finished.done() and not side.finished.cancelled()
                     and side.finished.exception() is not None):
-                failure = side.finished.exception()  # type: ignore[assignment]  # explains the control stream's
+                failure = side.finished.exception()  # type: ignore[assignment]
             if side is not None:
                 side.stop()  # before fallback frees the reserved blocks: no late chunk lands in them
             reason = _failure_reason(failure)
@@ -274,6 +280,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                                   kv_transfer_seconds=transfer_s, first_token_seconds=now - t0)
         _observe_phases(rt.role, timings, remote=True)
         m.TTFT.labels(rt.role).observe(now - t0)
+        m.GENERATION_TOKENS.labels(rt.role).inc(len(out.new_token_ids))  # sampled remotely: no step of ours saw it
         # (not into this worker's mean prefill time: the router reads that as the cost of the prompts
         # this worker prefills itself, and a remote prefill of a long prompt inflated it 12x)
         return out, pb.GenerateResponse(remote_prefill=True, timings=timings)
