@@ -248,6 +248,16 @@ def test_remote_prefills_take_only_the_blocks_a_waiting_request_of_their_priorit
     assert served >= 30  # imports still go whenever they leave the waiting request its blocks
 
 
+def test_a_fallen_back_import_counts_its_prompt_once_in_the_prefix_lookups() -> None:
+    bm = BlockManager(16, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    req = make_request("r", list(range(1, 21)))
+    assert s.reserve_for_import(req) == 0
+    s.fallback_to_local("r")  # the transfer failed: prefilled locally, looked up again when scheduled
+    s.schedule()
+    assert (bm.prefix_queries_tokens, bm.prefix_hit_tokens) == (20, 0)  # was 40: counted twice
+
+
 def test_decodes_are_scheduled_before_a_long_chunked_prefill() -> None:
     bm = BlockManager(64, 4)
     s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256), bm)

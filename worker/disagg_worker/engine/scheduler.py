@@ -305,7 +305,9 @@ class Scheduler:
         self.bm.free(req)
         req.num_computed_tokens = 0
         # timed and prefix-counted afresh when local prefill schedules it: the reservation's values
-        # would charge the failed transfer to the local prefill (and skew the router's estimates)
+        # would charge the failed transfer to the local prefill (and skew the router's estimates); its
+        # lookup is taken back, or the prompt would count twice in the prefix-cache hit ratio
+        self.bm.record_lookup(-req.num_prompt_tokens, -req.num_cached_tokens)
         req.first_scheduled_time, req.num_cached_tokens = None, 0
         self.add_request(req)
         # it was already waiting its turn: serve it before newer arrivals
