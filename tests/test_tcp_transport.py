@@ -499,6 +499,16 @@ def test_closing_the_receiver_cuts_pooled_connections() -> None:
         conn.close()
 
 
+def test_a_closed_receiver_stops_listening_at_once() -> None:
+    """Closing the listening socket did not wake the thread blocked in accept(): the port still took
+    connections until one more came in."""
+    receiver = KvReceiver("127.0.0.1")
+    receiver.close()
+    assert not receiver._thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", receiver.port), timeout=2).close()
+
+
 def test_a_connection_that_sends_nothing_is_closed_and_a_pooled_one_still_works(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each connection holds a receiver thread: one that never starts a transfer was held forever."""

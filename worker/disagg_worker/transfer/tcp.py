@@ -235,8 +235,12 @@ class KvReceiver:
     def close(self) -> None:
         """Stop listening and cut every connection (their senders drop them; transfers in flight fail)."""
         self._closed = True
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept(); close() alone does not
+            self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
