@@ -126,11 +126,20 @@ def render_policy(policy: Policy) -> str:
     return yaml.safe_dump(policy.to_camel_dict(), sort_keys=True)
 
 
-def data_plane_policy_hash(policy: Policy) -> str:
-    """Hash of what the router and workers act on: the policy minus the autoscale section."""
+# The policy sections each component reads (``policy.<section>`` in worker/disagg_worker/server and
+# router): a pod rolls when these change, and not for the others. A worker restart reloads the model,
+# so a router-only knob (qos) must not restart the GPU pools. The operator's planner reads autoscale.
+POLICY_SECTIONS_READ = {
+    "router": ("model", "splitPolicy", "cache", "qos"),
+    "worker": ("model", "splitPolicy", "cache", "kvTransfer"),
+}
+
+
+def data_plane_policy_hash(policy: Policy, component: str) -> str:
+    """Hash of the policy sections ``component`` (prefill, decode or router) acts on."""
     data = policy.to_camel_dict()
-    data.pop("autoscale", None)
-    return stable_hash(data)
+    sections = POLICY_SECTIONS_READ["router" if component == "router" else "worker"]
+    return stable_hash({section: data.get(section) for section in sections})
 
 
 def spec_hash(obj: Mapping[str, Any]) -> str:
@@ -386,7 +395,7 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         spec["affinity"] = dict(pod.affinity)
     if pod.priority_class_name:
         spec["priorityClassName"] = pod.priority_class_name
-    annotations = {ANNOTATION_POLICY_HASH: data_plane_policy_hash(parsed.policy)}
+    annotations = {ANNOTATION_POLICY_HASH: data_plane_policy_hash(parsed.policy, component)}
     if pods.monitoring.prometheus_annotations:
         annotations.update(
             {

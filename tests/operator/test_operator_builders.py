@@ -184,13 +184,14 @@ def test_policy_configmap_round_trips() -> None:
 
 
 def test_policy_hash_rolls_pods_on_data_plane_changes_only() -> None:
-    def hashes(spec: dict[str, Any]) -> set[str]:
-        return {o["spec"]["template"]["metadata"]["annotations"][ANNOTATION_POLICY_HASH]
+    def hashes(spec: dict[str, Any]) -> dict[str, str]:
+        return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"][ANNOTATION_POLICY_HASH]
                 for o in children(spec) if o["kind"] == "Deployment"}
 
     base = hashes(SMALL_SPEC)
-    assert len(base) == 1
-    assert hashes({**SMALL_SPEC, "qos": {"ttftSloMs": 300}}) != base
+    assert base["demo-prefill"] == base["demo-decode"] != base["demo-router"]  # the sections each reads
+    qos = hashes({**SMALL_SPEC, "qos": {"ttftSloMs": 300}})
+    assert qos["demo-router"] != base["demo-router"] and qos["demo-decode"] == base["demo-decode"]
     assert hashes({**SMALL_SPEC, "autoscale": {"mode": "off", "prefill": {"maxReplicas": 9}}}) == base
 
 

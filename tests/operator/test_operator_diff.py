@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from opkit import SMALL_SPEC, FakeKube
 
 from disagg_operator.builders import Owner, build_children
@@ -92,13 +93,18 @@ def test_decode_resources_change_touches_only_the_decode_deployment() -> None:
     assert touched(diff(desired(changed, have), have, OWNER.uid)) == {("update", "Deployment", "decode")}
 
 
-def test_policy_change_updates_configmap_and_rolls_every_pod() -> None:
+@pytest.mark.parametrize(("section", "rolled"), [
+    ({"splitPolicy": {"promptLengthThreshold": 300}}, {"prefill", "decode", "router"}),
+    ({"cache": {"minCacheHitRatio": 0.5}}, {"prefill", "decode", "router"}),
+    # read by the router only: the GPU workers, which would reload the model, keep running
+    ({"qos": {"ttftSloMs": 350}}, {"router"}),
+    ({"kvTransfer": {"chunkBytes": 1 << 20}}, {"prefill", "decode"}),
+])
+def test_a_policy_change_rolls_the_pods_that_read_it(section: dict[str, Any], rolled: set[str]) -> None:
     kube = applied(SMALL_SPEC)
     have = observed(kube)
-    changed = {**SMALL_SPEC, "qos": {"ttftSloMs": 350}}
-    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {
-        ("update", "ConfigMap", "policy"), ("update", "Deployment", "prefill"),
-        ("update", "Deployment", "decode"), ("update", "Deployment", "router")}
+    assert touched(diff(desired({**SMALL_SPEC, **section}, have), have, OWNER.uid)) == {
+        ("update", "ConfigMap", "policy"), *(("update", "Deployment", name) for name in rolled)}
 
 
 def test_autoscale_only_change_updates_configmap_without_rolling_pods() -> None:
