@@ -52,6 +52,17 @@ def test_a_whole_disaggdeployment_is_accepted_as_a_policy_file(tmp_path: Path) -
     assert load_policy(path).split_policy.prompt_length_threshold == 64
 
 
+def test_a_role_written_in_part_takes_the_rest_from_that_roles_defaults() -> None:
+    """``prefill: {}`` used to mean the generic minReplicas 1, maxReplicas 4 and no thresholds at all (no
+    autoscaling), where leaving prefill out meant seed 001's 4-12 on queue length and utilisation."""
+    default = parse_policy({}).autoscale
+    assert parse_policy({"autoscale": {"prefill": {}, "decode": {}}}).autoscale == default
+    prefill = parse_policy({"autoscale": {"prefill": {"max_replicas": 20}}}).autoscale.prefill  # seed 001's spelling
+    assert (prefill.min_replicas, prefill.max_replicas, prefill.scale_up) == (4, 20, default.prefill.scale_up)
+    decode = parse_policy({"autoscale": {"decode": {"scaleUp": {"kvCacheUsage": 90}}}}).autoscale.decode
+    assert decode.scale_up.items() == {"kv_cache_usage": 90} and decode.scale_down == default.decode.scale_down
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"splitPolicy": {"prefixCacheWeight": -1}}, "splitPolicy.prefixCacheWeight"),
     ({"cache": {"minCacheHitRatio": 1.5}}, "cache.minCacheHitRatio"),

@@ -23,6 +23,7 @@ import yaml
 
 from disagg_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from disagg_operator.spec import MAX_NAME_LENGTH, spec_schema_json, status_schema_json
+from disagg_worker.policy import ROLE_DEFAULTS
 
 _METRICS = ("queueLength", "gpuUtilization", "kvCacheUsage")
 
@@ -219,8 +220,24 @@ def structural_schema(pydantic_schema: dict[str, Any], model: str | None = None)
     return _clean(_structural(pydantic_schema, defs, model))
 
 
+def _with_role_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each autoscale role's fields default to that role's values (``ROLE_DEFAULTS``), not to the generic
+    ``RoleAutoscale``'s: the API server then fills ``prefill: {maxReplicas: 6}`` as the policy does."""
+    roles = spec["properties"]["autoscale"]["properties"]
+    for role, default in ROLE_DEFAULTS.items():
+        props = roles[role]["properties"]
+        values = default.model_dump(by_alias=True, exclude_none=True)
+        roles[role]["default"] = values
+        for name, value in values.items():
+            props[name]["default"] = value
+        for thresholds in ("scaleUp", "scaleDown"):  # given, it replaces the default's whole
+            for sub in props[thresholds]["properties"].values():
+                sub.pop("default", None)
+    return spec
+
+
 def open_api_schema() -> dict[str, Any]:
-    spec = structural_schema(spec_schema_json(), "DisaggDeploymentSpec")
+    spec = _with_role_defaults(structural_schema(spec_schema_json(), "DisaggDeploymentSpec"))
     spec["description"] = (
         "Desired state: the model, how the prefill/decode/router pods run, and the serving "
         "policy they read (rendered into the <name>-policy ConfigMap)."

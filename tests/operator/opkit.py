@@ -99,7 +99,21 @@ def _cel(rule: str, value: Any) -> bool:
     return bool(result)
 
 
+def _as_cel_sees_it(schema: Mapping[str, Any], value: Any) -> Any:
+    """``value`` with the numbers of ``type: number`` fields as doubles, as the API server's CEL sees
+    them: a user's 1 beside a default's 8.0 compare (celpy alone has no int-double overloads)."""
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        return {k: _as_cel_sees_it(props[k], v) if k in props else v for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_as_cel_sees_it(schema["items"], v) for v in value]
+    return value
+
+
 def cel_errors(schema: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
+    value = _as_cel_sees_it(schema, value)
     out: list[str] = []
     for rule in schema.get("x-kubernetes-validations") or []:
         if not _cel(rule["rule"], value):

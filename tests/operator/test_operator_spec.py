@@ -18,7 +18,7 @@ from opkit import CHART_DIR, CRD_PATH, EXAMPLES, ROOT, api_server_errors, apply_
 
 from disagg_operator.crd import build_crd, render_crd_yaml
 from disagg_operator.spec import MAX_NAME_LENGTH, SpecError, parse_spec
-from disagg_worker.policy import PolicyError, RoleAutoscale, load_policy
+from disagg_worker.policy import Autoscale, PolicyError, load_policy
 
 
 def test_import_operator_is_the_standard_library_from_the_repo_root() -> None:
@@ -101,7 +101,8 @@ def test_every_default_in_the_crd_is_valid_for_its_own_node() -> None:
 
 def test_api_server_defaults_and_pydantic_defaults_agree() -> None:
     schema = crd_schema()
-    for spec in ({}, {"autoscale": {"decode": {"minReplicas": 2}}}, {"prefill": {"replicas": 3}}):
+    for spec in ({}, {"autoscale": {"decode": {"minReplicas": 2}}}, {"prefill": {"replicas": 3}},
+                 {"autoscale": {"prefill": {}, "decode": {"maxReplicas": 30, "scaleDown": {"queueLength": 1}}}}):
         defaulted = apply_defaults(schema, dd(spec=copy.deepcopy(spec)))["spec"]
         assert parse_spec(defaulted) == parse_spec(spec), spec
 
@@ -127,7 +128,8 @@ INVALID = [
     ({"autoscale": {"mode": "keda"}}, "prometheusUrl"),
     ({"autoscale": {"mode": "hpa", "prefill": {"minReplicas": 0, "maxReplicas": 2,
                                                "scaleUp": {"queueLength": 3}}}}, "minReplicas"),
-    ({"autoscale": {"mode": "hpa", "decode": {"minReplicas": 1, "maxReplicas": 2}}}, "scaleUp"),
+    # (a role written in part keeps its default thresholds: here they are written away)
+    ({"autoscale": {"mode": "hpa", "decode": {"minReplicas": 1, "maxReplicas": 2, "scaleUp": {}}}}, "scaleUp"),
     # at zero pods there are no metrics: nothing would ever scale the role back up
     ({"autoscale": {"decode": {"minReplicas": 0, "maxReplicas": 2}}}, "minReplicas"),
     ({"autoscale": {"mode": "keda", "prometheusUrl": "http://p:9090", "prefill": {
@@ -195,7 +197,7 @@ def test_role_autoscale_cel_matches_pydantic(data: dict[str, Any]) -> None:
     schema = _role_schema()
     cel_ok = not cel_errors(schema, apply_defaults(schema, copy.deepcopy(data)))
     try:
-        RoleAutoscale.model_validate(data)
+        Autoscale.model_validate({"prefill": data})  # a role written in part: the rest from its defaults
         pydantic_ok = True
     except ValueError:
         pydantic_ok = False

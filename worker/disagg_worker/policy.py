@@ -88,20 +88,43 @@ class RoleAutoscale(_Model):
         return self
 
 
+# seed 001's values: what a role the policy leaves out, or writes in part, starts from
+ROLE_DEFAULTS = {
+    "prefill": RoleAutoscale(min_replicas=4, max_replicas=12,
+                             scale_up=Thresholds(queue_length=8, gpu_utilization=80),
+                             scale_down=Thresholds(queue_length=2, gpu_utilization=40)),
+    "decode": RoleAutoscale(min_replicas=8, max_replicas=24,
+                            scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
+                            scale_down=Thresholds(queue_length=4, kv_cache_usage=30)),
+}
+
+
 class Autoscale(_Model):
     mode: Literal["builtin", "hpa", "keda", "off"] = "builtin"
     interval_seconds: float = Field(15, gt=0)
     metrics_source: Literal["pods", "prometheus"] = "pods"
     prometheus_url: str | None = None
     drain_timeout_seconds: float = Field(120, ge=0)
-    prefill: RoleAutoscale = RoleAutoscale(
-        min_replicas=4, max_replicas=12,
-        scale_up=Thresholds(queue_length=8, gpu_utilization=80),
-        scale_down=Thresholds(queue_length=2, gpu_utilization=40))
-    decode: RoleAutoscale = RoleAutoscale(
-        min_replicas=8, max_replicas=24,
-        scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
-        scale_down=Thresholds(queue_length=4, kv_cache_usage=30))
+    prefill: RoleAutoscale = Field(default_factory=lambda: ROLE_DEFAULTS["prefill"])
+    decode: RoleAutoscale = Field(default_factory=lambda: ROLE_DEFAULTS["decode"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_roles_from_their_defaults(cls, data: Any) -> Any:
+        """A role written in part takes the rest from that role's defaults, as an absent one does: so
+        ``prefill: {maxReplicas: 6}`` keeps prefill's minReplicas and thresholds (it got the generic
+        minReplicas 1 and no thresholds at all, so writing ``prefill: {}`` turned autoscaling off).
+        A ``scaleUp`` or ``scaleDown`` given replaces the default's whole. The CRD carries the same
+        per-role defaults, so the API server fills a role as this does."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for role, default in ROLE_DEFAULTS.items():
+            given = data.get(role)
+            if isinstance(given, dict):
+                data[role] = {**default.model_dump(by_alias=True, exclude_none=True),
+                              **{to_camel(k): v for k, v in given.items()}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Autoscale:
