@@ -252,12 +252,23 @@ def test_failed_text_fails_that_request_only(engine: LLMEngine, monkeypatch: pyt
     assert engine.block_manager.usage == 0
 
 
-def test_non_finite_logits_fail_that_request_only(engine: LLMEngine, llama: LoadedModel) -> None:
-    """A penalty of 1e-45 turns the logits of every token seen into inf, so the row's softmax is NaN.
-    That failed the whole step before: every request batched with it ended with an error."""
+def test_non_finite_logits_fail_that_request_only(engine: LLMEngine, llama: LoadedModel,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of NaN logits (a degenerate penalty, a broken kernel) failed the whole step before: every
+    request batched with it ended with an error."""
     prompt = random_prompts(1, 12, 12, 6)[0]
+    sample = engine.sampler.sample
+
+    def with_a_broken_row(logits: torch.Tensor, requests: list) -> list[int]:
+        logits = logits.clone()  # the runner's is an inference tensor
+        for i, req in enumerate(requests):
+            if req.request_id == "bad":
+                logits[i] = float("nan")
+        return sample(logits, requests)
+
+    monkeypatch.setattr(engine.sampler, "sample", with_a_broken_row)
     engine.add_request("good", prompt, {"max_tokens": 6, "temperature": 0})
-    engine.add_request("bad", prompt, {"max_tokens": 6, "temperature": 1.0, "repetition_penalty": 1e-45})
+    engine.add_request("bad", prompt, {"max_tokens": 6, "temperature": 1.0})
     outs = drain(engine)
     bad = [o for o in outs if o.request_id == "bad"]
     assert bad[-1].finish_reason == "error" and "not finite" in bad[-1].error
