@@ -141,6 +141,20 @@ def _load_pretrained(ref: str, local_only: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def to_device_keeping_rotary_fp32(model: Any, device: Any, dtype: Any) -> Any:
+    """``model.to(device, dtype)``, except the rotary frequencies (``inv_freq`` buffers), which stay in
+    float32 as Hugging Face keeps them in a bf16/fp16 model: rounded to bf16 (1/sqrt(10) became 0.3164),
+    every rotary angle drifted by about position x 2^-9, and greedy output parted from HF's the more,
+    the longer the context (0 of 6 long bf16 prompts equal; 6 of 6 with float32 frequencies)."""
+    frequencies = {name: buf.detach().float().clone() for name, buf in model.named_buffers()
+                   if name.rsplit(".", 1)[-1].endswith("inv_freq")}
+    model = model.to(device=device, dtype=dtype)
+    for name, values in frequencies.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = values.to(device)
+    return model
+
+
 def load_model(ref: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``ref``: a preset name, a local HF model directory, or a hub id already in the local cache."""
 
@@ -168,7 +182,7 @@ def load_model(ref: str | None = None, device: str = "auto", dtype: str = "auto"
                 "download it beforehand and pass its directory"
             ) from exc
     _check_architecture(model.config, ref)
-    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    model = to_device_keeping_rotary_fp32(model, torch_device, torch_dtype).eval()
     return LoadedModel(name=ref, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
 
 
