@@ -52,3 +52,17 @@ def test_the_torch_rotary_path_equals_transformers_bit_for_bit(dtype: torch.dtyp
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
     assert torch.equal(ops.rotary(q, tables), want_q[0].transpose(0, 1))
     assert torch.equal(ops.rotary(k, tables), want_k[0].transpose(0, 1))
+
+
+def test_only_architectures_whose_attention_is_windowed_get_a_window() -> None:
+    """A Llama config can carry ``sliding_window`` (Mistral-derived or merged checkpoints); Llama's
+    attention never applies it, and the engine used to window every layer of such a model."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from disagg_worker.engine.model_runner import layer_windows
+
+    assert layer_windows(LlamaConfig(num_hidden_layers=3, sliding_window=8)) == [None] * 3
+    assert layer_windows(MistralConfig(num_hidden_layers=3, sliding_window=8)) == [8] * 3
+    qwen = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert layer_windows(qwen) == [None if t == "full_attention" else 8 for t in qwen.layer_types]
+    assert None in layer_windows(qwen) and 8 in layer_windows(qwen)

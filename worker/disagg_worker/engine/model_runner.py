@@ -19,10 +19,16 @@ from disagg_worker.engine.kv_cache import KVLayout, PagedKVCache
 from disagg_worker.engine.layer_ops import LayerOps, RotaryTables
 from disagg_worker.engine.scheduler import SchedulerOutput
 
+# The architectures whose attention applies ``config.sliding_window`` (transformers' modeling code).
+# Llama's ignores the key, which Mistral-derived or merged Llama configs can still carry.
+WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3")
+
 
 def layer_windows(config: Any) -> list[int | None]:
     """Sliding-window size of each layer (None = full attention), as transformers defines it."""
     n = config.num_hidden_layers
+    if getattr(config, "model_type", None) not in WINDOWED_ARCHITECTURES:
+        return [None] * n
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
