@@ -77,6 +77,18 @@ def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
         load_model(str(tmp_path), "cpu", "float32")
 
 
+def test_a_checkpoint_without_its_lm_head_is_rejected(tmp_path: Path) -> None:
+    """A base model saved without its head (an embedding model's shape) loaded with a random LM head
+    that transformers only logged, and the worker served noise."""
+    from transformers import MistralConfig, MistralModel
+
+    MistralModel(MistralConfig(vocab_size=1027, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"lacks weights .*lm_head\.weight"):
+        load_model(str(tmp_path), "cpu", "float32")
+
+
 def test_batch_dependent_rope_is_rejected(tmp_path: Path) -> None:
     """transformers' dynamic/longrope rotary takes its scale from the longest position in the call: in
     a continuous batch one request's output would depend on its neighbours'."""

@@ -136,7 +136,13 @@ def _check_architecture(config: Any, ref: str) -> None:
 def _load_pretrained(ref: str, local_only: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype="auto", local_files_only=local_only)
+    model, info = AutoModelForCausalLM.from_pretrained(ref, dtype="auto", local_files_only=local_only,
+                                                       output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers only logs it and initialises them at random: the model would serve noise
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"the checkpoint lacks weights the causal LM needs ({shown}); a base model without "
+                         "its LM head, or an embedding or reward model, cannot generate")
     tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
     return model, tokenizer
 
