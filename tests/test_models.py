@@ -54,6 +54,8 @@ def test_saved_preset_loads_as_a_hf_directory(tmp_path: Path) -> None:
         assert torch.equal(a.model(ids).logits, b.model(ids).logits)
     assert b.tokenizer("hello")["input_ids"] == a.tokenizer("hello")["input_ids"]
     assert b.eos_token_ids == a.eos_token_ids
+    # same weights, same KV: workers started on either exchange it (save_pretrained's "architectures" split them)
+    assert b.fingerprint == a.fingerprint
 
 
 def test_unknown_hub_id_fails_fast_with_a_clear_message() -> None:

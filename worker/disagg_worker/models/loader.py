@@ -40,8 +40,10 @@ def model_fingerprint(model: Any, tokenizer: Any) -> str:
     import torch
 
     h = hashlib.sha256()
+    # not what names or describes the checkpoint (save_pretrained adds "architectures": a preset and its
+    # saved directory were told apart and refused to exchange KV)
     config = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in sorted(model.state_dict().items()):
