@@ -180,3 +180,30 @@ def test_workers_sharing_a_gpu_each_get_a_share_and_a_worker_arg_overrides_it() 
     assert share(proc.cmd) == pytest.approx(0.3)
     mono = LocalCluster(monolithic=True, num_workers=1, worker_args=["--gpu-memory-utilization", "0.5"])
     assert share(mono._worker("both-0", "both", [])[0].cmd) == 0.5
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--decode", "0"], "--decode must be at least 1"),  # the router never got ready: a 300 s wait
+    (["--monolithic", "--workers", "0"], "--workers must be at least 1"),
+    (["--prefill", "-1"], "--prefill must be at least 0"),
+    (["--port", "99999"], "--port must be between 1 and 65535"),  # the router died after the workers loaded
+    (["--host", "::1"], "cannot serve on ::1"),  # a socket.gaierror traceback
+])
+def test_bad_counts_ports_and_hosts_are_refused_before_anything_starts(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from disagg_worker.launcher import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--port", str(free_port()), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_taken_router_port_is_refused_instead_of_reporting_someone_elses_cluster_up(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The ready check reached whatever answered on the port: a second ``disagg up --port P`` printed
+    "disagg is up" for the first one's router while its own died with EADDRINUSE."""
+    from disagg_worker.launcher import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(SystemExit) as exc:
+        main(["--port", str(taken.getsockname()[1])])
+    assert exc.value.code == 2 and "cannot serve on 127.0.0.1" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError("no free port found")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the launcher dies, however it dies (SIGKILL, a closed
     terminal), so no worker outlives it holding its ports. Linux only; elsewhere a no-op."""
     try:
@@ -92,7 +92,7 @@ class Process:
         cpus = self.cpus
 
         def before_exec() -> None:
-            _die_with_parent()
+            die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
@@ -232,7 +232,7 @@ class LocalCluster:
     def _wait_ready(self, procs: list[Process], timeout: float, interrupted: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
         pending = list(procs)
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, trust_env=False) as client:  # 127.0.0.1: never via an HTTP_PROXY
             while pending:
                 _raise_if(interrupted)
                 for proc in list(pending):
@@ -276,10 +276,19 @@ class LocalCluster:
         self.stop()
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on (taken, or no such address), or None if it can now."""
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def served_model(base_url: str) -> str | None:
     """The model name the router answers to (what a request's ``model`` must say)."""
     with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
-        return str(httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"][0]["id"])
+        return str(httpx.get(f"{base_url}/v1/models", timeout=5, trust_env=False).json()["data"][0]["id"])
     return None
 
 
@@ -299,10 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
     ap.add_argument("--timeout", type=float, default=300)
     args = ap.parse_args(argv)
+    for flag, count, least in (("--prefill", args.prefill, 0), ("--decode", args.decode, 1),
+                               ("--workers", args.workers, 1)):
+        if count < least:  # with no decode worker the router never gets ready: a 300 s wait for nothing
+            ap.error(f"{flag} must be at least {least}, not {count}")
     try:
         affinity = parse_affinity(args.cpu_affinity)
     except ValueError as exc:
         ap.error(str(exc))
+    if not 0 < args.port < 65536:
+        ap.error(f"--port must be between 1 and 65535, not {args.port}")
+    taken = port_in_use(args.host, args.port)
+    if taken:  # a router already there would answer the ready check: "up" on someone else's cluster
+        ap.error(f"cannot serve on {args.host}:{args.port}: {taken}")
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     for role, cpus in affinity.items():
         if usable is not None and not set(cpus) <= usable:
@@ -349,10 +367,14 @@ def main(argv: list[str] | None = None) -> int:
                     if not proc.alive and proc.name not in reported:
                         reported.add(proc.name)
                         print(f"disagg up: {proc.name} exited with code {proc.popen.returncode}", file=sys.stderr)
+                if "router" in reported:  # nothing reaches the workers any more: not "up"
+                    print("disagg up: the router is gone; stopping the cluster", file=sys.stderr)
+                    break
         finally:
-            print("disagg up: stopping", flush=True)
-            cluster.stop()
-        return 0
+            cluster.stop()  # first: a closed terminal must not cut the orderly shutdown short
+            with contextlib.suppress(OSError):
+                print("disagg up: stopping", flush=True)
+        return 1 if reported else 0  # a worker or the router died: not a clean run
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     for sig in signals:

@@ -21,7 +21,7 @@ from typing import IO, Literal
 
 import httpx
 
-from disagg_worker.launcher import free_port  # noqa: F401 - re-exported for the bench
+from disagg_worker.launcher import die_with_parent, free_port  # noqa: F401 - free_port: re-exported for the bench
 
 Mode = Literal["disagg", "monolithic"]
 READY_LINE = "disagg is up"
@@ -89,8 +89,11 @@ class UpProcess:
             self._log = self.log_path.open("w", encoding="utf-8")
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # dies with the bench however the bench dies (its own session keeps it out of the bench's
+        # terminal signals, so without this a killed bench left the whole cluster running)
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                     preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._drain, name=f"disagg-up-{self.port}", daemon=True)
         self._reader.start()
         deadline = time.monotonic() + self.ready_timeout_s
@@ -106,7 +109,7 @@ class UpProcess:
     def _wait_health(self, deadline: float) -> None:
         url = f"http://{self.host}:{self.port}/health"
         last = ""
-        with httpx.Client(timeout=5.0) as client:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:  # local: never via an HTTP_PROXY
             while True:
                 try:
                     resp = client.get(url)

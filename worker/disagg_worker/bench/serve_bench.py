@@ -19,7 +19,9 @@ import asyncio
 import json
 import math
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -455,9 +457,15 @@ def _compare_runs(trace: list[TraceRequest], args: argparse.Namespace, console: 
     return runs, failures
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the clusters --compare started are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     if args.compare == bool(args.url):
         ap.error("give --url URL (an existing endpoint) or --compare (start local clusters), not both")
     try:
