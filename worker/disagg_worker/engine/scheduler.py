@@ -168,9 +168,8 @@ class Scheduler:
             if budget <= 0 or self._num_slots_taken() >= self.config.max_num_seqs:
                 return budget, False
             req = queue[0]
-            hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
+            hit, num_new = self._next_admission(req, budget)
             num_computed = len(hit) * self.bm.block_size
-            num_new = min(req.num_tokens - num_computed, budget)
             kept = sum(self.bm.num_new_blocks_needed(r, 1) for r in later_decodes) if budget > num_new else 0
             if not self.bm.can_allocate(req, num_new, hit, keep_free=kept) or not self.bm.allocate_slots(
                     req, num_new, hit):
@@ -186,6 +185,12 @@ class Scheduler:
             scheduled[req.request_id] = ScheduledRequest(req, num_computed, num_new)
             budget -= num_new
         return budget, True
+
+    def _next_admission(self, req: Request, budget: int) -> tuple[list[int], int]:
+        """What admitting waiting ``req`` takes now: its cached prefix (blocks it shares) and the tokens
+        it computes after it, at most ``budget`` (a waiting request has computed nothing of its own)."""
+        hit = self.bm.find_cached_prefix(req) if not req.block_ids else []
+        return hit, min(req.num_tokens - len(hit) * self.bm.block_size, budget)
 
     def _num_slots_taken(self) -> int:
         # requests receiving remote KV join the running batch when committed: they count already
@@ -268,15 +273,13 @@ class Scheduler:
         if head is not None:
             if self._num_slots_taken() + 1 >= self.config.max_num_seqs:
                 return None
-            head_hit = self.bm.find_cached_prefix(head) if not head.block_ids else []
-            head_new = min(head.num_tokens - head.num_computed_tokens - len(head_hit) * self.bm.block_size,
-                           self.config.max_num_batched_tokens)
-            keep_free = self.bm.num_new_blocks_needed(head, max(0, head_new), head_hit)
+            head_hit, head_new = self._next_admission(head, self.config.max_num_batched_tokens)
+            keep_free = self.bm.num_new_blocks_needed(head, head_new, head_hit)
         hit = self.bm.find_cached_prefix(req)
         num_cached = len(hit) * self.bm.block_size
-        if not self.bm.can_allocate(req, req.num_prompt_tokens - num_cached, hit, keep_free=keep_free):
-            return None
-        if not self.bm.allocate_slots(req, req.num_prompt_tokens - num_cached, hit):
+        num_new = req.num_prompt_tokens - num_cached
+        if not self.bm.can_allocate(req, num_new, hit, keep_free=keep_free) or not self.bm.allocate_slots(
+                req, num_new, hit):
             return None
         req.num_cached_tokens = num_cached
         req.first_scheduled_time = time.monotonic()
