@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -53,3 +54,18 @@ def random_prompts(n: int, lo: int, hi: int, seed: int, vocab: int = 1024, prefi
                    ) -> list[list[int]]:
     rng = random.Random(seed)
     return [(prefix or []) + [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+async def serve_scripted_worker(servicer: object) -> tuple[Any, str]:
+    """An in-process gRPC server on 127.0.0.1 offering ``servicer`` as a decode worker's Worker and
+    Decode services (scripted answers stand in for the engine); returns the server and its address."""
+    import grpc
+
+    from disagg_worker.rpc import pb_grpc
+
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    pb_grpc.add_DecodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"

@@ -13,6 +13,7 @@ import pytest
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server import peers as peers_mod
 from disagg_worker.server.peers import PeerPool
+from tests.conftest import serve_scripted_worker
 
 
 class FakeWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
@@ -33,18 +34,10 @@ class FakeWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
             yield pb.GenerateResponse(token_ids=[i], text=str(i), finished=i == 9, finish_reason="length" * (i == 9))
 
 
-async def serve(worker: FakeWorker) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    pb_grpc.add_WorkerServicer_to_server(worker, server)
-    pb_grpc.add_DecodeServicer_to_server(worker, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 def test_a_worker_leaving_dns_finishes_its_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        (old, old_addr), (new, new_addr) = await serve(FakeWorker()), await serve(FakeWorker())
+        old, old_addr = await serve_scripted_worker(FakeWorker())
+        new, new_addr = await serve_scripted_worker(FakeWorker())
         answer = [old_addr]
         monkeypatch.setattr(peers_mod, "resolve", lambda host, port: list(answer))
         pool = PeerPool("decode", "workers.example:1", poll_interval=60)
@@ -75,7 +68,7 @@ def test_requests_routed_during_a_load_report_stay_counted(monkeypatch: pytest.M
             if pool.peers:
                 next(iter(pool.peers.values())).load.pending += 2
 
-        server, addr = await serve(FakeWorker(on_load=route_two_meanwhile))
+        server, addr = await serve_scripted_worker(FakeWorker(on_load=route_two_meanwhile))
         monkeypatch.setattr(peers_mod, "resolve", lambda host, port: [addr])
         try:
             await pool.start()
@@ -127,7 +120,7 @@ def test_a_peer_that_hangs_does_not_hold_up_the_others_reports() -> None:
             nonlocal calls
             calls += 1
 
-        server, addr = await serve(FakeWorker(on_load=count))
+        server, addr = await serve_scripted_worker(FakeWorker(on_load=count))
         hole = socket.create_server(("127.0.0.1", 0))  # takes the connection, never speaks HTTP/2
         pool = PeerPool("decode", f"{addr},127.0.0.1:{hole.getsockname()[1]}", poll_interval=0.1, timeout=3)
         try:

@@ -20,6 +20,7 @@ from disagg_worker.router.openai_schema import APIError
 from disagg_worker.router.service import RouterService, StreamResult
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.peers import PeerPool
+from tests.conftest import serve_scripted_worker
 
 SECRET = "CUDA error at /opt/private/kernel.cu"
 
@@ -49,15 +50,6 @@ class ScriptedWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
                                       finish_reason="length" if self.mode == "ok" and i == n - 1 else "")
 
 
-async def serve(worker: ScriptedWorker) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    pb_grpc.add_WorkerServicer_to_server(worker, server)
-    pb_grpc.add_DecodeServicer_to_server(worker, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 class NoTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {"a": 0}
@@ -67,7 +59,7 @@ async def generate(modes: list[str]) -> tuple[list[str] | APIError, list[Scripte
     """One request through a RouterService over workers in ``modes``: its texts (or the APIError), the
     workers, and their addresses."""
     workers = [ScriptedWorker(mode) for mode in modes]
-    servers = [await serve(w) for w in workers]
+    servers = [await serve_scripted_worker(w) for w in workers]
     addresses = [addr for _, addr in servers]
     pool = PeerPool("decode", addresses, poll_interval=60)
     service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
