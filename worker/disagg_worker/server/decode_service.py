@@ -248,9 +248,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             # the data plane's error explains the control stream's (an ABORTED from a prefill worker whose
             # send failed), unless that one failed first on its own: a deadline or a dead peer cuts the
             # socket too, and its "closed mid-frame" would then be counted as a bad chunk
-            control_cause = isinstance(exc, asyncio.TimeoutError) or (
-                isinstance(exc, grpc.aio.AioRpcError)
-                and exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
+            control_cause = _failure_reason(exc) in ("deadline", "unavailable")
             if (not control_cause and side is not None and side.finished.done() and not side.finished.cancelled()
                     and side.finished.exception() is not None):
                 failure = side.finished.exception()  # type: ignore[assignment]
