@@ -27,7 +27,8 @@ SECRET = "CUDA error at /opt/private/kernel.cu"
 
 class ScriptedWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
     """``mode``: ok (4 tokens, then finished), error_first (an error before any token), truncated_first
-    (ends before any token), truncated (ends after 2 tokens, never finished)."""
+    (ends before any token), truncated (ends after 2 tokens, never finished), hung_first (sends nothing,
+    as a worker whose device hung), hung (hangs after 2 tokens)."""
 
     def __init__(self, mode: str) -> None:
         self.mode, self.calls = mode, 0
@@ -43,11 +44,15 @@ class ScriptedWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
             return
         if self.mode == "truncated_first":
             return
-        n = 2 if self.mode == "truncated" else 4
+        if self.mode == "hung_first":
+            await asyncio.Event().wait()
+        n = 2 if self.mode in ("truncated", "hung") else 4
         for i in range(n):
             yield pb.GenerateResponse(token_ids=[i], text=str(i), output_tokens=i + 1,
                                       finished=self.mode == "ok" and i == n - 1,
                                       finish_reason="length" if self.mode == "ok" and i == n - 1 else "")
+        if self.mode == "hung":
+            await asyncio.Event().wait()
 
 
 class NoTokenizer:
@@ -55,14 +60,16 @@ class NoTokenizer:
         return {"a": 0}
 
 
-async def generate(modes: list[str]) -> tuple[list[str] | APIError, list[ScriptedWorker], list[str]]:
+async def generate(modes: list[str], idle_timeout: float = 300.0
+                   ) -> tuple[list[str] | APIError, list[ScriptedWorker], list[str]]:
     """One request through a RouterService over workers in ``modes``: its texts (or the APIError), the
     workers, and their addresses."""
     workers = [ScriptedWorker(mode) for mode in modes]
     servers = [await serve_scripted_worker(w) for w in workers]
     addresses = [addr for _, addr in servers]
     pool = PeerPool("decode", addresses, poll_interval=60)
-    service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
+    service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None),
+                            stream_idle_timeout=idle_timeout)
     try:
         await pool.start()
         prompt = [5, 6, 7]
@@ -103,3 +110,21 @@ def test_a_request_every_worker_fails_is_a_502_without_their_addresses_or_errors
 def test_a_stream_cut_short_after_tokens_is_a_502_not_a_success() -> None:
     texts, _, _ = asyncio.run(generate(["truncated"]))
     assert isinstance(texts, APIError) and texts.status == 502
+
+
+def test_a_worker_that_hangs_before_its_first_token_hands_the_request_on() -> None:
+    # a hung device keeps the worker's connection and health answers alive: only silence tells
+    texts, workers, _ = asyncio.run(generate(["hung_first", "ok"], idle_timeout=0.5))
+    assert texts == ["0", "1", "2", "3"]
+    assert workers[1].calls == 1 and workers[0].calls <= 1
+
+
+def test_a_worker_that_hangs_midway_ends_the_request_with_a_502_not_a_hang() -> None:
+    texts, _, _ = asyncio.run(asyncio.wait_for(generate(["hung"], idle_timeout=0.5), 30))
+    assert isinstance(texts, APIError) and texts.status == 502 and texts.code == "worker_failed"
+
+
+def test_every_worker_hung_is_a_502() -> None:
+    error, workers, _ = asyncio.run(asyncio.wait_for(generate(["hung_first", "hung_first"], idle_timeout=0.5), 30))
+    assert isinstance(error, APIError) and error.status == 502
+    assert [w.calls for w in workers] == [1, 1]

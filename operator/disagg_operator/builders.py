@@ -337,6 +337,8 @@ def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
         f"{service_host(owner, 'decode')}:{WORKER_GRPC_PORT}",
         "--prefill-workers",
         f"{service_host(owner, 'prefill')}:{WORKER_GRPC_PORT}",
+        "--stream-idle-timeout",
+        str(pod.stream_idle_timeout_seconds),
         *pod.extra_args,
     ]
 

@@ -152,6 +152,11 @@ class RouterSpec(PodSettings):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         "ClusterIP", description="type of the router Service"
     )
+    stream_idle_timeout_seconds: int = Field(
+        300, ge=0, le=86400,
+        description="a decode worker that sends nothing on a request for this long has failed it (a hung device "
+                    "keeps its connection alive): the router tries another worker if no token was sent yet, "
+                    "else ends the request with a 502; 0 waits forever")
 
 
 class PodMonitorSpec(_Model):

@@ -94,7 +94,8 @@ def test_children_are_owned_labelled_and_hashed(scenario: str) -> None:
 
 def test_worker_and_router_command_lines_follow_the_contract() -> None:
     objs = children({**SMALL_SPEC, "prefill": {"device": "cpu", "dtype": "float32", "maxBatchTokens": 1024},
-                     "decode": {"maxBatchSize": 32, "kvCacheBlocks": 512}, "router": {"port": 9000}})
+                     "decode": {"maxBatchSize": 32, "kvCacheBlocks": 512},
+                     "router": {"port": 9000, "streamIdleTimeoutSeconds": 60}})
     common = ["--model", "tiny-llama", "--policy", "/etc/disagg/policy.yaml", "--host", "0.0.0.0"]
     assert container(objs, "prefill")["command"] == ["disagg"]
     assert container(objs, "prefill")["args"] == [
@@ -105,7 +106,7 @@ def test_worker_and_router_command_lines_follow_the_contract() -> None:
         "--max-batch-size", "32", "--kv-cache-blocks", "512", "--prefill-workers", "demo-prefill.ns.svc:50051"]
     assert container(objs, "router")["args"] == [
         "router", *common, "--port", "9000", "--decode-workers", "demo-decode.ns.svc:50051",
-        "--prefill-workers", "demo-prefill.ns.svc:50051"]
+        "--prefill-workers", "demo-prefill.ns.svc:50051", "--stream-idle-timeout", "60"]
     assert children({"model": {"name": "x", "path": "/models/x"}})[4]["spec"]["template"]["spec"][
         "containers"][0]["args"][4] == "/models/x"
 

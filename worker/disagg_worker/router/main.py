@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import uvicorn
 from disagg_worker.models.loader import ModelLoadError, load_tokenizer
 from disagg_worker.policy import PolicyError, load_policy
 from disagg_worker.router.app import DEFAULT_MAX_BODY_BYTES, build_app
-from disagg_worker.router.service import RouterService
+from disagg_worker.router.service import DEFAULT_STREAM_IDLE_TIMEOUT, RouterService
 from disagg_worker.server.peers import PeerPool
 
 log = logging.getLogger("disagg.router")
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-workers", default=None, help="comma list host:port, for the TTFT estimate")
     ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                     help="largest request body accepted; larger ones get a 413 (default %(default)s)")
+    ap.add_argument("--stream-idle-timeout", type=float, default=DEFAULT_STREAM_IDLE_TIMEOUT, metavar="SECONDS",
+                    help="a decode worker that sends nothing on a request for this long has failed it: the request "
+                         "goes to another worker if no token was sent yet, else ends with a 502 (default "
+                         "%(default)g; 0: wait forever)")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -44,7 +49,8 @@ async def serve(args: argparse.Namespace) -> int:
     prefill_pool = PeerPool("prefill", args.prefill_workers)
     await decode_pool.start()
     await prefill_pool.start()
-    service = RouterService(policy, tokenizer, name, max_model_len, decode_pool, prefill_pool)
+    service = RouterService(policy, tokenizer, name, max_model_len, decode_pool, prefill_pool,
+                            stream_idle_timeout=args.stream_idle_timeout)
     app = build_app(service, args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
@@ -59,7 +65,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not math.isfinite(args.stream_idle_timeout) or args.stream_idle_timeout < 0:
+        parser.error("--stream-idle-timeout must be 0 (off) or more")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s router[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:

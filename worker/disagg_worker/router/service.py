@@ -37,6 +37,10 @@ MAX_ATTEMPTS = 3
 # fit, and is refused before it is tokenized (a 12 MB prompt took the tokenizer 25 s and 3.4 GB). The
 # slack covers normalisers that merge characters (NFC: a letter and its combining marks; Hangul jamo).
 NORMALISATION_SLACK = 4
+# A decode worker that sends nothing on a request for this long has failed it: a hung device or engine
+# keeps its gRPC connection and health answers alive, so without this its clients would wait forever.
+# Long enough for any queue admission lets in (and a first token behind it); 0 turns it off.
+DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,10 @@ class SloTracker:
 
 class RouterService:
     def __init__(self, policy: Policy, tokenizer: Any, model_name: str, max_model_len: int,
-                 decode_pool: PeerPool, prefill_pool: PeerPool) -> None:
+                 decode_pool: PeerPool, prefill_pool: PeerPool, *,
+                 stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT) -> None:
         self.policy = policy
+        self.stream_idle_timeout = stream_idle_timeout or None
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -235,7 +241,15 @@ class RouterService:
             call = peer.decode.Generate(req)
             failure = ""  # why this worker did not finish the request, when it ended the stream itself
             try:
-                async for msg in call:
+                while True:
+                    try:
+                        msg = await asyncio.wait_for(call.read(), self.stream_idle_timeout)
+                    except TimeoutError:
+                        failure = f"sent nothing on the request for {self.stream_idle_timeout:g} s"
+                        break
+                    if msg is grpc.aio.EOF:  # a stream that ends without its final message is not finished
+                        failure = "ended the stream before the request finished"
+                        break
                     if msg.error:
                         failure = f"failed the request: {msg.error}"
                         break
@@ -249,8 +263,6 @@ class RouterService:
                     yield msg
                     if msg.finished:
                         break
-                else:  # a stream that ends without its final message is not a finished request
-                    failure = "ended the stream before the request finished"
                 if not failure:
                     break
                 if first_token_at is None:  # the client has seen nothing: another worker may serve it
