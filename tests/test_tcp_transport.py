@@ -273,6 +273,33 @@ def test_a_frame_over_the_chunk_size_is_refused_before_anything_is_allocated() -
     assert len(sink._buf) == 0  # refused on its header: no staging buffer for what it claimed
 
 
+def test_the_receiver_closes_connections_over_its_limit_and_takes_new_ones_once_under_it() -> None:
+    """Each connection holds a thread: a port scan or a runaway sender must not exhaust them."""
+    receiver = KvReceiver("127.0.0.1", max_connections=2)
+    host, port = receiver.endpoint.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        for _ in range(200):  # the accept thread registers them
+            if len(receiver._conns) == 2:
+                break
+            time.sleep(0.01)
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            assert extra.recv(1) == b""  # closed at once, not left waiting
+        idle.pop().close()
+        for _ in range(200):
+            if len(receiver._conns) == 1:
+                break
+            time.sleep(0.01)
+        src, dst = filled_pool(16, seed=6), PagedKVCache(LAYOUT, 16, CPU)
+        total = run_transfer(src, SRC_BLOCKS, lambda: PoolSink(dst, DST_BLOCKS), 0, len(SRC_BLOCKS), 1 << 20,
+                             receiver=receiver)
+        assert total == len(SRC_BLOCKS) * LAYOUT.bytes_per_block
+    finally:
+        for conn in idle:
+            conn.close()
+        receiver.close()
+
+
 def test_the_receiver_keeps_listening_after_a_failed_accept(monkeypatch: pytest.MonkeyPatch) -> None:
     """An accept() error (out of file descriptors, say) used to end the accept loop for good: every later
     transfer on a new connection then waited out its deadline and fell back."""

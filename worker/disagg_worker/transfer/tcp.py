@@ -55,6 +55,10 @@ ACCEPT_RETRY_SECONDS = 0.1
 # A connection with no transfer for this long is closed by the receiver: each holds a thread. Senders
 # retire pooled connections after 60 s idle (KvConnectionPool), well before, so none is cut in use.
 RECEIVER_IDLE_SECONDS = 180.0
+# Each connection holds a thread: past this many, a new one is closed at once (its sender falls back
+# to local prefill) instead of a port scan or a runaway sender exhausting the decode worker's threads.
+# Prefill workers keep at most 4 idle connections each, so this allows ~250 prefill workers.
+MAX_RECEIVER_CONNECTIONS = 1024
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -211,8 +215,10 @@ class PendingTransfer:
 class KvReceiver:
     """Decode side: accepts KV connections on ``host:port`` and installs frames for registered tokens."""
 
-    def __init__(self, host: str, port: int = 0, advertise_host: str | None = None) -> None:
+    def __init__(self, host: str, port: int = 0, advertise_host: str | None = None,
+                 max_connections: int = MAX_RECEIVER_CONNECTIONS) -> None:
         self._sock = socket.create_server((host, port))
+        self.max_connections = max_connections
         self.port = self._sock.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
         self._pending: dict[str, PendingTransfer] = {}
@@ -258,6 +264,12 @@ class KvReceiver:
                 # transfer on a new connection would wait out its deadline
                 log.warning("KV receiver cannot accept a connection (%s); retrying", exc)
                 time.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+            if full:
+                log.warning("KV receiver has %d connections open, its limit: closed a new one", self.max_connections)
+                conn.close()
                 continue
             try:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees its thread
