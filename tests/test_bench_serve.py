@@ -105,7 +105,8 @@ def test_length_dist_parse(spec: str, kind: str, low: int, high: int) -> None:
     assert all(low <= d.sample(rng) <= high for _ in range(500))
 
 
-@pytest.mark.parametrize("spec", ["0", "10-5", "x", "-3", "lognormal:0,1", "lognormal:5", "uniform:4"])
+@pytest.mark.parametrize("spec", ["0", "10-5", "x", "-3", "lognormal:0,1", "lognormal:5", "uniform:4",
+                                  "lognormal:inf,1", "lognormal:100,nan"])
 def test_length_dist_rejects(spec: str) -> None:
     with pytest.raises(ValueError, match="invalid length distribution"):
         LengthDist.parse(spec)
@@ -257,16 +258,84 @@ def test_summarize_edge_cases() -> None:
         summarize([rec(0, "lost")], SLO())
 
 
+def _summarized(records: list[RequestRecord]) -> dict[str, Any]:
+    return summarize(records, SLO(ttft_ms=200, tpot_ms=50))
+
+
 def test_compare_ratios() -> None:
-    # disagg's slow tail gives it the longer wall clock, which must not count against its goodput
-    mono = {"tpot_ms": {"p99": 90.0}, "ttft_ms": {"p99": 400.0}, "goodput_req_s": 1.0, "goodput_fraction": 0.3}
-    dis = {"tpot_ms": {"p99": 30.0}, "ttft_ms": {"p99": 100.0}, "goodput_req_s": 0.5, "goodput_fraction": 0.75}
-    c = compare(mono, dis)
+    # TPOT 45 vs 15 ms on the same requests; goodput fractions 0.3 vs 0.8 by TTFT (the ratio of fractions:
+    # disagg's slow tail gives it the longer wall clock, which must not count against its goodput)
+    def run(fast: int, tpot: float) -> list[RequestRecord]:
+        return [rec(i, ttft=ttft, e2e=ttft + 9 * tpot) for i in range(10) for ttft in [0.1 if i < fast else 0.3]]
+
+    mono, dis = run(3, 0.045), run(8, 0.015)
+    c = compare(_summarized(mono), _summarized(dis), mono, dis)
+    assert c["paired"]["tpot_requests"] == 10
     assert c["tpot_p99_mono_over_disagg"] == pytest.approx(3.0) and c["tpot_target_met"]
-    assert c["goodput_disagg_over_mono"] == pytest.approx(2.5) and c["goodput_target_met"]
-    c0 = compare({**mono, "goodput_fraction": 0.0}, {**dis, "tpot_ms": {"p99": None}})
-    assert c0["goodput_disagg_over_mono"] is None and c0["tpot_p99_mono_over_disagg"] is None
-    assert not c0["tpot_target_met"] and not c0["goodput_target_met"]
+    assert c["goodput_disagg_over_mono"] == pytest.approx(0.8 / 0.3) and c["goodput_target_met"]
+    json.dumps(c)
+
+
+def test_compare_pairs_latency_over_the_requests_both_served() -> None:
+    """A run that rejects its slow requests must not win the TPOT comparison on the ones it kept."""
+    mono = [rec(i, e2e=0.1 + 9 * 0.03) for i in range(100)]
+    dis = [rec(i, e2e=0.1 + 9 * 0.005) if i < 10 else rec(i, "rejected") for i in range(100)]
+    for r in mono[:10]:  # the same ten requests were fast on monolithic too
+        r.e2e_s = 0.1 + 9 * 0.005
+        r.finish_timing()
+    c = compare(_summarized(mono), _summarized(dis), mono, dis)
+    assert c["paired"]["tpot_requests"] == 10
+    assert c["tpot_p99_mono_over_disagg"] == pytest.approx(1.0) and not c["tpot_target_met"]
+    assert c["goodput_disagg_over_mono"] == pytest.approx(0.1) and not c["goodput_target_met"]
+
+
+def test_compare_goodput_is_unbounded_when_monolithic_met_none() -> None:
+    mono = [rec(i, ttft=1.0, e2e=1.09) for i in range(5)]  # every TTFT over the SLO
+    dis = [rec(i, ttft=0.1, e2e=0.19) for i in range(5)]
+    c = compare(_summarized(mono), _summarized(dis), mono, dis)
+    assert c["goodput_disagg_over_mono"] is None and c["goodput_unbounded"] and c["goodput_target_met"]
+    none = [rec(i, "error") for i in range(5)]
+    c0 = compare(_summarized(none), _summarized(none), none, none)
+    assert c0["goodput_disagg_over_mono"] is None and not c0["goodput_unbounded"]
+    assert c0["tpot_p99_mono_over_disagg"] is None and not c0["tpot_target_met"] and not c0["goodput_target_met"]
+
+
+def test_distributions_say_how_many_sent_requests_they_leave_out() -> None:
+    records = [rec(i, ttft=0.05) for i in range(10)] + [rec(10 + i, "timeout") for i in range(90)]
+    s = _summarized(records)
+    assert s["ttft_ms"]["p99"] == pytest.approx(50.0)
+    assert (s["ttft_ms"]["count"], s["ttft_ms"]["missing"]) == (10, 90)
+    assert (s["e2e_ms"]["count"], s["e2e_ms"]["missing"]) == (10, 90)
+    rows = dict((row[0], row[1]) for row in serve_bench.summary_rows([s]))
+    assert rows["TTFT / TPOT / E2E samples"] == "10 / 10 / 10"
+
+
+def test_records_round_trip_through_their_json() -> None:
+    r = rec(3, "timeout")
+    r.start_s = math.nan
+    back = RequestRecord.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert math.isnan(back.start_s) and back.to_dict() == r.to_dict()
+
+
+def test_outputs_counted_by_chunks_are_flagged() -> None:
+    r = rec(0)
+    assert not r.usage_reported
+    s = _summarized([r])
+    assert s["tokens_from_chunks"] == 1
+    assert "TPOT from stream chunks (no usage)" in [row[0] for row in serve_bench.summary_rows([s])]
+
+
+def test_a_wide_lognormal_clips_instead_of_overflowing() -> None:
+    d = LengthDist.parse("lognormal:100,1e6,1-500")
+    rng = random.Random(0)
+    assert all(1 <= d.sample(rng) <= 500 for _ in range(1000))
+
+
+def test_loopback_urls_bypass_proxies() -> None:
+    assert serve_bench.is_loopback("http://127.0.0.1:8000/v1") and serve_bench.is_loopback("http://localhost/v1")
+    assert serve_bench.is_loopback("http://[::1]:8000/v1")
+    assert not serve_bench.is_loopback("http://router.example:8000/v1")
+    assert not serve_bench.is_loopback("http://10.0.0.5:8000/v1")
 
 
 def test_summary_rows_and_plots(tmp_path: Path) -> None:
@@ -379,7 +448,9 @@ async def test_discover_model_and_body_options() -> None:
 
 def test_cli_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in ([], ["--url", "http://x/v1", "--compare"], ["--url", "http://x/v1", "--long-prompt", "9-1"],
-                 ["--url", "http://x/v1", "--duration", "1", "--num-requests", "3"]):
+                 ["--url", "http://x/v1", "--duration", "1", "--num-requests", "3"],
+                 ["--url", "http://x/v1", "--rate", "inf"], ["--url", "http://x/v1", "--duration", "inf"],
+                 ["--url", "http://x/v1", "--timeout", "0"], ["--url", "http://x/v1", "--tpot-slo-ms", "nan"]):
         with pytest.raises(SystemExit) as exc:
             serve_bench.main(argv)
         assert exc.value.code == 2

@@ -69,6 +69,8 @@ class LengthDist:
                 if len(parts) not in (2, 3):
                     raise ValueError("expected lognormal:MEDIAN,SIGMA[,MIN-MAX]")
                 median, sigma = float(parts[0]), float(parts[1])
+                if not (math.isfinite(median) and math.isfinite(sigma)):
+                    raise ValueError("MEDIAN and SIGMA must be finite")
                 low, high = (_range(parts[2]) if len(parts) == 3 else (1, max(1, round(8 * median))))
                 dist = cls("lognormal", low, high, median, sigma)
             elif text.startswith("uniform:") or "-" in text:
@@ -85,16 +87,18 @@ class LengthDist:
     def validate(self) -> None:
         if self.low < 1 or self.high < self.low:
             raise ValueError(f"invalid length distribution {self.spec()!r}: need 1 <= MIN <= MAX")
-        if self.kind == "lognormal" and (self.median <= 0 or self.sigma < 0):
-            raise ValueError(f"invalid length distribution {self.spec()!r}: need MEDIAN > 0 and SIGMA >= 0")
+        if self.kind == "lognormal" and not (0 < self.median < math.inf and 0 <= self.sigma < math.inf):
+            raise ValueError(f"invalid length distribution {self.spec()!r}: need a finite MEDIAN > 0 and SIGMA >= 0")
 
     def sample(self, rng: random.Random) -> int:
         if self.kind == "const":
             return self.low
         if self.kind == "uniform":
             return rng.randint(self.low, self.high)
-        value = round(math.exp(rng.gauss(math.log(self.median), self.sigma)))
-        return min(self.high, max(self.low, value))
+        log_value = rng.gauss(math.log(self.median), self.sigma)
+        if log_value >= math.log(self.high):  # clipped before exp(), which a wide sigma would overflow
+            return self.high
+        return min(self.high, max(self.low, round(math.exp(log_value))))
 
     def spec(self) -> str:
         if self.kind == "const":
@@ -131,12 +135,12 @@ class TraceConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.rate > 0:
-            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if not (math.isfinite(self.rate) and self.rate > 0):
+            raise ValueError(f"rate must be a positive number of requests/s, got {self.rate}")
         if (self.duration_s is None) == (self.num_requests is None):
             raise ValueError("give exactly one of duration_s and num_requests")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s must be a positive number of seconds, got {self.duration_s}")
         if self.num_requests is not None and self.num_requests < 1:
             raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
         for name in ("long_fraction", "low_priority_fraction"):
