@@ -208,3 +208,59 @@ async def test_a_hung_step_fails_liveness_until_it_ends(running: AsyncEngine, mo
     await task
     assert during.status_code == 503 and "step running" in during.json()["status"]
     assert client.get("/health").status_code == 200
+
+
+async def test_busy_time_counts_the_step_in_progress(running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Utilisation (what the planner scales on) is busy time per window: a step longer than the window
+    used to add nothing until it ended, so a fully busy engine read as idle."""
+    real_execute = running.engine.runner.execute
+
+    def slow_execute(*args: object, **kwargs: object) -> object:
+        time.sleep(0.6)
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(running.engine.runner, "execute", slow_execute)
+    consumer = asyncio.ensure_future(collect(running, "slow", [5, 6, 7], 2))
+    await asyncio.sleep(0.1)
+    before, t0 = running.busy_seconds(), time.monotonic()
+    await asyncio.sleep(0.3)  # inside the first 0.6 s step
+    assert running.busy_seconds() - before == pytest.approx(time.monotonic() - t0, abs=0.05)
+    await consumer
+    assert running.busy_seconds() >= 1.2  # two steps, finished
+
+
+async def test_passes_that_ran_no_batch_are_not_reported_as_steps(
+        running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stalled on KV imports, the loop passes every few ms without running anything: those passes used
+    to be recorded as ~0 s engine steps, pulling the mean step time the router estimates TTFT by to 0."""
+    seen: list[float | None] = []
+    running.on_step = lambda outputs, seconds: seen.append(seconds)
+    monkeypatch.setattr(running.engine, "has_unfinished", lambda: True)
+    monkeypatch.setattr(running.engine, "step", lambda: [])  # schedules nothing, as when stalled
+    running._wake.set()
+    await asyncio.sleep(0.1)
+    monkeypatch.undo()
+    assert seen and all(s is None for s in seen)
+    busy = running.busy_seconds()
+    await asyncio.sleep(0.05)
+    assert running.busy_seconds() == busy
+
+
+async def test_a_request_arrives_when_it_is_submitted_not_when_the_engine_thread_takes_it(
+        running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TTFT and end-to-end times count from arrival: stamped on the engine thread, after the step in
+    flight, they left that wait out (a 1.56 s TTFT was recorded as 0.83 s)."""
+    real_execute = running.engine.runner.execute
+
+    def slow_execute(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(running.engine.runner, "execute", slow_execute)
+    first = asyncio.ensure_future(collect(running, "a", [5, 6, 7], 2))
+    await asyncio.sleep(0.1)  # a's first step is running
+    submitted = time.monotonic()
+    out = await anext(running.generate("b", [8, 9, 10], {"max_tokens": 1, "temperature": 0}))
+    assert out.arrival_time == pytest.approx(submitted, abs=0.05)
+    assert out.first_token_time - out.arrival_time > 0.4  # the wait for a's step is in b's TTFT
+    await first

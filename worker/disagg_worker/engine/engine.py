@@ -214,7 +214,7 @@ class LLMEngine:
                 f"the request needs up to {need} KV blocks but this worker's pool holds {self.num_blocks}")
 
     def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
-                      priority: int, hold_kv: bool) -> Request:
+                      priority: int, hold_kv: bool, arrival_time: float | None = None) -> Request:
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if isinstance(params, dict):
@@ -225,15 +225,20 @@ class LLMEngine:
         self.validate(prompt, params)
         req = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids, priority=priority,
                       hold_kv_on_finish=hold_kv)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         detok = (IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None
                  else None)
         self._tracked[request_id] = _Tracked(req, detok)
         return req
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
-                    priority: int = PRIORITY_HIGH, hold_kv: bool = False) -> Request:
-        """Queue a request. ``hold_kv`` keeps its blocks after it finishes (for KV export)."""
-        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv)
+                    priority: int = PRIORITY_HIGH, hold_kv: bool = False, arrival_time: float | None = None
+                    ) -> Request:
+        """Queue a request. ``hold_kv`` keeps its blocks after it finishes (for KV export).
+        ``arrival_time`` (``time.monotonic()``): when it reached the worker, default now. A caller on another
+        thread passes its own, or the wait for the engine thread (up to a step) is left out of its TTFT."""
+        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv, arrival_time)
         self.scheduler.add_request(req)
         return req
 
@@ -381,13 +386,14 @@ class LLMEngine:
 
     # ---- disaggregation: decode side -------------------------------------------------------
     def reserve_for_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
-                           priority: int = PRIORITY_HIGH) -> int | None:
+                           priority: int = PRIORITY_HIGH, arrival_time: float | None = None) -> int | None:
         """Validate and reserve blocks for a remotely prefilled request.
 
         Returns how many leading prompt tokens are already cached here (import starts at that block),
         or None if the pool is too full right now (the caller then prefills locally).
         """
-        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv=False)
+        req = self._make_request(request_id, prompt_token_ids, params, priority, hold_kv=False,
+                                 arrival_time=arrival_time)
         cached = self.scheduler.reserve_for_import(req)
         if cached is None:
             self._forget(request_id)

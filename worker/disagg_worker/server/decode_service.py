@@ -123,7 +123,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if peer is not None:
                     first_output, first_msg = await self._remote_prefill(peer, rid, prompt, params, priority, t0)
                 if first_output is None and not first_msg.fallback_reason:
-                    await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority))
+                    await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, arrival_time=t0))
                     m.PREFILL_DECISIONS.labels("local").inc()
             except InvalidRequestError as exc:
                 finished = True
@@ -171,7 +171,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         rt, eng = self.rt, self.rt.engine.engine
 
         def reserve() -> tuple[int, list[int]] | None:
-            cached = eng.reserve_for_import(rid, prompt, params, priority)
+            cached = eng.reserve_for_import(rid, prompt, params, priority, arrival_time=t0)
             return None if cached is None else (cached, eng.reserved_blocks(rid))
 
         reserved = await rt.engine.call(reserve)

@@ -93,7 +93,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         try:
             try:
                 priority = priority_from_proto(request.priority)
-                await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, hold_kv=True))
+                await rt.engine.call(lambda: eng.add_request(rid, prompt, params, priority, hold_kv=True,
+                                                             arrival_time=t0))
             except InvalidRequestError as exc:  # refused (an id in use): the engine's request is not ours
                 queued = False
                 rt.engine.close_stream(rid)

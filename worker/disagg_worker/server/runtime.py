@@ -54,9 +54,10 @@ class WorkerRuntime:
         self._last_preemptions = 0
 
     # ---- engine hooks (engine thread) ------------------------------------------------------
-    def _on_step(self, outputs: list[RequestOutput], seconds: float) -> None:
-        self.avg_step_seconds.add(seconds)
-        m.STEP_SECONDS.labels(self.role).observe(seconds)
+    def _on_step(self, outputs: list[RequestOutput], seconds: float | None) -> None:
+        if seconds is not None:  # None: a pass that ran no batch (stalled), not a step
+            self.avg_step_seconds.add(seconds)
+            m.STEP_SECONDS.labels(self.role).observe(seconds)
         for out in outputs:
             if out.new_token_ids:
                 m.GENERATION_TOKENS.labels(self.role).inc(len(out.new_token_ids))
@@ -95,13 +96,12 @@ class WorkerRuntime:
                 await self._task
 
     async def _refresh_loop(self) -> None:
-        engine = self.engine.engine
-        last_busy, last_t = engine.busy_seconds, time.monotonic()
+        last_busy, last_t = self.engine.busy_seconds(), time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            self.utilization = min(1.0, (engine.busy_seconds - last_busy) / max(now - last_t, 1e-6))
-            last_busy, last_t = engine.busy_seconds, now
+            now, busy = time.monotonic(), self.engine.busy_seconds()
+            self.utilization = min(1.0, max(0.0, busy - last_busy) / max(now - last_t, 1e-6))
+            last_busy, last_t = busy, now
             try:
                 self.refresh_gauges()
             except Exception:  # a bad round must not freeze utilisation for routing and autoscaling
