@@ -171,6 +171,18 @@ def test_a_taken_grpc_port_is_a_clear_error() -> None:
     assert f"cannot bind gRPC port 127.0.0.1:{port}" in worker.stderr
 
 
+def test_a_taken_http_port_is_a_clear_error_before_the_worker_says_ready() -> None:
+    """It used to log "worker ready", serve gRPC, and then exit with uvicorn's status 3."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        worker = subprocess.run([sys.executable, "-m", "disagg_worker.cli", "worker", "--role", "decode",
+                                 "--port", str(free_port()), "--http-port", str(port), "--kv-cache-blocks", "64"],
+                                capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr[-2000:]
+    assert f"cannot bind HTTP port 127.0.0.1:{port}" in worker.stderr
+    assert "worker ready" not in worker.stderr
+
+
 def test_workers_sharing_a_gpu_each_get_a_share_and_a_worker_arg_overrides_it() -> None:
     def share(cmd: list[str]) -> float:
         return float(cmd[len(cmd) - 1 - cmd[::-1].index("--gpu-memory-utilization") + 1])  # the last one wins

@@ -135,6 +135,13 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # bound before anything starts: a taken HTTP port used to surface after "worker ready", as uvicorn's
+    # own exit (status 3) with the gRPC server already serving
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        http_sock = socket.create_server((args.host, args.http_port), family=family)
+    except OSError as exc:
+        raise OSError(f"cannot bind HTTP port {args.host}:{args.http_port}: {exc.strerror or exc}") from None
     try:
         bound = server.add_insecure_port(f"{args.host}:{args.port}")
     except RuntimeError:  # grpcio raises where older versions returned 0
@@ -144,7 +151,7 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     http = _DrainAwareServer(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
                                             log_level="warning", lifespan="off"))
-    http_task = asyncio.create_task(http.serve())
+    http_task = asyncio.create_task(http.serve(sockets=[http_sock]))
     log.info("%s worker ready: model %s, gRPC %s:%d, HTTP %s:%d, %d KV blocks (%d MiB)%s", args.role, model_ref,
              args.host, args.port, args.host, args.http_port, engine.num_blocks, engine.runner.kv.nbytes >> 20,
              ", CPU attention kernel" if engine.runner.kernel is not None else "")
