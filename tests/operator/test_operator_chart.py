@@ -127,7 +127,7 @@ def test_monitoring_values_render_service_monitor_and_dashboard() -> None:
     board = json.loads(dash["data"]["disagg.json"])
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
     for metric in ("disagg_requests_waiting", "disagg_requests_running", "disagg_kv_cache_usage_ratio",
-                   "disagg_prefix_cache_hit_ratio", "disagg_utilization_ratio", "disagg_draining",
+                   "disagg_prefix_cache_hit_tokens_total", "disagg_utilization_ratio", "disagg_draining",
                    "disagg_scale_decisions_total", "disagg_desired_replicas"):
         assert metric in exprs
     # the operator labels its series with the DisaggDeployment's namespace, which the dashboard
@@ -167,3 +167,33 @@ def test_chart_files_are_complete() -> None:
     helpers = Path(CHART_DIR / "templates" / "_helpers.tpl").read_text()
     for name in ("name", "fullname", "chart", "labels", "selectorLabels", "serviceAccountName"):
         assert f'define "disagg-operator.{name}"' in helpers
+
+
+def _exported_series() -> dict[str, str]:
+    """Every series name the processes export, with its family's type (counter, gauge, histogram)."""
+    from prometheus_client import REGISTRY as WORKER_REGISTRY
+
+    import disagg_worker.metrics as worker_metrics
+    from disagg_operator.metrics import REGISTRY as OPERATOR_REGISTRY
+
+    series: dict[str, str] = {}
+    families = [*WORKER_REGISTRY.collect(), *OPERATOR_REGISTRY.collect(), *worker_metrics.ESTIMATED_TTFT.collect()]
+    for family in families:
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        for suffix in suffixes:
+            series[family.name + suffix] = family.type
+    return series
+
+
+def test_every_dashboard_query_reads_series_that_exist_with_functions_their_type_allows() -> None:
+    dashboard = json.loads((CHART_DIR / "files" / "grafana-dashboard.json").read_text())
+    exported = _exported_series()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 15
+    for expr in exprs:
+        for name in re.findall(r"\b(disagg_[a-z_]+)\b", expr):
+            assert name in exported, (name, expr)
+        for name in re.findall(r"\brate\((disagg_[a-z_]+)", expr):
+            assert exported[name] != "gauge", f"rate() of the gauge {name}: {expr}"
+        for name in re.findall(r"histogram_quantile\([^,]+,[^()]*\(rate\((disagg_[a-z_]+)", expr):
+            assert name.endswith("_bucket"), expr

@@ -19,8 +19,13 @@ REQUESTS_WAITING = Gauge("disagg_requests_waiting", "Requests queued in the engi
 REQUESTS_RUNNING = Gauge("disagg_requests_running", "Requests in the continuous batch", ["role"])
 REQUESTS_AWAITING_KV = Gauge("disagg_requests_awaiting_kv", "Requests with blocks reserved for remote KV", ["role"])
 KV_CACHE_USAGE = Gauge("disagg_kv_cache_usage_ratio", "Fraction of KV blocks held by live requests", ["role"])
-PREFIX_HIT_RATIO = Gauge("disagg_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache / prompt tokens",
-                         ["role"])
+PREFIX_HIT_RATIO = Gauge("disagg_prefix_cache_hit_ratio",
+                         "Prompt tokens served from the prefix cache / prompt tokens looked up (since start)", ["role"])
+# the ratio of their rates is the recent hit ratio, which a since-start gauge cannot show
+PREFIX_QUERIED_TOKENS = Counter("disagg_prefix_cache_queried_tokens_total",
+                                "Prompt tokens looked up in the prefix cache", ["role"])
+PREFIX_HIT_TOKENS = Counter("disagg_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache",
+                            ["role"])
 UTILIZATION = Gauge("disagg_utilization_ratio", "Busy fraction of the engine step loop (recent window)", ["role"])
 DRAINING = Gauge("disagg_draining", "1 while the worker takes no new requests", ["role"])
 PREEMPTIONS = Counter("disagg_preemptions_total", "Requests preempted for lack of KV blocks", ["role"])

@@ -52,6 +52,7 @@ class WorkerRuntime:
     def __post_init__(self) -> None:
         self.engine.on_step = self._on_step
         self._last_preemptions = 0
+        self._last_prefix = (0, 0)  # prefix-cache (queried, hit) tokens already counted
 
     # ---- engine hooks (engine thread) ------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], seconds: float | None) -> None:
@@ -119,6 +120,12 @@ class WorkerRuntime:
         m.DRAINING.labels(r).set(1 if self.draining else 0)
         m.PREEMPTIONS.labels(r).inc(s.num_preemptions - self._last_preemptions)
         self._last_preemptions = s.num_preemptions
+        bm = self.engine.engine.block_manager
+        queried, hit = bm.prefix_queries_tokens, bm.prefix_hit_tokens
+        # a lookup taken back (a fallen-back import) can lower the totals: counters only go up
+        m.PREFIX_QUERIED_TOKENS.labels(r).inc(max(0, queried - self._last_prefix[0]))
+        m.PREFIX_HIT_TOKENS.labels(r).inc(max(0, hit - self._last_prefix[1]))
+        self._last_prefix = (max(queried, self._last_prefix[0]), max(hit, self._last_prefix[1]))
 
     # ---- load report -----------------------------------------------------------------------
     def load_report(self, include_hashes: bool) -> pb.LoadReport:
