@@ -564,9 +564,11 @@ def pod_name_pattern(deployment: str) -> str:
     return f"{base}[a-z0-9]{{0,{POD_TEMPLATE_HASH_MAX}}}-?[a-z0-9]{{5}}"
 
 
-def promql(metric: str, owner: Owner, role: str, agg: str = "avg") -> str:
+def promql(metric: str, owner: Owner, role: str, agg: str = "avg", rate_seconds: int | None = None) -> str:
+    """``agg`` of ``metric`` over the role's pods; of its per-second rate over ``rate_seconds`` when given."""
     pods = pod_name_pattern(child_name(owner, role))
-    return f'{agg}({metric}{{namespace="{owner.namespace}",pod=~"{pods}"}})'
+    series = f'{metric}{{namespace="{owner.namespace}",pod=~"{pods}"}}'
+    return f"{agg}({series})" if rate_seconds is None else f"{agg}(rate({series}[{rate_seconds}s]))"
 
 
 def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str, Any]:

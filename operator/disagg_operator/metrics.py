@@ -9,9 +9,10 @@ Operator metrics (served by ``disagg operator --metrics-port``):
   ``degraded``, ``retry``, ``error``);
 - ``disagg_operator_child_writes_total{verb,kind}`` child creates / updates / deletes.
 
-Worker metrics read by the planner (gauges labelled ``role``): ``disagg_requests_waiting``,
+Worker metrics read by the planner (labelled ``role``): the gauges ``disagg_requests_waiting``,
 ``disagg_requests_running``, ``disagg_kv_cache_usage_ratio``, ``disagg_utilization_ratio``,
-``disagg_draining``.
+``disagg_draining``, and the counter ``disagg_busy_seconds_total``, whose increase between two scrapes
+is the busy fraction over the planner's whole interval (the gauge covers the last second only).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class PodSample:
     kv_cache_usage: float  # percent
     running: float = 0.0
     draining: bool = False
+    busy_seconds: float | None = None  # the worker's disagg_busy_seconds_total, when it exports it
 
     def value(self, metric: str) -> float:
         return float(getattr(self, metric))
@@ -70,6 +72,7 @@ _WANTED = {
     "disagg_kv_cache_usage_ratio": "kv",
     "disagg_utilization_ratio": "util",
     "disagg_draining": "draining",
+    "disagg_busy_seconds": "busy",  # a counter: its family is named without _total
 }
 
 
@@ -82,7 +85,7 @@ def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None
         if field is None:
             continue
         for sample in family.samples:
-            if sample.name != family.name:
+            if sample.name != (family.name + "_total" if family.type == "counter" else family.name):
                 continue
             if role is not None and sample.labels.get("role") not in (role, "both", None):
                 continue
@@ -97,4 +100,5 @@ def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None
         kv_cache_usage=100.0 * values.get("kv", 0.0),
         running=values.get("running", 0.0),
         draining=values.get("draining", 0.0) >= 0.5,
+        busy_seconds=values.get("busy"),
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -64,6 +65,7 @@ SCRAPE_TIMEOUT_SECONDS = 2.0
 # a worker's /metrics is tens of KiB; a pod answering more is not a worker we can read
 MAX_METRICS_BYTES = 8 << 20
 HISTORY_SECONDS = 3600.0
+BUSY_RATE = "rate(disagg_busy_seconds_total)"
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
 
 
@@ -156,6 +158,30 @@ def aggregate(samples: Iterable[PodSample | None], now: float, serving: int | No
     )
 
 
+def interval_utilization(
+    previous: Mapping[str, tuple[float, float]], samples: Mapping[str, PodSample | None], now: float
+) -> tuple[dict[str, PodSample | None], dict[str, tuple[float, float]]]:
+    """Each pod's busy fraction since its previous scrape, from its busy-seconds counter, in place of the
+    gauge (which covers the last second only: a planner reading it every 15 s saw one second in
+    fifteen); and the counters (seconds, time) to compare the next scrape with. A pod seen for the
+    first time, one whose counter went back (a restart), or one without the counter keeps its gauge.
+    A pod whose scrape failed keeps its old counter, so its next reading spans both intervals."""
+    counters = {name: prev for name, prev in previous.items() if name in samples}
+    out: dict[str, PodSample | None] = {}
+    for name, sample in samples.items():
+        if sample is None or sample.busy_seconds is None or not math.isfinite(sample.busy_seconds):
+            out[name] = sample
+            continue
+        prev = counters.get(name)
+        counters[name] = (sample.busy_seconds, now)
+        if prev is None or now <= prev[1] or sample.busy_seconds < prev[0]:
+            out[name] = sample
+            continue
+        busy = min(1.0, (sample.busy_seconds - prev[0]) / (now - prev[1]))
+        out[name] = dataclasses.replace(sample, gpu_utilization=100.0 * busy)
+    return out, counters
+
+
 def deletion_costs(pods: Mapping[str, PodSample | None], starting: Iterable[str] = ()) -> dict[str, str]:
     """``pod-deletion-cost`` per pod: the KV usage in basis points, so the pods holding the least KV
     state are removed first; pods starting or not measured hold none and go before all others."""
@@ -206,9 +232,13 @@ def prometheus_sample(
     """Role averages and per-pod KV usage from Prometheus (only pods the API reports warm count)."""
     names = {p.name for p in warm}
     per_pod: dict[str, dict[str, float]] = {n: {} for n in names}
-    for metric in ("disagg_requests_waiting", "disagg_utilization_ratio", "disagg_kv_cache_usage_ratio"):
+    queries = {metric: promql(metric, owner, role, agg="max by (pod)")
+               for metric in ("disagg_requests_waiting", "disagg_utilization_ratio", "disagg_kv_cache_usage_ratio")}
+    # the busy fraction over the last minute, where the workers export the counter (else the gauge's)
+    queries[BUSY_RATE] = promql("disagg_busy_seconds_total", owner, role, agg="max by (pod)", rate_seconds=60)
+    for metric, query in queries.items():
         try:
-            rows = query_prometheus(base_url, promql(metric, owner, role, agg="max by (pod)"))
+            rows = query_prometheus(base_url, query)
         except (OSError, ValueError, http.client.HTTPException):
             return Sample(time=now, pods=0), {}
         for labels, value in rows:
@@ -221,7 +251,7 @@ def prometheus_sample(
             continue
         samples[name] = PodSample(
             queue_length=vals["disagg_requests_waiting"],
-            gpu_utilization=100 * vals.get("disagg_utilization_ratio", 0.0),
+            gpu_utilization=100 * min(1.0, vals.get(BUSY_RATE, vals.get("disagg_utilization_ratio", 0.0))),
             kv_cache_usage=100 * vals.get("disagg_kv_cache_usage_ratio", 0.0),
         )
     return aggregate(samples.values(), now, serving), samples
@@ -234,6 +264,7 @@ def prometheus_sample(
 class RoleState:
     history: deque[Sample] = field(default_factory=lambda: deque(maxlen=4096))
     last_change: float | None = None
+    busy: dict[str, tuple[float, float]] = field(default_factory=dict)  # pod -> its busy counter, when read
 
     def add(self, sample: Sample) -> None:
         self.history.append(sample)
@@ -251,7 +282,7 @@ def recover_states(body: Mapping[str, Any]) -> dict[str, RoleState]:
 
 
 def _sample_role(
-    kube: Any, owner: Owner, parsed: ParsedSpec, role: str, now: float, scrape: Scraper
+    kube: Any, owner: Owner, parsed: ParsedSpec, role: str, now: float, scrape: Scraper, state: RoleState
 ) -> tuple[Sample, int, dict[str, PodSample | None], list[str]]:
     pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
     warm, starting = classify(pods, now)
@@ -268,7 +299,8 @@ def _sample_role(
     else:
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(warm)))) as pool:
             results = list(pool.map(lambda p: scrape(p.ip or "", role), warm))
-        per_pod = {p.name: r for p, r in zip(warm, results, strict=True)}
+        per_pod, state.busy = interval_utilization(
+            state.busy, {p.name: r for p, r in zip(warm, results, strict=True)}, now)
         sample = aggregate(per_pod.values(), now, serving)
     return sample, starting, per_pod, not_warm
 
@@ -308,7 +340,7 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
                lock: threading.Lock, now: float, scrape: Scraper,
                logger: logging.Logger | logging.LoggerAdapter[Any]) -> Decision | None:
     policy = getattr(parsed.policy.autoscale, role)
-    sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape)
+    sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape, state)
     state.add(sample)
     name = child_name(owner, role)
     with lock:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from disagg_operator import planner
 from disagg_operator.builders import ANNOTATION_DELETION_COST
@@ -23,6 +23,7 @@ from disagg_operator.planner import (
     aggregate,
     classify,
     deletion_costs,
+    interval_utilization,
     plan_once,
     query_prometheus,
     recover_states,
@@ -51,12 +52,14 @@ def pod(name: str, *, ready_for: float | None = 600.0, ip: str = "10.0.0.1", ter
 
 
 def exposition(role: str = "decode", waiting: float = 3, running: float = 5, kv: float = 0.4, util: float = 0.5,
-               draining: float = 0) -> str:
+               draining: float = 0, busy_seconds: float | None = None) -> str:
     reg = CollectorRegistry()
     for name, value in (("disagg_requests_waiting", waiting), ("disagg_requests_running", running),
                         ("disagg_kv_cache_usage_ratio", kv), ("disagg_utilization_ratio", util),
                         ("disagg_draining", draining), ("disagg_prefix_cache_hit_ratio", 0.9)):
         Gauge(name, name, ["role"], registry=reg).labels(role).set(value)
+    if busy_seconds is not None:
+        Counter("disagg_busy_seconds_total", "busy", ["role"], registry=reg).labels(role).inc(busy_seconds)
     return generate_latest(reg).decode()
 
 
@@ -88,6 +91,33 @@ def test_parse_worker_metrics_in_planner_units() -> None:
     assert parse_worker_metrics(exposition(role="prefill"), "decode") is None  # another role's gauges
     assert parse_worker_metrics(exposition(role="both"), "decode") is not None
     assert parse_worker_metrics("# nothing here\n", "decode") is None
+
+
+def test_the_busy_counter_is_read_from_the_exposition() -> None:
+    assert parse_worker_metrics(exposition(busy_seconds=12.5), "decode").busy_seconds == 12.5
+    assert parse_worker_metrics(exposition(), "decode").busy_seconds is None  # a worker without it
+
+
+def test_utilisation_is_the_busy_counter_over_the_whole_interval() -> None:
+    """The gauge covers the last second: read every 15 s, a pod busy 14 s of 15 could read 0."""
+    def at(busy: float | None, util: float = 0.0) -> PodSample:
+        return PodSample(queue_length=0, gpu_utilization=util, kv_cache_usage=0, busy_seconds=busy)
+
+    first, counters = interval_utilization({}, {"a": at(100.0, util=10.0), "b": None}, NOW)
+    assert first["a"].gpu_utilization == 10.0 and first["b"] is None  # no previous reading: the gauge
+    assert counters == {"a": (100.0, NOW)}
+    second, counters = interval_utilization(counters, {"a": at(114.0), "b": None}, NOW + 15)
+    assert second["a"].gpu_utilization == pytest.approx(100 * 14 / 15)
+    # a failed scrape keeps the old counter: the next reading spans both intervals
+    third, kept = interval_utilization(counters, {"a": None}, NOW + 30)
+    assert third["a"] is None and kept == {"a": (114.0, NOW + 15)}
+    fourth, _ = interval_utilization(kept, {"a": at(120.0)}, NOW + 45)
+    assert fourth["a"].gpu_utilization == pytest.approx(100 * 6 / 30)
+    # a restarted pod's counter starts again from 0: its gauge this once, not a negative fraction
+    restarted, counters = interval_utilization({"a": (500.0, NOW)}, {"a": at(3.0, util=20.0)}, NOW + 15)
+    assert restarted["a"].gpu_utilization == 20.0 and counters["a"] == (3.0, NOW + 15)
+    # pods that are gone are forgotten
+    assert interval_utilization({"gone": (1.0, NOW)}, {"a": at(1.0)}, NOW + 15)[1] == {"a": (1.0, NOW + 15)}
 
 
 def test_aggregate_and_deletion_costs() -> None:
@@ -397,3 +427,22 @@ async def test_the_desired_replicas_gauge_goes_when_the_planner_stops_or_hands_o
     await planner.run_loop(body, Stopped(1), planner.log, lock=threading.Lock(), kube_factory=lambda: cluster,
                            clock=lambda: NOW, scrape=scrape)
     assert ("ns", "demo", "decode") not in sample_names()
+
+
+def test_prometheus_mode_reads_the_busy_rate_and_falls_back_to_the_gauge(monkeypatch: pytest.MonkeyPatch) -> None:
+    from disagg_operator.builders import Owner
+
+    answers = {"disagg_requests_waiting": 2.0, "disagg_utilization_ratio": 0.1, "disagg_kv_cache_usage_ratio": 0.3}
+
+    def fake_query(base_url: str, query: str, **_: Any) -> list[tuple[dict[str, str], float]]:
+        if "rate(disagg_busy_seconds_total" in query:
+            return [({"pod": "a"}, 0.7)]  # b's worker exports no counter
+        [value] = [v for name, v in answers.items() if name in query]
+        return [({"pod": "a"}, value), ({"pod": "b"}, value)]
+
+    monkeypatch.setattr(planner, "query_prometheus", fake_query)
+    owner = Owner(name="demo", namespace="ns", uid="u")
+    warm = [planner.pod_state(pod("a")), planner.pod_state(pod("b"))]
+    _, per_pod = planner.prometheus_sample("http://prom", owner, "decode", warm, NOW)
+    assert per_pod["a"].gpu_utilization == pytest.approx(70.0)
+    assert per_pod["b"].gpu_utilization == pytest.approx(10.0)

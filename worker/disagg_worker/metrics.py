@@ -27,6 +27,8 @@ PREFIX_QUERIED_TOKENS = Counter("disagg_prefix_cache_queried_tokens_total",
 PREFIX_HIT_TOKENS = Counter("disagg_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache",
                             ["role"])
 UTILIZATION = Gauge("disagg_utilization_ratio", "Busy fraction of the engine step loop (recent window)", ["role"])
+# the busy fraction over any window (the planner's interval, a PromQL range) is this counter's rate
+BUSY_SECONDS = Counter("disagg_busy_seconds_total", "Seconds the engine step loop spent running batches", ["role"])
 DRAINING = Gauge("disagg_draining", "1 while the worker takes no new requests", ["role"])
 PREEMPTIONS = Counter("disagg_preemptions_total", "Requests preempted for lack of KV blocks", ["role"])
 PROMPT_TOKENS = Counter("disagg_prompt_tokens_total", "Prompt tokens received", ["role"])

@@ -102,7 +102,8 @@ class WorkerRuntime:
             await asyncio.sleep(1.0)
             now, busy = time.monotonic(), self.engine.busy_seconds()
             self.utilization = min(1.0, max(0.0, busy - last_busy) / max(now - last_t, 1e-6))
-            last_busy, last_t = busy, now
+            m.BUSY_SECONDS.labels(self.role).inc(max(0.0, busy - last_busy))
+            last_busy, last_t = max(busy, last_busy), now
             try:
                 self.refresh_gauges()
             except Exception:  # a bad round must not freeze utilisation for routing and autoscaling
