@@ -104,29 +104,34 @@ def target(policy: RoleAutoscale, metric: str) -> float | None:
 def _window(history: Sequence[Sample], now: float, seconds: float, last_change: float | None,
             max_gap: float = STALE_AFTER_SECONDS) -> list[Sample] | None:
     """Samples of the last ``seconds``, or None when they do not cover the window: too little data,
-    a window reaching back before the last change, or a hole in it (a sample without data, or no
-    sample for over ``max_gap`` seconds). Load during a hole is unknown, so it is never sustained."""
+    a sample from before the last change (or from its round: it saw the old pods), or a hole in it (a
+    sample without data, or no sample for over ``max_gap`` seconds). Load during a hole is unknown, so
+    it is never sustained. A window of 0 seconds is the newest sample, which must hold data."""
     start = now - seconds
-    if last_change is not None and last_change > start + EPSILON:
-        return None
     known = [s for s in history if s.time <= now + EPSILON]
-    usable = [s for s in known if s.pods > 0]
-    if not usable:
+    if not known:
         return None
     if seconds <= 0:
-        return [usable[-1]]
-    if usable[0].time > start + EPSILON:
-        return None  # the history does not reach back to the window's start
-    inside = [s for s in usable if s.time >= start - EPSILON]
-    if not inside:
-        return None
-    before = [s for s in usable if s.time < start - EPSILON]
-    # the sample in force at the window's start counts too (samples are taken every interval)
-    window = ([before[-1]] if before and inside[0].time > start + EPSILON else []) + inside
-    if any(s.pods <= 0 and s.time >= window[0].time - EPSILON for s in known):
-        return None
-    times = [s.time for s in window] + [now]
-    if any(later - earlier > max_gap + EPSILON for earlier, later in pairwise(times)):
+        latest = known[-1]  # not the last one with data: a failed scrape since means we know nothing now
+        if latest.pods <= 0 or now - latest.time > max_gap + EPSILON:
+            return None
+        window = [latest]
+    else:
+        usable = [s for s in known if s.pods > 0]
+        if not usable or usable[0].time > start + EPSILON:
+            return None  # the history does not reach back to the window's start
+        inside = [s for s in usable if s.time >= start - EPSILON]
+        if not inside:
+            return None
+        before = [s for s in usable if s.time < start - EPSILON]
+        # the sample in force at the window's start counts too (samples are taken every interval)
+        window = ([before[-1]] if before and inside[0].time > start + EPSILON else []) + inside
+        if any(s.pods <= 0 and s.time >= window[0].time - EPSILON for s in known):
+            return None
+        times = [s.time for s in window] + [now]
+        if any(later - earlier > max_gap + EPSILON for earlier, later in pairwise(times)):
+            return None
+    if last_change is not None and any(s.time <= last_change + EPSILON for s in window):
         return None
     return window
 

@@ -262,7 +262,7 @@ def prometheus_sample(
 
 @dataclass
 class RoleState:
-    history: deque[Sample] = field(default_factory=lambda: deque(maxlen=4096))
+    history: deque[Sample] = field(default_factory=deque)  # the last HISTORY_SECONDS (at most 3,600 samples)
     last_change: float | None = None
     busy: dict[str, tuple[float, float]] = field(default_factory=dict)  # pod -> its busy counter, when read
 

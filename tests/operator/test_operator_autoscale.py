@@ -142,6 +142,32 @@ def test_a_hole_in_the_metrics_is_never_sustained_load() -> None:
     assert decide(recovered, DECODE, 8, 0, NOW + 135, None).direction == "down"
 
 
+def test_a_window_of_zero_seconds_never_decides_on_data_older_than_the_latest_scrape() -> None:
+    """With no scale-up window, a failed scrape after a busy one used to scale up again on the old sample,
+    every round for a minute (the samples stay fresh that long), also on a sample from before the
+    planner's own last change."""
+    busy = Sample(NOW - 15, 2, queue_length=20.0, gpu_utilization=95.0)
+    failed = Sample(NOW, 0)
+    assert decide([busy], PREFILL, 2, 0, NOW - 15 + 1e-3, None).direction == "up"
+    assert decide([busy, failed], PREFILL, 2, 0, NOW, None).direction == "hold"
+    # the busy sample is from the round of the last change: it saw the old pods
+    assert decide([busy], PREFILL, 3, 0, NOW, NOW - 15).direction == "hold"
+
+
+def test_a_scale_up_window_after_a_change_is_covered_by_samples_taken_after_it() -> None:
+    """The sample taken in the round of a change saw the pods before it: a 30 s window right after a
+    change used to count it and rest on 15 s of data about the new pods."""
+    history = steady(4, NOW, **BUSY)
+    no_cooldown = DECODE.model_copy(update={"cooldown_seconds": 0})
+    assert decide(history, no_cooldown, 6, 0, NOW, NOW - 31).direction == "up"
+    assert decide(history, no_cooldown, 6, 0, NOW, NOW - 30).direction == "hold"
+
+
+def test_stabilisation_windows_are_at_most_the_hour_of_history_the_planner_keeps() -> None:
+    with pytest.raises(ValueError, match="3600"):
+        RoleAutoscale(scale_down_stabilization_seconds=5400)
+
+
 def test_warmup_samples_are_not_in_the_history_and_starting_pods_count_as_capacity() -> None:
     # 2 ready pods drowning, 2 more starting: enough to reach the target? load 2 x 30 = 60, target 10
     history = steady(2, NOW, queue_length=30.0, kv_cache_usage=50.0)

@@ -71,8 +71,9 @@ class RoleAutoscale(_Model):
     max_replicas: int = Field(4, ge=1)
     scale_up: Thresholds = Thresholds()
     scale_down: Thresholds = Thresholds()
-    scale_up_stabilization_seconds: float = Field(30, ge=0)
-    scale_down_stabilization_seconds: float = Field(300, ge=0)
+    # at most an hour, as the HPA's: the planner keeps an hour of samples
+    scale_up_stabilization_seconds: float = Field(30, ge=0, le=3600)
+    scale_down_stabilization_seconds: float = Field(300, ge=0, le=3600)
     cooldown_seconds: float = Field(60, ge=0)
     max_step: int = Field(2, ge=1, description="most replicas added or removed by one decision")
 
@@ -101,7 +102,7 @@ ROLE_DEFAULTS = {
 
 class Autoscale(_Model):
     mode: Literal["builtin", "hpa", "keda", "off"] = "builtin"
-    interval_seconds: float = Field(15, gt=0)
+    interval_seconds: float = Field(15, ge=1, le=600)
     metrics_source: Literal["pods", "prometheus"] = "pods"
     prometheus_url: str | None = None
     drain_timeout_seconds: float = Field(120, ge=0)
