@@ -240,7 +240,7 @@ def prometheus_sample(
         try:
             rows = query_prometheus(base_url, query)
         except (OSError, ValueError, http.client.HTTPException):
-            return Sample(time=now, pods=0), {}
+            return Sample(time=now, pods=0), dict.fromkeys(names)  # every warm pod: not measured
         for labels, value in rows:
             if labels.get("pod") in per_pod:
                 per_pod[labels["pod"]][metric] = value
@@ -265,6 +265,12 @@ class RoleState:
     history: deque[Sample] = field(default_factory=deque)  # the last HISTORY_SECONDS (at most 3,600 samples)
     last_change: float | None = None
     busy: dict[str, tuple[float, float]] = field(default_factory=dict)  # pod -> its busy counter, when read
+    last_data: float | None = None  # when a round last got data from at least one pod
+    reported_missing: bool = False  # whether the outage is reported (a warning and an Event)
+
+    def first_seen(self, now: float) -> float:
+        """When this state's history starts (now, if it has none)."""
+        return self.history[0].time if self.history else now
 
     def add(self, sample: Sample) -> None:
         self.history.append(sample)
@@ -342,6 +348,9 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
     policy = getattr(parsed.policy.autoscale, role)
     sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape, state)
     state.add(sample)
+    stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
+    _report_metrics_outage(body, role, state, sample, bool(per_pod), now, stale_after, kube,
+                           logger)
     name = child_name(owner, role)
     with lock:
         deployment = kube.get_deployment(owner.namespace, name)
@@ -349,7 +358,6 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
             return None
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         # a sample may be up to ~2 intervals old before it (or a gap that long) counts as missing data
-        stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
         decision = decide(list(state.history), policy, current, starting, now, state.last_change,
                           stale_after=stale_after)
         metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
@@ -382,6 +390,43 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
             owner.namespace, owner.name, role, decision.direction, decision.reason.split(",")[0][:60]
         ).inc()
     return decision
+
+
+def _report_metrics_outage(body: Any, role: str, state: RoleState, sample: Sample, expected: bool, now: float,
+                           stale_after: float, kube: Any, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """A role whose pods answer nothing (a Prometheus URL that is down or wrong, pods that cannot be
+    scraped) makes the planner hold: say so once it has lasted ``stale_after``, with a warning and an
+    Event, and again when data is back, instead of holding in silence. ``expected``: there were warm
+    pods to read (a role with none ready yet is not an outage)."""
+    if sample.pods > 0:
+        state.last_data = now
+        if state.reported_missing:
+            state.reported_missing = False
+            message = f"Planner has {role} metrics again ({sample.pods} pod(s) answered)"
+            logger.info("%s", message)
+            with contextlib.suppress(ApiError):
+                kube.post_event(involved_object(body), "Normal", "MetricsAvailable", message)
+        return
+    if not expected:
+        return
+    since = state.last_data if state.last_data is not None else state.first_seen(now)
+    if state.reported_missing or now - since <= stale_after:
+        return
+    state.reported_missing = True
+    auto = parse_source(body)
+    message = (f"Planner has had no {role} metrics for {now - since:.0f} s from {auto}: holding {role} replicas "
+               f"until they are back")
+    logger.warning("%s", message)
+    with contextlib.suppress(ApiError):
+        kube.post_event(involved_object(body), "Warning", "MetricsUnavailable", message)
+
+
+def parse_source(body: Any) -> str:
+    """Where the planner reads metrics, for messages: the Prometheus URL or the pods' /metrics."""
+    auto = ((body.get("spec") or {}).get("autoscale") or {})
+    if auto.get("metricsSource") == "prometheus" and auto.get("prometheusUrl"):
+        return f"Prometheus at {auto['prometheusUrl']}"
+    return f"the pods' :{WORKER_HTTP_PORT}/metrics"
 
 
 async def run_loop(

@@ -446,3 +446,31 @@ def test_prometheus_mode_reads_the_busy_rate_and_falls_back_to_the_gauge(monkeyp
     _, per_pod = planner.prometheus_sample("http://prom", owner, "decode", warm, NOW)
     assert per_pod["a"].gpu_utilization == pytest.approx(70.0)
     assert per_pod["b"].gpu_utilization == pytest.approx(10.0)
+
+
+def test_a_metrics_outage_is_reported_once_and_its_end_too() -> None:
+    """A down or mistyped Prometheus URL, or pods that cannot be scraped, used to make the planner hold
+    in silence: no log line, Event or status."""
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]},
+                          {"prefill": 1, "decode": 1})
+    states = {r: RoleState() for r in ("prefill", "decode")}
+    spec = parse_spec(SPEC, name="demo")
+
+    def round_at(t: float, scrape: Any) -> None:
+        plan_once(BODY, spec, states, kube=cluster, lock=threading.Lock(), now=t, scrape=scrape)
+
+    def events() -> list[tuple[str, str]]:
+        return [w[1] for w in cluster.writes if w[0] == "event"]
+
+    calm = PodSample(queue_length=3, gpu_utilization=50, kv_cache_usage=50)
+    round_at(NOW, lambda ip, role: calm)
+    for t in range(15, 61, 15):
+        round_at(NOW + t, lambda ip, role: None)
+    assert events() == []  # not yet: a minute without data is when the planner starts holding
+    round_at(NOW + 75, lambda ip, role: None)
+    round_at(NOW + 90, lambda ip, role: None)
+    outages = [message for reason, message in events() if reason == "MetricsUnavailable"]
+    assert len(outages) == 2 and {m.split()[4] for m in outages} == {"prefill", "decode"}  # one per role
+    assert "pods' :8081/metrics" in outages[0]
+    round_at(NOW + 105, lambda ip, role: calm)
+    assert sorted(reason for reason, _ in events()).count("MetricsAvailable") == 2
