@@ -46,6 +46,10 @@ METRICS = ("queue_length", "gpu_utilization", "kv_cache_usage")
 Direction = Literal["up", "down", "hold"]
 EPSILON = 1e-9
 STALE_AFTER_SECONDS = 60.0
+# A ready pod is sampled only after this long (its first requests include model warm-up); until then it
+# counts as starting. And how much history the planner keeps, which bounds the stabilisation windows.
+WARMUP_SECONDS = 30.0
+HISTORY_SECONDS = 3600.0
 # Target per-pod load when only a scale-up threshold is set: this fraction of it.
 UP_ONLY_TARGET = 0.8
 

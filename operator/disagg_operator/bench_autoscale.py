@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from disagg_operator.autoscale import Sample, decide, target
+from disagg_operator.autoscale import HISTORY_SECONDS, WARMUP_SECONDS, Sample, decide, target
 from disagg_worker.policy import RoleAutoscale, Thresholds
 
 DEFAULT_OUT = Path("benchmarks/out/autoscale")
@@ -291,22 +291,28 @@ class Cluster:
         for role in self.pools:  # drained pods leave
             self.pools[role] = [p for p in self.pools[role] if not (p.draining and p.load() == 0)]
 
-    def sample(self, role: str, now: float, interval: float) -> tuple[Sample, int]:
+    def sample(self, role: str, now: float, elapsed: float, warmup: float) -> tuple[Sample, int]:
+        """What the operator's planner reads at ``now`` (the end of the step just run), as it reads it:
+        per-pod averages over the pods ready for ``warmup`` seconds (pods still starting or warming up
+        count as ``starting``), the busy fraction over the ``elapsed`` seconds since the last sample
+        (the workers' busy-seconds counter between two scrapes), and the queue as the workers' gauge
+        counts it (requests waiting, not the prompt in progress)."""
         pods = [p for p in self.pools[role] if not p.draining]
-        ready = [p for p in pods if p.ready(now)]
-        starting = len(pods) - len(ready)
-        if not ready:
-            return Sample(now, 0), starting
-        n = len(ready)
-        # arrivals are handed to pods at the start of the step they fall in; count only those already
-        # here, and not a prefill pod's prompt in progress (the queue's head): the workers' queue gauge
-        # (disagg_requests_waiting) counts requests not yet running
-        queue = sum(sum(1 for r in p.queue if r.arrival <= now) - (p.busy_left > 0) for p in ready) / n
-        busy = sum(min(1.0, p.busy_time / interval) for p in ready) / n * 100
-        kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in ready) / n * 100
+        serving = [p for p in pods if p.ready(now)]
+        warm = [p for p in serving if now - p.ready_at >= warmup - 1e-9]
+        starting = len(pods) - len(warm)
+        busy_of = {id(p): min(1.0, p.busy_time / elapsed) if elapsed > 0 else 0.0 for p in warm}
         for p in self.pools[role]:
             p.busy_time = 0.0
-        return Sample(now, n, queue_length=queue, gpu_utilization=busy, kv_cache_usage=min(100.0, kv)), starting
+        if not warm:
+            return Sample(now, 0), starting
+        n = len(warm)
+        # arrivals are handed to pods at the start of the step they fall in: count those here by now
+        queue = sum(sum(1 for r in p.queue if r.arrival <= now) - (1 if p.busy_left > 0 else 0) for p in warm) / n
+        busy = sum(busy_of.values()) / n * 100
+        kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in warm) / n * 100
+        return Sample(now, n, queue_length=queue, gpu_utilization=busy, kv_cache_usage=min(100.0, kv),
+                      serving=len(serving)), starting
 
     def resize(self, role: str, desired: int, now: float) -> None:
         pods = [p for p in self.pools[role] if not p.draining]
@@ -335,6 +341,7 @@ class BenchConfig:
     decode: RoleAutoscale
     interval: float = 15.0
     startup: float = 30.0
+    warmup: float = WARMUP_SECONDS  # a ready pod is sampled after this long, as the operator's planner does
     max_batch: int = 16
     dt: float = 0.05
     ttft_slo: float = 1.0
@@ -360,32 +367,35 @@ def simulate(cfg: BenchConfig, st: ServiceTimes, name: str, *, seed: int = 0) ->
     timeline: list[tuple[float, int, int, float]] = []
     steps = int((cfg.workload.duration + cfg.drain_tail) / cfg.dt)
     sample_every = max(1, round(cfg.interval / cfg.dt))
+    last_sample = 0.0
     for i in range(steps):
         now = i * cfg.dt
         while pending and pending[0].arrival <= now + cfg.dt:
             cluster.submit(pending.popleft(), now)
         cluster.step(now, cfg.dt)
-        if i % sample_every == 0 and i:
+        if (i + 1) % sample_every == 0:
+            t = now + cfg.dt  # the planner's round reads the cluster as this step left it
             timeline.append(
                 (
-                    now,
+                    t,
                     len(cluster.pools["prefill"]),
                     len(cluster.pools["decode"]),
-                    cfg.workload.rate(min(now, cfg.workload.duration)),
+                    cfg.workload.rate(min(t, cfg.workload.duration)),
                 )
             )
             for role, policy in (("prefill", cfg.prefill), ("decode", cfg.decode)):
-                sample, starting = cluster.sample(role, now, cfg.interval)
+                sample, starting = cluster.sample(role, t, t - last_sample, cfg.warmup)
                 if name != "planner":
                     continue
                 history[role].append(sample)
-                history[role] = history[role][-400:]
+                history[role] = [s for s in history[role] if t - s.time <= HISTORY_SECONDS]
                 current = len([p for p in cluster.pools[role] if not p.draining])
-                d = decide(history[role], policy, current, starting, now, last_change[role])
+                d = decide(history[role], policy, current, starting, t, last_change[role])
                 if d.changed:
-                    cluster.resize(role, d.desired, now)
-                    last_change[role] = now
-                    decisions.append((now, role, d.direction, current, d.desired))
+                    cluster.resize(role, d.desired, t)
+                    last_change[role] = t
+                    decisions.append((t, role, d.direction, current, d.desired))
+            last_sample = t
         if not pending and now > cfg.workload.duration and all(r.finished for r in requests):
             break
     return PolicyRun(name, requests, cluster.replica_seconds, decisions, timeline)
@@ -713,20 +723,34 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{result['oracle_vs_static_max_replica_seconds']:.2f}x static-max's replica-seconds")
 
 
+def positive(kind: type, *, zero: bool = False) -> Any:
+    """An argparse type: a finite number above 0 (or at least 0 with ``zero``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'above 0'}, got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg bench autoscale", description=__doc__.split("\n\n")[0])
     p.add_argument("--service-times", type=Path, help="JSON of measured service times (else: measure now)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes of trace")
-    p.add_argument("--max-batch", type=int, default=16, help="decode batch size per pod")
-    p.add_argument("--startup", type=float, default=30.0, help="seconds before a new pod serves")
-    p.add_argument("--dt", type=float, default=0.05, help="simulation time step in seconds")
+    p.add_argument("--minutes", type=positive(float), default=60.0, help="simulated minutes of trace")
+    p.add_argument("--max-batch", type=positive(int), default=16, help="decode batch size per pod")
+    p.add_argument("--startup", type=positive(float, zero=True), default=30.0, help="seconds before a new pod serves")
+    p.add_argument("--dt", type=positive(float), default=0.05,
+                   help="simulation time step in seconds (planner rounds fall on a whole number of steps)")
     one_or_many = p.add_mutually_exclusive_group()
     one_or_many.add_argument("--seed", type=int, default=0)
     one_or_many.add_argument("--seeds", type=parse_seeds, help="several traces, e.g. 0-9: a table of the planner "
                              "on each and autoscale-seeds.json (no plot)")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p.add_argument("--workers", type=int, default=cpus,
+    p.add_argument("--workers", type=positive(int), default=cpus,
                    help="traces simulated at once (--seeds)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)

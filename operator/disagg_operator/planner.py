@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from disagg_operator import metrics
-from disagg_operator.autoscale import STALE_AFTER_SECONDS, Decision, Sample, decide
+from disagg_operator.autoscale import HISTORY_SECONDS, STALE_AFTER_SECONDS, WARMUP_SECONDS, Decision, Sample, decide
 from disagg_operator.builders import (
     ANNOTATION_DELETION_COST,
     ROLES,
@@ -57,14 +57,12 @@ from disagg_operator.spec import ParsedSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
-WARMUP_SECONDS = 30.0
 # A pod not ready this long after its creation (unschedulable, crash-looping, failing admission) is not
 # capacity on its way: counting it as "starting" would block every scale-down (and hold scale-ups).
 STUCK_AFTER_SECONDS = 900.0
 SCRAPE_TIMEOUT_SECONDS = 2.0
 # a worker's /metrics is tens of KiB; a pod answering more is not a worker we can read
 MAX_METRICS_BYTES = 8 << 20
-HISTORY_SECONDS = 3600.0
 BUSY_RATE = "rate(disagg_busy_seconds_total)"
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
 

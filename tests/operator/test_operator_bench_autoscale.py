@@ -116,3 +116,24 @@ def test_cli_runs_several_traces_and_counts_where_every_target_is_met(tmp_path: 
         "planner_vs_static_max_replica_seconds"]
     assert result["seeds"][1]["reversals_per_10min"] == single["policies"][2]["reversals_per_10min"]
     assert result["config"]["minutes"] == 4
+
+
+def test_the_simulated_pods_report_what_the_workers_and_the_planner_would() -> None:
+    """The planner must be judged on what it would see: no negative queues, no samples from pods still
+    warming up (they count as starting), busy time over the time since the last sample."""
+    from disagg_operator.bench_autoscale import Cluster, Pod, Request
+
+    st = ServiceTimes({64: 0.01}, {1: 0.006, 16: 0.018})
+    cluster = Cluster(st, 1, 1, max_batch=16, kv_tokens=1000.0, startup=30.0)
+    warm = cluster.pools["prefill"][0]
+    warming = Pod(ready_at=90.0)
+    cluster.pools["prefill"].append(warming)
+    warm.queue.append(Request(arrival=99.99, prompt=64, output=8))  # arrived within the step, in service now
+    warm.busy_left, warm.busy_time = 0.5, 2.5
+    sample, starting = cluster.sample("prefill", 100.0, elapsed=5.0, warmup=30.0)
+    assert (sample.pods, sample.serving, starting) == (1, 2, 1)
+    assert sample.queue_length == 0  # the prompt in progress is not waiting (it used to read -1 here)
+    assert sample.gpu_utilization == 50.0
+    warm.queue.append(Request(arrival=99.995, prompt=64, output=8))
+    assert cluster.sample("prefill", 100.0, elapsed=5.0, warmup=30.0)[0].queue_length == 1
+    assert cluster.sample("prefill", 121.0, elapsed=5.0, warmup=30.0)[0].pods == 2  # warmed up
