@@ -281,6 +281,19 @@ def test_openai_defaults_and_spellings_are_accepted(cluster: LocalCluster) -> No
         return reply.choices[0].message.content or ""
 
     assert chat("developer") == chat("system")  # OpenAI's newer name for the system role
+    # vLLM's spelling of "no top-k", and null for include_usage (null is the default for any field)
+    no_top_k = httpx.post(url, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 6, "temperature": 0,
+                                     "top_k": -1}, timeout=30)
+    assert no_top_k.status_code == 200 and no_top_k.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    streamed = httpx.post(url, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 2, "stream": True,
+                                     "stream_options": {"include_usage": None}}, timeout=30)
+    assert streamed.status_code == 200 and '"usage"' not in streamed.text.split("[DONE]")[0].splitlines()[-3]
+    # a chat prompt too long on its own names the messages, not the max_tokens the client never sent
+    too_long = post_json(f"{cluster.base_url}/v1/chat/completions", {
+        "model": "tiny-llama", "messages": [{"role": "user", "content": "hello " * 2500}]})
+    assert too_long.status_code == 400, too_long.text
+    assert too_long.json()["error"]["param"] == "messages"
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:

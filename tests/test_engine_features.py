@@ -107,8 +107,19 @@ def test_bad_input_is_a_clear_error_for_that_request_only(engine: LLMEngine, pro
 
 def test_request_larger_than_the_pool_is_refused_up_front(llama: LoadedModel) -> None:
     engine = LLMEngine(EngineConfig(num_kv_blocks=4, block_size=4), llama)
-    with pytest.raises(InvalidRequestError, match="KV blocks"):
+    with pytest.raises(InvalidRequestError, match="maximum context length is 16 tokens"):
         engine.add_request("big", [5] * 30, {"max_tokens": 4})
+
+
+def test_a_pool_smaller_than_the_context_is_the_context_it_advertises(llama: LoadedModel) -> None:
+    """The router defaults a chat's max_tokens to the context left after the prompt: a worker that
+    advertised the model's 2,048 tokens with a pool of 1,024 refused every chat sent without max_tokens."""
+    engine = LLMEngine(EngineConfig(num_kv_blocks=8, block_size=16), llama)
+    assert engine.max_model_len == 128 < llama.max_model_len
+    prompt = [5] * 100
+    engine.add_request("fits", prompt, {"max_tokens": 128 - len(prompt), "temperature": 0, "ignore_eos": True})
+    out = [o for _ in range(200) if engine.has_unfinished() for o in engine.step() if o.finished]
+    assert out[0].num_output_tokens == 28
 
 
 def test_duplicate_request_id_is_refused(engine: LLMEngine) -> None:

@@ -153,6 +153,14 @@ class LLMEngine:
                         "differs from Hugging Face generate's with these settings", unapplied)
         layout = kv_layout(self.loaded.model, config.block_size)
         self.num_blocks = self._pool_blocks(layout.bytes_per_block)
+        pool_tokens = self.num_blocks * config.block_size
+        if pool_tokens < self.max_model_len:
+            # the context a request may use is what one request can hold: advertised as the limit (load
+            # reports, /v1/models), so a chat request without max_tokens defaults to what fits
+            log.warning("the KV pool holds %d tokens, fewer than the model's context of %d: requests may use up "
+                        "to %d tokens (more KV blocks, or GPU memory, serve the whole context)",
+                        pool_tokens, self.max_model_len, pool_tokens)
+            self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

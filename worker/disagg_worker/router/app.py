@@ -271,7 +271,7 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         prompt = list(ids)
-        params = service.validate(prompt, body.sampling(max_tokens_of(body, len(prompt), None)))
+        params = service.validate(prompt, body.sampling(max_tokens_of(body, len(prompt), None)), "messages")
         return await respond(request, "chat.completion", [prompt], [params], priority_of(body), body.streaming,
                              body.include_usage, chat=True)
 

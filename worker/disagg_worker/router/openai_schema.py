@@ -98,7 +98,7 @@ class _Common(BaseModel):
             raise APIError(400, "only text output is supported", param="modalities")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-        if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
+        if not isinstance((self.stream_options or {}).get("include_usage") or False, bool):  # null: the default
             raise APIError(400, "stream_options.include_usage must be a boolean", param="stream_options")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
             raise APIError(400, "top_p must be between 0 and 1", param="top_p")
@@ -121,7 +121,8 @@ class _Common(BaseModel):
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": self.top_k or 0,
+            # -1 is vLLM's "no top-k" (as 0 is here); other negatives are refused as invalid
+            "top_k": 0 if self.top_k in (None, -1) else self.top_k,
             # OpenAI's seed is any int64; the engine's RNG takes non-negative ones (same seed, same map)
             "seed": None if self.seed is None else self.seed % 2**63,
             "stop": tuple(stop),

@@ -139,9 +139,10 @@ class RouterService:
                                 f"tokens can hold", param=param, code="context_length_exceeded")
 
     # ---- the request path ------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> SamplingParams:
+    def validate(self, prompt_ids: list[int], sampling: dict[str, Any], prompt_param: str = "prompt") -> SamplingParams:
+        """``prompt_param``: what the client sent the prompt as (``prompt``, or chat's ``messages``)."""
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         if not all(0 <= t <= MAX_TOKEN_ID for t in prompt_ids):
             raise APIError(400, "prompt token ids must be between 0 and the vocabulary size", param="prompt")
         try:
@@ -149,6 +150,10 @@ class RouterService:
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         limit = self.context_limit()
+        if len(prompt_ids) >= limit:  # too long on its own, whatever max_tokens said (or defaulted to)
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the {prompt_param} has "
+                                f"{len(prompt_ids)} tokens, which leaves none to generate", param=prompt_param,
+                           code="context_length_exceeded")
         if len(prompt_ids) + params.max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request "
                                 f"asks for {len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt + "
