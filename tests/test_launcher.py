@@ -219,3 +219,27 @@ def test_a_taken_router_port_is_refused_instead_of_reporting_someone_elses_clust
     with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(SystemExit) as exc:
         main(["--port", str(taken.getsockname()[1])])
     assert exc.value.code == 2 and "cannot serve on 127.0.0.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "argv"), [
+    ("worker", ["--role", "both", "--port", "70000"]),  # gRPC wrapped it to 4464 and logged 70000
+    ("worker", ["--role", "both", "--http-port", "-1"]),
+    ("worker", ["--role", "both", "--log-level", "loud"]),  # a traceback
+    ("worker", ["--role", "both", "--threads", "-1"]),  # a traceback
+    ("worker", ["--role", "both", "--max-model-len", "0"]),  # silently the model's
+    ("worker", ["--role", "both", "--kv-cache-blocks", "0"]),
+    ("router", ["--decode-workers", "x:1", "--port", "70000"]),  # a traceback
+    ("router", ["--decode-workers", "x:1", "--max-request-bytes", "-5"]),  # every request a 413
+    ("router", ["--decode-workers", ""]),  # a router with no worker
+    ("router", ["--decode-workers", "x:1", "--stream-idle-timeout", "nan"]),
+    ("operator", ["--reconcile-interval", "0"]),  # reconciled in a busy loop
+    ("operator", ["--metrics-port", "65536"]),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(command: str, argv: list[str],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from disagg_worker import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, *argv])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err

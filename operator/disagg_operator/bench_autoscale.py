@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from disagg_operator.autoscale import HISTORY_SECONDS, WARMUP_SECONDS, Sample, decide, target
+from disagg_worker.argtypes import positive
 from disagg_worker.policy import RoleAutoscale, Thresholds
 
 DEFAULT_OUT = Path("benchmarks/out/autoscale")
@@ -721,19 +722,6 @@ def print_table(result: dict[str, Any]) -> None:
         console.print(f"  target {name}: {'met' if ok else 'NOT met'}")
     console.print(f"  an oracle resizing instantly to the planner's utilisation targets would use "
                   f"{result['oracle_vs_static_max_replica_seconds']:.2f}x static-max's replica-seconds")
-
-
-def positive(kind: type, *, zero: bool = False) -> Any:
-    """An argparse type: a finite number above 0 (or at least 0 with ``zero``)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'above 0'}, got {text}")
-        return value
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import logging
 import os
 
 from disagg_operator import metrics
+from disagg_worker.argtypes import port, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="watch only this namespace (repeatable); needs only namespaced RBAC",
     )
-    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port; 0 disables")
+    p.add_argument("--metrics-port", type=port, default=8080, help="Prometheus /metrics port; 0 disables")
     p.add_argument("--metrics-addr", default="0.0.0.0", help="address the metrics server binds")
     p.add_argument(
         "--liveness",
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reconcile-interval",
-        type=float,
+        type=positive(float),
         default=None,
         help="seconds between periodic reconciles (default 60)",
     )

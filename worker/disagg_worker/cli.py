@@ -61,8 +61,12 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
+        if rest and rest[0] in ("-h", "--help", "help"):
+            print(_usage())
+            return 0
         if not rest or rest[0] not in BENCHMARKS:
-            print(_usage(), file=sys.stderr)
+            unknown = f"disagg bench: unknown benchmark {rest[0]!r}\n\n" if rest else ""
+            print(f"{unknown}{_usage()}", file=sys.stderr)
             return 2
         return _run(BENCHMARKS[rest[0]][0], rest[1:])
     if cmd not in COMMANDS:

@@ -23,6 +23,8 @@ from typing import IO
 
 import httpx
 
+from disagg_worker.argtypes import positive
+
 _HANDED_OUT: set[int] = set()
 
 
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="pin a role's workers, e.g. prefill=0 decode=1 both=0,1")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra argument for every worker")
     ap.add_argument("--log-dir", type=Path, default=None, help="write each process's log here")
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=positive(float), default=300)
     args = ap.parse_args(argv)
     for flag, count, least in (("--prefill", args.prefill, 0), ("--decode", args.decode, 1),
                                ("--workers", args.workers, 1)):

@@ -24,10 +24,11 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from disagg_worker.argtypes import log_level, port, positive
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig, LLMEngine
 from disagg_worker.models.loader import ModelLoadError
-from disagg_worker.policy import PolicyError, load_policy
+from disagg_worker.policy import Policy, PolicyError, load_policy
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.decode_service import DecodeServicer
 from disagg_worker.server.http import build_app
@@ -60,28 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="preset name, local HF dir, or cached hub id (default tiny-llama)")
     ap.add_argument("--policy", default=None, help="policy YAML (camelCase, or seed 001's snake_case)")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=50051, help="gRPC port")
-    ap.add_argument("--http-port", type=int, default=8081, help="metrics/health port")
+    ap.add_argument("--port", type=port, default=50051, help="gRPC port")
+    ap.add_argument("--http-port", type=port, default=8081, help="metrics/health port")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-batch-tokens", type=int, default=512, help="token budget per engine step")
-    ap.add_argument("--max-batch-size", type=int, default=128, help="most requests in the continuous batch")
-    ap.add_argument("--kv-cache-blocks", type=int, default=None)
-    ap.add_argument("--kv-cache-bytes", type=int, default=None)
+    ap.add_argument("--max-batch-tokens", type=positive(int), default=512, help="token budget per engine step")
+    ap.add_argument("--max-batch-size", type=positive(int), default=128, help="most requests in the continuous batch")
+    ap.add_argument("--kv-cache-blocks", type=positive(int), default=None)
+    ap.add_argument("--kv-cache-bytes", type=positive(int), default=None)
     ap.add_argument("--gpu-memory-utilization", type=fraction, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                     help="share of the GPU's memory this worker may use, weights and KV cache together "
                          f"(default {DEFAULT_GPU_MEMORY_UTILIZATION}; workers sharing a GPU need shares that add "
                          "up to at most 1)")
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-model-len", type=positive(int), default=None)
     ap.add_argument("--prefill-workers", default=None,
                     help="decode/both: comma list of prefill workers host:port (a name may resolve to many)")
-    ap.add_argument("--kv-port", type=int, default=0, help="tcp KV transport: receiver port (0 = any free port)")
+    ap.add_argument("--kv-port", type=port, default=0, help="tcp KV transport: receiver port (0 = any free port)")
     ap.add_argument("--advertise-host", default=None,
                     help="address prefill workers use to reach this worker's KV port (default: --host, or the "
                          "host's IP when --host is 0.0.0.0)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", type=log_level, default="INFO")
     return ap
 
 
@@ -100,9 +101,36 @@ def advertise_host(args: argparse.Namespace) -> str:
     return args.host
 
 
+def _bind(args: argparse.Namespace, policy: Policy) -> tuple[grpc.aio.Server, int, socket.socket, KvReceiver | None]:
+    """Every port the worker listens on, bound before the model loads: a taken one is a clear error at
+    once, not after minutes of loading a large model (or, for HTTP, after "worker ready")."""
+    # grpcio sets SO_REUSEPORT by default: a second worker on a taken port would bind and silently
+    # split the traffic with the first one
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
+    try:
+        bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {args.host}:{args.port} (in use?)")
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        http_sock = socket.create_server((args.host, args.http_port), family=family)
+    except OSError as exc:
+        raise OSError(f"cannot bind HTTP port {args.host}:{args.http_port}: {exc.strerror or exc}") from None
+    kv_receiver = None
+    if args.role in ("decode", "both") and policy.kv_transfer.backend == "tcp":
+        try:
+            kv_receiver = KvReceiver(args.host, args.kv_port, advertise_host(args))
+        except OSError as exc:
+            raise OSError(f"cannot bind KV port {args.host}:{args.kv_port}: {exc.strerror or exc}") from None
+    return server, bound, http_sock, kv_receiver
+
+
 async def serve(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     model_ref = args.model or policy.model.ref
+    server, grpc_port, http_sock, kv_receiver = _bind(args, policy)
     config = EngineConfig(model=model_ref, device=args.device, dtype=args.dtype,
                           block_size=policy.cache.block_size, num_kv_blocks=args.kv_cache_blocks,
                           kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -117,14 +145,8 @@ async def serve(args: argparse.Namespace) -> int:
     prefill_pool = PeerPool("prefill", args.prefill_workers if args.role != "prefill" else None)
     await prefill_pool.start()
 
-    # grpcio sets SO_REUSEPORT by default: a second worker on a taken port would bind and silently
-    # split the traffic with the first one
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(runtime), server)
-    kv_receiver = None
     if args.role in ("decode", "both"):
-        if policy.kv_transfer.backend == "tcp":
-            kv_receiver = KvReceiver(args.host, args.kv_port, advertise_host(args))
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool, kv_receiver), server)
     if args.role in ("prefill", "both"):
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
@@ -135,25 +157,13 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    # bound before anything starts: a taken HTTP port used to surface after "worker ready", as uvicorn's
-    # own exit (status 3) with the gRPC server already serving
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    try:
-        http_sock = socket.create_server((args.host, args.http_port), family=family)
-    except OSError as exc:
-        raise OSError(f"cannot bind HTTP port {args.host}:{args.http_port}: {exc.strerror or exc}") from None
-    try:
-        bound = server.add_insecure_port(f"{args.host}:{args.port}")
-    except RuntimeError:  # grpcio raises where older versions returned 0
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC port {args.host}:{args.port} (in use?)")
     await server.start()
     http = _DrainAwareServer(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
                                             log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http.serve(sockets=[http_sock]))
     log.info("%s worker ready: model %s, gRPC %s:%d, HTTP %s:%d, %d KV blocks (%d MiB)%s", args.role, model_ref,
-             args.host, args.port, args.host, args.http_port, engine.num_blocks, engine.runner.kv.nbytes >> 20,
+             args.host, grpc_port, args.host, http_sock.getsockname()[1], engine.num_blocks,
+             engine.runner.kv.nbytes >> 20,
              ", CPU attention kernel" if engine.runner.kernel is not None else "")
 
     stop = asyncio.Event()

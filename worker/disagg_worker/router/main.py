@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from disagg_worker.argtypes import log_level, port, positive
 from disagg_worker.models.loader import ModelLoadError, load_tokenizer
 from disagg_worker.policy import PolicyError, load_policy
 from disagg_worker.router.app import DEFAULT_MAX_BODY_BYTES, build_app
@@ -27,16 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model)")
     ap.add_argument("--policy", default=None)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=port, default=8000)
     ap.add_argument("--decode-workers", required=True, help="comma list host:port (names may resolve to many)")
     ap.add_argument("--prefill-workers", default=None, help="comma list host:port, for the TTFT estimate")
-    ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+    ap.add_argument("--max-request-bytes", type=positive(int), default=DEFAULT_MAX_BODY_BYTES,
                     help="largest request body accepted; larger ones get a 413 (default %(default)s)")
-    ap.add_argument("--stream-idle-timeout", type=float, default=DEFAULT_STREAM_IDLE_TIMEOUT, metavar="SECONDS",
+    ap.add_argument("--stream-idle-timeout", type=positive(float, zero=True), default=DEFAULT_STREAM_IDLE_TIMEOUT,
+                    metavar="SECONDS",
                     help="a decode worker that sends nothing on a request for this long has failed it: the request "
                          "goes to another worker if no token was sent yet, else ends with a 502 (default "
                          "%(default)g; 0: wait forever)")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", type=log_level, default="INFO")
     return ap
 
 
@@ -67,8 +68,8 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not math.isfinite(args.stream_idle_timeout) or args.stream_idle_timeout < 0:
-        parser.error("--stream-idle-timeout must be 0 (off) or more")
+    if not [w for w in args.decode_workers.split(",") if w.strip()]:
+        parser.error("--decode-workers lists no worker")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s router[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
