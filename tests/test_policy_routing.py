@@ -75,6 +75,14 @@ def test_a_role_written_in_part_takes_the_rest_from_that_roles_defaults() -> Non
     ({"qos": {"unknownKnob": 1}}, "qos.unknownKnob"),
     ({"kvTransfer": {"backend": "carrier-pigeon"}}, "kvTransfer.backend"),
     ({"autoscale": {"decode": {"scaleUp": {"queueLength": 0}}}}, "scaleUp.queueLength"),  # an HPA refuses 0
+    # from ~1e10 s gRPC's deadline overflowed and every remote prefill failed at once, in silence
+    ({"kvTransfer": {"timeoutSeconds": 1e10}}, "kvTransfer.timeoutSeconds"),
+    ({"autoscale": {"drainTimeoutSeconds": 1e12}}, "autoscale.drainTimeoutSeconds"),  # the watchdog overflowed
+    ({"splitPolicy": {"promptLengthThreshold": True}}, "splitPolicy.promptLengthThreshold"),  # not 1
+    ({"splitPolicy": {"prefixCacheWeight": 1}, "split_policy": {}}, "'splitPolicy' and 'split_policy'"),
+    ({"autoscale": {"prefill": {"maxReplicas": 6, "max_replicas": 8}}}, "'maxReplicas' and 'max_replicas'"),
+    ({"autoscale": {"prefill": {1: 2}}}, "field names are text"),  # a TypeError traceback
+    ({"autoscale": {"prefill": {"MaxReplicas": 6}}}, "autoscale.prefill.MaxReplicas"),  # not "maxreplicas"
 ])
 def test_invalid_values_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -87,6 +95,9 @@ def test_unreadable_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(PolicyError, match="must hold a mapping"):
         load_policy(tmp_path / "list.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("qos: {defaultPriority: h\xe9}\n".encode("latin-1"))
+    with pytest.raises(PolicyError, match=r"cannot read policy file .*latin1\.yaml"):
+        load_policy(tmp_path / "latin1.yaml")
 
 
 SPLIT = SplitPolicy()
@@ -294,3 +305,17 @@ def test_admission_counts_each_admitted_request_at_once() -> None:
     with pytest.raises(APIError):
         service.admit([[5] * 10] * 50, "low")  # its 50th prompt would wait behind its first 49
     assert idle.pending == 0
+
+
+def test_the_router_serves_a_policy_model_under_its_name(tmp_path: Path) -> None:
+    """As the operator does with --served-model-name: a local cluster on a policy with model {name, path}
+    served the folder's name, and clients sending the policy's name got a 404."""
+    from disagg_worker.router.main import served_name
+
+    folder = tmp_path / "weights-v3"
+    folder.mkdir()
+    named = parse_policy({"model": {"name": "llama-70b", "path": str(folder)}})
+    assert served_name(named, None, str(folder)) == "llama-70b"
+    assert served_name(named, str(folder), str(folder)) == "weights-v3"  # --model overrides the policy's model
+    assert served_name(parse_policy({"model": {"path": str(folder)}}), None, str(folder)) == "weights-v3"
+    assert served_name(parse_policy({}), None, "tiny-llama") == "tiny-llama"

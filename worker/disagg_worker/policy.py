@@ -22,9 +22,26 @@ class PolicyError(ValueError):
 
 class _Model(BaseModel):
     # allow_inf_nan=False: YAML's .inf / .nan would turn routing scores into NaN (which never wins a
-    # comparison, so the first worker always would)
+    # comparison, so the first worker always would). strict: YAML and JSON give native types, so a
+    # ``true`` where a number belongs is a mistake, not 1
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling_per_field(cls, data: Any) -> Any:
+        """Both spellings of one field (``split_policy`` and ``splitPolicy``) is an error naming the two,
+        not a silent choice of one (or a complaint that the valid one is not permitted)."""
+        if isinstance(data, dict):
+            seen: dict[str, str] = {}
+            for key in data:
+                if not isinstance(key, str):
+                    raise ValueError(f"field names are text, not {key!r}")
+                camel = to_camel(key) if "_" in key else key
+                if camel in seen:
+                    raise ValueError(f"{seen[camel]!r} and {key!r} are the same field: give one")
+                seen[camel] = key
+        return data
 
 
 class ModelRef(_Model):
@@ -74,7 +91,7 @@ class RoleAutoscale(_Model):
     # at most an hour, as the HPA's: the planner keeps an hour of samples
     scale_up_stabilization_seconds: float = Field(30, ge=0, le=3600)
     scale_down_stabilization_seconds: float = Field(300, ge=0, le=3600)
-    cooldown_seconds: float = Field(60, ge=0)
+    cooldown_seconds: float = Field(60, ge=0, le=3600)
     max_step: int = Field(2, ge=1, description="most replicas added or removed by one decision")
 
     @model_validator(mode="after")
@@ -105,7 +122,7 @@ class Autoscale(_Model):
     interval_seconds: float = Field(15, ge=1, le=600)
     metrics_source: Literal["pods", "prometheus"] = "pods"
     prometheus_url: str | None = None
-    drain_timeout_seconds: float = Field(120, ge=0)
+    drain_timeout_seconds: float = Field(120, ge=0, le=3600)
     prefill: RoleAutoscale = Field(default_factory=lambda: ROLE_DEFAULTS["prefill"])
     decode: RoleAutoscale = Field(default_factory=lambda: ROLE_DEFAULTS["decode"])
 
@@ -123,8 +140,10 @@ class Autoscale(_Model):
         for role, default in ROLE_DEFAULTS.items():
             given = data.get(role)
             if isinstance(given, dict):
-                data[role] = {**default.model_dump(by_alias=True, exclude_none=True),
-                              **{to_camel(k): v for k, v in given.items()}}
+                spelled = {(to_camel(k) if isinstance(k, str) and "_" in k else k): v for k, v in given.items()}
+                if len(spelled) < len(given):  # both spellings of a field: the role's own check names them
+                    continue
+                data[role] = {**default.model_dump(by_alias=True, exclude_none=True), **spelled}
         return data
 
     @model_validator(mode="after")
@@ -136,14 +155,14 @@ class Autoscale(_Model):
 
 class QoS(_Model):
     enable_early_rejection: bool = True
-    low_priority_threshold_ms: float = Field(500, ge=0)
+    low_priority_threshold_ms: float = Field(500, ge=0, le=3_600_000)
     reject_on_slo_violation: bool = True
-    ttft_slo_ms: float = Field(200, gt=0)
-    tpot_slo_ms: float = Field(50, gt=0)
+    ttft_slo_ms: float = Field(200, gt=0, le=3_600_000)
+    tpot_slo_ms: float = Field(50, gt=0, le=3_600_000)
     default_priority: Literal["high", "low"] = "high"
     priority_scheduling: bool = Field(True, description="serve high before low in every queue; off = one class: "
                                                         "every request is served as high, none is rejected early")
-    retry_after_seconds: int = Field(1, ge=0)
+    retry_after_seconds: int = Field(1, ge=0, le=3600)
 
 
 class KVTransfer(_Model):
@@ -151,7 +170,8 @@ class KVTransfer(_Model):
         "grpc", description="grpc: chunks on the Prefill stream; tcp: raw-socket data plane (see transfer/tcp.py)")
     chunk_bytes: int = Field(4 << 20, ge=4096, le=64 << 20)
     max_inflight_chunks: int = Field(4, ge=1, le=64, description="bounded memory: chunks buffered per transfer")
-    timeout_seconds: float = Field(30, gt=0)
+    # at most an hour: from ~1e10 s gRPC's deadline overflows and every remote prefill failed at once
+    timeout_seconds: float = Field(30, gt=0, le=3600)
     verify_checksums: bool = True
 
 
@@ -180,7 +200,9 @@ class Policy(_Model):
 def describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(to_camel(str(p)) if isinstance(p, str) else f"[{p}]" for p in err["loc"]) or "policy"
+        # the user's own spelling of a key, camelCased only if it was snake_case (MaxReplicas stays so)
+        where = ".".join((to_camel(p) if "_" in p else p) if isinstance(p, str) else f"[{p}]"
+                         for p in err["loc"]) or "policy"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
@@ -199,7 +221,7 @@ def load_policy(path: str | Path | None) -> Policy:
         return Policy()
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise PolicyError(f"policy file {path} must hold a mapping, not {type(data).__name__}")

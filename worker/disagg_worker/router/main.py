@@ -13,7 +13,7 @@ import uvicorn
 
 from disagg_worker.argtypes import log_level, port, positive
 from disagg_worker.models.loader import ModelLoadError, load_tokenizer
-from disagg_worker.policy import PolicyError, load_policy
+from disagg_worker.policy import Policy, PolicyError, load_policy
 from disagg_worker.router.app import DEFAULT_MAX_BODY_BYTES, build_app
 from disagg_worker.router.service import DEFAULT_STREAM_IDLE_TIMEOUT, RouterService
 from disagg_worker.server.peers import PeerPool
@@ -41,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def served_name(policy: Policy, model_flag: str | None, ref: str) -> str:
+    """The model id clients send: a policy's ``model: {name, path}`` names the model at its path (as the
+    operator passes it with --served-model-name); otherwise the folder's name, or the preset's."""
+    if model_flag is None and policy.model.path and "name" in policy.model.model_fields_set:
+        return policy.model.name
+    return Path(ref).name if Path(ref).is_dir() else ref
+
+
 async def serve(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     ref = args.model or policy.model.ref
     tokenizer, max_model_len = await asyncio.to_thread(load_tokenizer, ref)
-    name = args.served_model_name or (Path(ref).name if Path(ref).is_dir() else ref)
+    name = args.served_model_name or served_name(policy, args.model, ref)
     decode_pool = PeerPool("decode", args.decode_workers, include_prefix_hashes=policy.cache.reuse_prefix)
     prefill_pool = PeerPool("prefill", args.prefill_workers)
     await decode_pool.start()
