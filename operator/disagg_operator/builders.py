@@ -48,6 +48,9 @@ ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 WORKER_GRPC_PORT = 50051
 WORKER_HTTP_PORT = 8081
+# the router container's port whatever the Service's (router.port): the container runs as non-root with
+# every capability dropped, so it cannot bind below 1024 where runtimes keep those ports privileged
+ROUTER_CONTAINER_PORT = 8000
 POLICY_DIR = "/etc/disagg"
 POLICY_FILE = "policy.yaml"
 POLICY_PATH = f"{POLICY_DIR}/{POLICY_FILE}"
@@ -331,7 +334,7 @@ def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
     named = ["--served-model-name", model.name] if model.path and "name" in model.model_fields_set else []
     return [
         "router",
-        *_serve_args(parsed, pod.port),
+        *_serve_args(parsed, ROUTER_CONTAINER_PORT),
         *named,
         "--decode-workers",
         f"{service_host(owner, 'decode')}:{WORKER_GRPC_PORT}",
@@ -355,9 +358,9 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         args = worker_args(parsed, owner, component)
         metrics_port = WORKER_HTTP_PORT
     else:
-        ports = [{"name": "http", "containerPort": pods.router.port, "protocol": "TCP"}]
+        ports = [{"name": "http", "containerPort": ROUTER_CONTAINER_PORT, "protocol": "TCP"}]
         args = router_args(parsed, owner)
-        metrics_port = pods.router.port
+        metrics_port = ROUTER_CONTAINER_PORT
     volumes, mounts = _volumes(pod, owner, worker)
     container: dict[str, Any] = {
         "name": component,

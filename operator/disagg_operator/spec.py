@@ -148,7 +148,9 @@ class WorkerSpec(PodSettings):
 
 
 class RouterSpec(PodSettings):
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the router container and Service")
+    port: int = Field(8000, ge=1, le=65535,
+                      description="HTTP port of the router Service (the container listens on 8000: it runs as "
+                                  "non-root, so it cannot bind a privileged port such as 80)")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         "ClusterIP", description="type of the router Service"
     )

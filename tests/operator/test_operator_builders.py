@@ -105,7 +105,7 @@ def test_worker_and_router_command_lines_follow_the_contract() -> None:
         "worker", "--role", "decode", *common, "--port", "50051", "--http-port", "8081",
         "--max-batch-size", "32", "--kv-cache-blocks", "512", "--prefill-workers", "demo-prefill.ns.svc:50051"]
     assert container(objs, "router")["args"] == [
-        "router", *common, "--port", "9000", "--decode-workers", "demo-decode.ns.svc:50051",
+        "router", *common, "--port", "8000", "--decode-workers", "demo-decode.ns.svc:50051",
         "--prefill-workers", "demo-prefill.ns.svc:50051", "--stream-idle-timeout", "60"]
     assert children({"model": {"name": "x", "path": "/models/x"}})[4]["spec"]["template"]["spec"][
         "containers"][0]["args"][4] == "/models/x"

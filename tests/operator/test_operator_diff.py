@@ -80,9 +80,18 @@ def test_foreign_annotations_and_labels_are_not_drift() -> None:
 def test_router_change_touches_only_router_children() -> None:
     kube = applied(SMALL_SPEC)
     have = observed(kube)
-    changed = {**SMALL_SPEC, "router": {"replicas": 1, "port": 9000}}
+    changed = {**SMALL_SPEC, "router": {"replicas": 2, "port": 9000}}  # the port is the Service's alone
     assert touched(diff(desired(changed, have), have, OWNER.uid)) == {
         ("update", "Deployment", "router"), ("update", "Service", "router")}
+
+
+def test_a_privileged_router_port_is_the_services_and_the_container_keeps_8000() -> None:
+    """The router runs as non-root with every capability dropped: a container on port 80 crash-looped
+    where the runtime keeps ports below 1024 privileged."""
+    kube = applied(SMALL_SPEC)
+    have = observed(kube)
+    changed = {**SMALL_SPEC, "router": {"replicas": 1, "port": 80}}
+    assert touched(diff(desired(changed, have), have, OWNER.uid)) == {("update", "Service", "router")}
 
 
 def test_decode_resources_change_touches_only_the_decode_deployment() -> None:

@@ -128,7 +128,7 @@ async def test_operator_reconciles_against_the_emulator(tmp_path: Path, monkeypa
             # 3. a spec change touches only the affected children
             mark = len(emu.request_log)
             before = children(emu)
-            spec["router"] = {"replicas": 1, "port": 9000}
+            spec["router"] = {"replicas": 2, "port": 9000}
             resp = await emu.patch(f"{DD_PATH}/demo", json={"spec": spec},
                                    headers={"Content-Type": "application/merge-patch+json"})
             assert resp.status == 200
