@@ -197,3 +197,21 @@ def test_every_dashboard_query_reads_series_that_exist_with_functions_their_type
             assert exported[name] != "gauge", f"rate() of the gauge {name}: {expr}"
         for name in re.findall(r"histogram_quantile\([^,]+,[^()]*\(rate\((disagg_[a-z_]+)", expr):
             assert name.endswith("_bucket"), expr
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"metrics": {"port": 8081}, "operator": {"healthPort": 8081}}, "both 8081"),  # the operator exited 1
+    ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "needs metrics.service"),
+])
+def test_values_that_would_break_the_install_fail_to_render(values: dict[str, Any], message: str) -> None:
+    with helm_python.Chart.load(CHART_DIR) as chart, pytest.raises(helm_python.HelmRenderError, match=message):
+        chart.render(values, name="disagg", namespace=NAMESPACE)
+
+
+def test_prometheus_durations_and_notes_for_namespaced_mode() -> None:
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        chart.validate_schema({"metrics": {"serviceMonitor": {"interval": "1m30s"}}})
+        notes = chart.render({"watchNamespaces": ["team-a", "team-b"]}, name="disagg", namespace=NAMESPACE)
+    text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    # a DisaggDeployment applied to the current namespace is never reconciled in namespaced mode
+    assert "kubectl -n team-a apply -f examples/small.yaml" in text
