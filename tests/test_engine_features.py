@@ -350,3 +350,14 @@ def test_releasing_a_request_that_still_runs_aborts_it(engine: LLMEngine, llama:
     assert outs[0].finish_reason == "abort"  # the first one's end, then only the second's tokens
     assert [t for o in outs[1:] for t in o.new_token_ids] == hf_greedy(llama, second, 10)
     assert engine.block_manager.usage == 0
+
+
+def test_warm_up_runs_a_request_and_leaves_no_trace(llama: LoadedModel) -> None:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64), llama)
+    assert engine.warm_up() > 0
+    bm = engine.block_manager
+    assert not engine.has_unfinished() and bm.usage == 0 and bm.cached_hashes() == []
+    assert (engine.steps, engine.busy_seconds, bm.prefix_queries_tokens) == (0, 0.0, 0)
+    assert bm.enable_prefix_caching
+    [req] = engine.generate([[5, 6, 7]], {"max_tokens": 4, "temperature": 0})
+    assert req.output_token_ids == hf_greedy(llama, [5, 6, 7], 4)

@@ -138,6 +138,8 @@ async def serve(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
                           enable_prefix_caching=policy.cache.reuse_prefix and not args.no_prefix_caching)
     engine = await asyncio.to_thread(LLMEngine, config)
+    warm_seconds = await asyncio.to_thread(engine.warm_up)  # before "ready": the first request pays nothing
+    log.info("warmed up in %.0f ms", warm_seconds * 1000)
     async_engine = AsyncEngine(engine)
     async_engine.start()
     runtime = WorkerRuntime(async_engine, args.role, policy, model_ref)

@@ -354,6 +354,27 @@ class LLMEngine:
         self._tracked.pop(request_id, None)
         self.sampler.forget(request_id)
 
+    # ---- start-up ----------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Run one short request (a prefill and a decode step) before serving; returns its seconds.
+
+        A first forward pass pays one-time costs (allocator growth, thread pools, on a GPU the math
+        libraries' set-up: seconds), which the first real request on a new worker would otherwise pay
+        in its TTFT, just when the autoscaler added the worker for a load peak. It leaves no trace:
+        nothing cached, no lookups, steps or busy time counted."""
+        t0 = time.perf_counter()
+        bm = self.block_manager
+        saved = (bm.enable_prefix_caching, bm.prefix_queries_tokens, bm.prefix_hit_tokens, self.busy_seconds,
+                 self.steps, self.last_step_seconds)
+        bm.enable_prefix_caching = False
+        try:
+            n = max(1, min(2 * self.config.block_size, self.max_model_len - 2))
+            self.generate([[1] * n], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        finally:
+            (bm.enable_prefix_caching, bm.prefix_queries_tokens, bm.prefix_hit_tokens, self.busy_seconds,
+             self.steps, self.last_step_seconds) = saved
+        return time.perf_counter() - t0
+
     # ---- offline convenience ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | dict | list[SamplingParams]
                  ) -> list[Request]:
