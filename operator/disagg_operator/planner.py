@@ -64,6 +64,7 @@ SCRAPE_TIMEOUT_SECONDS = 2.0
 # a worker's /metrics is tens of KiB; a pod answering more is not a worker we can read
 MAX_METRICS_BYTES = 8 << 20
 BUSY_RATE = "rate(disagg_busy_seconds_total)"
+UNKNOWN_KV_COST = 10_000  # a full KV cache in basis points: the cost of a pod whose KV usage is unknown
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
 
 
@@ -182,8 +183,10 @@ def interval_utilization(
 
 def deletion_costs(pods: Mapping[str, PodSample | None], starting: Iterable[str] = ()) -> dict[str, str]:
     """``pod-deletion-cost`` per pod: the KV usage in basis points, so the pods holding the least KV
-    state are removed first; pods starting or not measured hold none and go before all others."""
-    costs = {name: str(round(s.kv_cache_usage * 100)) if s is not None else "-1" for name, s in pods.items()}
+    state are removed first. Pods starting hold none and go before all others; a serving pod whose
+    scrape failed may hold the most (a busy pod answers slowly), so it goes last."""
+    costs = {name: str(round(s.kv_cache_usage * 100)) if s is not None else str(UNKNOWN_KV_COST)
+             for name, s in pods.items()}
     costs.update({name: "-1" for name in starting})
     return costs
 
@@ -277,11 +280,14 @@ class RoleState:
 
 
 def recover_states(body: Mapping[str, Any]) -> dict[str, RoleState]:
-    """Role states after a restart: the cooldown continues from ``status.lastScale``."""
+    """Role states after a restart: the cooldown continues from ``status.lastScale``. It records the last
+    change of either role only, and the other role's may have been as recent: both wait it out (an
+    extra cooldown holds; a skipped one could flap)."""
     states = {role: RoleState() for role in ROLES}
     last = (body.get("status") or {}).get("lastScale") or {}
     if last.get("role") in states:
-        states[last["role"]].last_change = parse_time(last.get("time"))
+        for state in states.values():
+            state.last_change = parse_time(last.get("time"))
     return states
 
 
