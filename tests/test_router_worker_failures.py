@@ -128,3 +128,37 @@ def test_every_worker_hung_is_a_502() -> None:
     error, workers, _ = asyncio.run(asyncio.wait_for(generate(["hung_first", "hung_first"], idle_timeout=0.5), 30))
     assert isinstance(error, APIError) and error.status == 502
     assert [w.calls for w in workers] == [1, 1]
+
+
+def test_a_stream_that_fails_after_its_200_is_counted_as_a_stream_error() -> None:
+    """A streamed response is counted as a 200 when it begins; a worker failing it later used to leave
+    no trace in the router's metrics."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from disagg_worker.router.app import build_app
+
+    def stream_errors() -> float:
+        return REGISTRY.get_sample_value("disagg_router_stream_errors_total",
+                                         {"endpoint": "/v1/completions", "status": "502"}) or 0.0
+
+    async def run() -> str:
+        server, addr = await serve_scripted_worker(ScriptedWorker("truncated"))
+        pool = PeerPool("decode", [addr], poll_interval=60)
+        service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
+        try:
+            await pool.start()
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service)),
+                                         base_url="http://router") as client:
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                               "stream": True})
+                assert r.status_code == 200
+                return r.text
+        finally:
+            await pool.stop()
+            await server.stop(None)
+
+    before = stream_errors()
+    body = asyncio.run(run())
+    assert '"worker_failed"' in body
+    assert stream_errors() == before + 1

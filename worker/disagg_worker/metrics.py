@@ -55,6 +55,9 @@ REQUESTS_FINISHED = Counter("disagg_requests_finished_total", "Requests finished
 # ---- router ----------------------------------------------------------------------------------
 ROUTER_REQUESTS = Counter("disagg_router_requests_total", "HTTP requests by endpoint and status",
                           ["endpoint", "status"])
+ROUTER_STREAM_ERRORS = Counter("disagg_router_stream_errors_total",
+                               "Streamed choices that began as HTTP 200 and ended with an in-stream error, by the "
+                               "status the error would have had", ["endpoint", "status"])
 ROUTING_DECISIONS = Counter("disagg_routing_decisions_total",
                             "Decode worker choices by outcome: prefix_affinity, least_loaded, retry", ["outcome"])
 REJECTIONS = Counter("disagg_rejections_total", "Requests rejected by admission control", ["reason", "priority"])

@@ -316,11 +316,13 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": service.model_name,
                                  "choices": choices, "usage": _usage(total)})
         m.ROUTER_REQUESTS.labels(route_label(request), "200").inc()
-        return StreamingResponse(sse_events(rid, created, firsts, streams, results, chat, include_usage),
+        return StreamingResponse(sse_events(rid, created, firsts, streams, results, chat, include_usage,
+                                            route_label(request)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def sse_events(rid: str, created: int, firsts: list[Any], streams: list[AsyncIterator[Any]],
-                         results: list[StreamResult], chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+                         results: list[StreamResult], chat: bool, include_usage: bool, endpoint: str
+                         ) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
@@ -361,6 +363,8 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
                     open_streams -= 1
                     continue
                 if isinstance(item, APIError):
+                    # the response was counted as a 200 when it began: its failure is counted here
+                    m.ROUTER_STREAM_ERRORS.labels(endpoint, str(item.status)).inc()
                     yield _sse(error_body(item.message, item.type, item.param, item.code))
                     open_streams -= 1
                     continue
