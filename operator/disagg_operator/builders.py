@@ -7,6 +7,7 @@ component label):
 - Deployments ``<name>-prefill`` / ``<name>-decode`` + headless Services of the same names (worker
   discovery: the Service's DNS name resolves to the ready pods' IPs);
 - Deployment + Service ``<name>-router``;
+- per component a PodDisruptionBudget (unless its ``maxUnavailable`` is null);
 - optional: a PodMonitor, and per role an HPA (``autoscale.mode: hpa``) or a KEDA ScaledObject (``keda``).
 
 Each child carries ``disagg.dev/spec-hash``, a hash of everything the builder sets except a
@@ -610,6 +611,23 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
     )
 
 
+def build_disruption_budget(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str, Any] | None:
+    """A PodDisruptionBudget per component: without one a node drain evicts every pod of a pool on the
+    drained nodes at once (each decode pod drains its requests, but the pool's capacity drops to 0)."""
+    pod: PodSettings = getattr(parsed.pods, component)
+    if pod.max_unavailable is None:
+        return None
+    return _finish(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _metadata(owner, component),
+            "spec": {"maxUnavailable": pod.max_unavailable,
+                     "selector": {"matchLabels": selector_labels(owner, component)}},
+        }
+    )
+
+
 def build_children(
     parsed: ParsedSpec, owner: Owner, observed_replicas: Mapping[str, int | None] | None = None
 ) -> list[dict[str, Any]]:
@@ -621,6 +639,7 @@ def build_children(
     for component in COMPONENTS:
         replicas = role_replicas(parsed, component, observed_replicas.get(component))
         children.append(build_deployment(parsed, owner, component, replicas))
+    children += [b for b in (build_disruption_budget(parsed, owner, c) for c in COMPONENTS) if b is not None]
     if parsed.pods.monitoring.pod_monitor.enabled:
         children.append(build_pod_monitor(parsed, owner))
     mode = parsed.policy.autoscale.mode

@@ -90,12 +90,14 @@ RESOURCES: dict[str, Resource] = {
         Resource("", "v1", "events", "Event"),
         Resource("apps", "v1", "deployments", "Deployment"),
         Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+        Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
         Resource("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor"),
         Resource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject"),
         Resource(GROUP, VERSION, PLURAL, KIND),
     )
 }
-CHILD_KINDS = ("ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "PodMonitor", "ScaledObject")
+CHILD_KINDS = ("ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler", "PodMonitor",
+               "ScaledObject")
 OPTIONAL_KINDS = ("PodMonitor", "ScaledObject")  # their CRDs may not be installed
 
 _CHILD_VERBS = frozenset({"list", "get", "create", "patch", "delete"})
@@ -105,6 +107,7 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("", "services"): _CHILD_VERBS,
     ("apps", "deployments"): _CHILD_VERBS,
     ("autoscaling", "horizontalpodautoscalers"): _CHILD_VERBS,
+    ("policy", "poddisruptionbudgets"): _CHILD_VERBS,
     ("monitoring.coreos.com", "podmonitors"): _CHILD_VERBS,
     ("keda.sh", "scaledobjects"): _CHILD_VERBS,
     ("", "pods"): frozenset({"list", "patch"}),  # planner: find ready pods, set pod-deletion-cost

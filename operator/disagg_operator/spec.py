@@ -128,6 +128,10 @@ class PodSettings(_Model):
     extra_args: list[str] = Field(
         default_factory=list, max_length=64, description="appended to the container's command line"
     )
+    max_unavailable: int | None = Field(
+        1, ge=1, le=1000,
+        description="a PodDisruptionBudget's maxUnavailable: the most pods of this role a voluntary disruption "
+                    "(a node drain, a cluster upgrade) may take at once; null renders no budget")
 
 
 DEFAULT_STARTUP_SECONDS = 600  # what a pod may take to start serving (the router: always this)

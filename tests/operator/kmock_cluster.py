@@ -48,6 +48,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/pods": dict(kind="Pod", subresources={"status"}),
     "v1/events": dict(kind="Event"),
     "autoscaling/v2/horizontalpodautoscalers": dict(kind="HorizontalPodAutoscaler", subresources={"status"}),
+    "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", subresources={"status"}),
 }
 WITH_STATUS = {"disaggdeployments", "deployments", "services", "pods", "horizontalpodautoscalers"}
 

@@ -266,3 +266,13 @@ def test_replicas_by_mode() -> None:
 @pytest.mark.parametrize(("value", "text"), [(8, "8"), (8.0, "8"), (0.75, "750m"), (0.8, "800m"), (2.5, "2500m")])
 def test_format_quantity(value: float, text: str) -> None:
     assert format_quantity(value) == text
+
+
+def test_every_component_gets_a_disruption_budget_unless_it_opts_out() -> None:
+    """Without one a node drain evicts every pod of a pool on the drained nodes at once."""
+    objs = children({**SMALL_SPEC, "decode": {"maxUnavailable": 2}, "router": {"maxUnavailable": None}})
+    budgets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodDisruptionBudget"}
+    assert sorted(budgets) == ["demo-decode", "demo-prefill"]
+    assert budgets["demo-decode"]["spec"]["maxUnavailable"] == 2
+    assert budgets["demo-prefill"]["spec"]["maxUnavailable"] == 1
+    assert budgets["demo-decode"]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "decode"

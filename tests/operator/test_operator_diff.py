@@ -39,7 +39,7 @@ def touched(actions: list[Action]) -> set[tuple[str, str, str]]:
 
 def test_everything_is_created_at_first() -> None:
     actions = diff(desired(SMALL_SPEC), [], OWNER.uid)
-    assert [a.verb for a in actions] == ["create"] * 7
+    assert [a.verb for a in actions] == ["create"] * 10  # with a PodDisruptionBudget per component
     assert actions[0].kind == "ConfigMap"  # config before the pods that mount it
 
 

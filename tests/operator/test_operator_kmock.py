@@ -55,7 +55,7 @@ def objects(emu: Emulator, plural: str) -> dict[str, dict[str, Any]]:
 
 def children(emu: Emulator) -> dict[tuple[str, str], dict[str, Any]]:
     out = {}
-    for plural in ("configmaps", "services", "deployments", "horizontalpodautoscalers"):
+    for plural in ("configmaps", "services", "deployments", "poddisruptionbudgets", "horizontalpodautoscalers"):
         for name, obj in objects(emu, plural).items():
             out[(plural, name)] = obj
     return out
@@ -102,7 +102,7 @@ async def test_operator_reconciles_against_the_emulator(tmp_path: Path, monkeypa
             assert resp.status == 201
 
             # 1. children appear, owned by the resource
-            kids = await eventually(lambda: len(children(emu)) == 7 and children(emu), what="7 children")
+            kids = await eventually(lambda: len(children(emu)) == 10 and children(emu), what="10 children")
             uid = dd_body(emu)["metadata"]["uid"]
             for obj in kids.values():
                 [ref] = obj["metadata"]["ownerReferences"]

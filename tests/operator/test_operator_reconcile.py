@@ -61,8 +61,9 @@ def test_first_reconcile_creates_children_events_and_status() -> None:
     c = Cluster(SMALL_SPEC)
     result = c.run()
     assert sorted(w[1] for w in result.new_writes if w[0] == "create") == [
-        "ConfigMap", "Deployment", "Deployment", "Deployment", "Service", "Service", "Service"]
-    assert [e[1] for e in c.kube.events] == ["Created"] * 7
+        "ConfigMap", "Deployment", "Deployment", "Deployment", "PodDisruptionBudget", "PodDisruptionBudget",
+        "PodDisruptionBudget", "Service", "Service", "Service"]
+    assert [e[1] for e in c.kube.events] == ["Created"] * 10
     assert ("Normal", "Created", "Created Deployment demo-decode") in c.kube.events
     status = c.body["status"]
     assert status["observedGeneration"] == 1
