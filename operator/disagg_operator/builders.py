@@ -303,7 +303,7 @@ def drain_command(wait_seconds: float) -> list[str]:
         "import urllib.request as u; u.urlopen(u.Request("
         f"'http://127.0.0.1:{WORKER_HTTP_PORT}/drain?wait={wait}', method='POST'), timeout={wait + 5})"
     )
-    return ["python", "-c", script]
+    return ["python3", "-c", script]  # python3: what every Python image has (some lack "python")
 
 
 def _serve_args(parsed: ParsedSpec, port: int) -> list[str]:
