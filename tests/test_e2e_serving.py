@@ -201,6 +201,9 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "stop_token_ids": list(range(1025))}, "stop_token_ids"),  # copied per prompt and call
     # longer than the context can hold whatever it tokenizes to: refused before it is tokenized
     ({"prompt": "hi " * 50_000, "max_tokens": 2}, "prompt"),
+    # refused by the worker, which knows the vocabulary: the 400 still names the field
+    ({"prompt": [1_000_000], "max_tokens": 2}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 2, "stop_token_ids": [1_000_000]}, "stop_token_ids"),
 ])
 def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
     r = post_json(f"{cluster.base_url}/v1/completions", {"model": "tiny-llama", **body})

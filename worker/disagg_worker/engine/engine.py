@@ -202,24 +202,27 @@ class LLMEngine:
         """Raise InvalidRequestError if this request can never be served."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise InvalidRequestError("the prompt is empty: it must contain at least one token")
+            raise InvalidRequestError("the prompt is empty: it must contain at least one token", "prompt")
         bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
         if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                      "prompt")
         if n >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt has {n} tokens; this model's maximum context length is {self.max_model_len} tokens")
+                f"the prompt has {n} tokens; this model's maximum context length is {self.max_model_len} tokens",
+                "prompt")
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{n + params.max_tokens} ({n} in the prompt + {params.max_tokens} max_tokens)")
+                f"{n + params.max_tokens} ({n} in the prompt + {params.max_tokens} max_tokens)", "max_tokens")
         bad_stop = [t for t in params.stop_token_ids if not (0 <= t < self.vocab_size)]
         if bad_stop:
-            raise InvalidRequestError(f"stop_token_ids: {bad_stop[0]} is outside the vocabulary")
+            raise InvalidRequestError(f"stop_token_ids: {bad_stop[0]} is outside the vocabulary", "stop_token_ids")
         need = self.block_manager.blocks_for_tokens(n + params.max_tokens - 1)
         if need > self.num_blocks:
             raise InvalidRequestError(
-                f"the request needs up to {need} KV blocks but this worker's pool holds {self.num_blocks}")
+                f"the request needs up to {need} KV blocks but this worker's pool holds {self.num_blocks}",
+                "max_tokens")
 
     def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | dict,
                       priority: int, hold_kv: bool, arrival_time: float | None = None) -> Request:

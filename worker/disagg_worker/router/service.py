@@ -29,7 +29,7 @@ from disagg_worker.router.openai_schema import APIError
 from disagg_worker.routing import WorkerLoad, admit_request, estimate_request_ttft, pick_decode_worker
 from disagg_worker.rpc import pb
 from disagg_worker.server.peers import PeerPool
-from disagg_worker.server.runtime import params_to_proto
+from disagg_worker.server.runtime import PARAM_METADATA_KEY, params_to_proto
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -278,8 +278,9 @@ class RouterService:
                 raise _worker_failed(peer.endpoint, failure)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise APIError(400, exc.details() or "invalid request") from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:  # the worker names the field at fault, if one is
+                    param = dict(exc.trailing_metadata() or ()).get(PARAM_METADATA_KEY)
+                    raise APIError(400, exc.details() or "invalid request", param=param) from None
                 if first_token_at is None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.warning("decode worker %s unavailable (%s); trying another", peer.endpoint, exc.details())
                     tried.add(peer.endpoint)

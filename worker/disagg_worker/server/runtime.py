@@ -198,3 +198,12 @@ def priority_to_proto(value: int) -> int:
 
 __all__ = ["InvalidRequestError", "WorkerRuntime", "params_from_proto", "params_to_proto", "priority_from_proto",
            "priority_to_proto"]
+
+
+PARAM_METADATA_KEY = "disagg-param"  # trailing metadata of an INVALID_ARGUMENT: the request field at fault
+
+
+def invalid_argument_metadata(exc: InvalidRequestError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells the router which request field an INVALID_ARGUMENT is about
+    (its 400 names the parameter, as OpenAI's do)."""
+    return ((PARAM_METADATA_KEY, exc.param),) if exc.param else ()
