@@ -264,3 +264,21 @@ async def test_a_request_arrives_when_it_is_submitted_not_when_the_engine_thread
     assert out.arrival_time == pytest.approx(submitted, abs=0.05)
     assert out.first_token_time - out.arrival_time > 0.4  # the wait for a's step is in b's TTFT
     await first
+
+
+def test_the_busy_counter_is_read_when_scraped_and_never_goes_down() -> None:
+    """Bumped by a once-a-second loop, two scrapes a few seconds apart read 0% and 91% of an engine busy
+    half the time; and a counter that goes down reads as a restart to Prometheus."""
+    from disagg_worker.metrics import BusySecondsCollector
+
+    collector = BusySecondsCollector()
+    readings = iter([1.5, 2.25, 2.0])
+    collector.track("decode", lambda: next(readings))
+
+    def scrape() -> float:
+        [family] = collector.collect()
+        [sample] = family.samples
+        assert sample.name == "disagg_busy_seconds_total" and sample.labels == {"role": "decode"}
+        return sample.value
+
+    assert [scrape(), scrape(), scrape()] == [1.5, 2.25, 2.25]

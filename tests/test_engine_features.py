@@ -361,3 +361,8 @@ def test_warm_up_runs_a_request_and_leaves_no_trace(llama: LoadedModel) -> None:
     assert bm.enable_prefix_caching
     [req] = engine.generate([[5, 6, 7]], {"max_tokens": 4, "temperature": 0})
     assert req.output_token_ids == hf_greedy(llama, [5, 6, 7], 4)
+
+
+def test_warm_up_fits_the_smallest_context(llama: LoadedModel) -> None:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=2), llama)
+    assert engine.warm_up() > 0 and not engine.has_unfinished()

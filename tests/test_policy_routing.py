@@ -89,6 +89,11 @@ def test_invalid_values_name_the_field(data: dict, message: str) -> None:
         parse_policy(data)
 
 
+def test_a_whole_float_is_an_integer_as_the_api_server_takes_it() -> None:
+    policy = parse_policy({"splitPolicy": {"promptLengthThreshold": 256.0}, "qos": {"ttftSloMs": 150}})
+    assert policy.split_policy.prompt_length_threshold == 256 and policy.qos.ttft_slo_ms == 150.0
+
+
 def test_unreadable_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "missing.yaml")
@@ -319,3 +324,6 @@ def test_the_router_serves_a_policy_model_under_its_name(tmp_path: Path) -> None
     assert served_name(named, str(folder), str(folder)) == "weights-v3"  # --model overrides the policy's model
     assert served_name(parse_policy({"model": {"path": str(folder)}}), None, str(folder)) == "weights-v3"
     assert served_name(parse_policy({}), None, "tiny-llama") == "tiny-llama"
+    # the rendered ConfigMap always carries a name: the default one is no name for the folder's model
+    defaulted = parse_policy({"model": {"name": "tiny-llama", "path": str(folder)}})
+    assert served_name(defaulted, None, str(folder)) == "weights-v3"

@@ -313,3 +313,34 @@ async def test_the_sigterm_drain_only_waits_for_what_the_prestop_drain_left(pair
     await asyncio.sleep(0.3)
     assert 4.0 < rt.drain_left(5.0) < 4.8
     assert rt.drain_left(0.2) == 0.0
+
+
+async def test_a_prefill_worker_whose_context_cannot_hold_the_prompt_is_not_asked(llama: LoadedModel) -> None:
+    """A prefill worker with a small KV pool serves a small context: asked for a longer prompt it refuses,
+    one reservation, one round trip and a counted transfer failure per request, then a local prefill."""
+    policy = Policy()
+    runtimes: list[WorkerRuntime] = []
+    server = grpc.aio.server()
+    pool = None
+    try:
+        for role, blocks in (("prefill", 4), ("decode", 64)):
+            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=blocks, block_size=16), llama))
+            engine.start()
+            runtimes.append(WorkerRuntime(engine, role, policy, llama.name))
+        prefill_rt, decode_rt = runtimes
+        assert prefill_rt.engine.engine.max_model_len == 64
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
+        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = PeerPool("prefill", f"127.0.0.1:{port}")
+        await pool.start()
+        decode = DecodeServicer(decode_rt, pool)
+        assert decode._decide("remote", list(range(40, 120)))[0] is None  # 80 tokens: local
+        assert decode._decide("remote", list(range(40, 90)))[0] is not None  # 50 tokens fit
+    finally:
+        await server.stop(grace=None)
+        if pool is not None:
+            await pool.stop()
+        for rt in runtimes:
+            await rt.engine.stop()

@@ -7,7 +7,7 @@ component label):
 - Deployments ``<name>-prefill`` / ``<name>-decode`` + headless Services of the same names (worker
   discovery: the Service's DNS name resolves to the ready pods' IPs);
 - Deployment + Service ``<name>-router``;
-- per component a PodDisruptionBudget (unless its ``maxUnavailable`` is null);
+- per component a PodDisruptionBudget (unless its ``maxUnavailable`` is 0);
 - optional: a PodMonitor, and per role an HPA (``autoscale.mode: hpa``) or a KEDA ScaledObject (``keda``).
 
 Each child carries ``disagg.dev/spec-hash``, a hash of everything the builder sets except a
@@ -332,7 +332,7 @@ def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
     pod: RouterSpec = parsed.pods.router
     model = parsed.policy.model
     # with a path, the model's name is the id clients send (else the router names it after the folder)
-    named = ["--served-model-name", model.name] if model.path and "name" in model.model_fields_set else []
+    named = ["--served-model-name", model.served_name] if model.served_name else []
     return [
         "router",
         *_serve_args(parsed, ROUTER_CONTAINER_PORT),
@@ -581,6 +581,10 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
     triggers = []
     for key, threshold in scaling.scale_up.items().items():
         metric, divisor = THRESHOLD_METRICS[key]
+        # busy time as the busy-seconds counter's rate over a minute, as the builtin planner reads it
+        # (the utilisation gauge covers the last second only)
+        query = (promql("disagg_busy_seconds_total", owner, role, agg="sum", rate_seconds=60)
+                 if key == "gpu_utilization" else promql(metric, owner, role, agg="sum"))
         # sum over pods / per-pod threshold = desired replicas (KEDA's AverageValue semantics)
         triggers.append(
             {
@@ -588,7 +592,7 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
                 "name": key.replace("_", "-"),
                 "metadata": {
                     "serverAddress": auto.prometheus_url or "",
-                    "query": promql(metric, owner, role, agg="sum"),
+                    "query": query,
                     "threshold": f"{threshold / divisor:g}",
                 },
             }
@@ -615,7 +619,7 @@ def build_disruption_budget(parsed: ParsedSpec, owner: Owner, component: str) ->
     """A PodDisruptionBudget per component: without one a node drain evicts every pod of a pool on the
     drained nodes at once (each decode pod drains its requests, but the pool's capacity drops to 0)."""
     pod: PodSettings = getattr(parsed.pods, component)
-    if pod.max_unavailable is None:
+    if not pod.max_unavailable:
         return None
     return _finish(
         {

@@ -305,6 +305,7 @@ def _sample_role(
     not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
     auto = parsed.policy.autoscale
     if auto.metrics_source == "prometheus" and auto.prometheus_url:
+        state.busy.clear()  # back on scrapes, a counter from before would average over the whole gap
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)
     else:
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(warm)))) as pool:
@@ -470,9 +471,10 @@ async def _loop(body: Any, stopped: Any, logger: Any, states: dict[str, RoleStat
                     plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), scrape=scrape,
                     logger=logger,
                 )
-            else:  # samples from before a mode switch must not count when builtin resumes
+            else:  # samples (and busy counters) from before a mode switch must not count when builtin resumes
                 for state in states.values():
                     state.history.clear()
+                    state.busy.clear()
                 _forget_desired(body)  # the HPA or KEDA decides now
         except SpecError:
             pass  # the reconciler reports it

@@ -128,10 +128,11 @@ class PodSettings(_Model):
     extra_args: list[str] = Field(
         default_factory=list, max_length=64, description="appended to the container's command line"
     )
-    max_unavailable: int | None = Field(
-        1, ge=1, le=1000,
+    # 0, not null, for "none": the API server fills a null with the schema's default
+    max_unavailable: int = Field(
+        1, ge=0, le=1000,
         description="a PodDisruptionBudget's maxUnavailable: the most pods of this role a voluntary disruption "
-                    "(a node drain, a cluster upgrade) may take at once; null renders no budget")
+                    "(a node drain, a cluster upgrade) may take at once; 0 renders no budget")
 
 
 DEFAULT_STARTUP_SECONDS = 600  # what a pod may take to start serving (the router: always this)
@@ -167,7 +168,8 @@ class RouterSpec(PodSettings):
 
 class PodMonitorSpec(_Model):
     enabled: bool = Field(False, description="render a monitoring.coreos.com/v1 PodMonitor")
-    interval: str = Field("15s", pattern=r"^[0-9]+(ms|s|m|h)$", description="scrape interval")
+    interval: str = Field("15s", pattern=r"^([0-9]+(ms|s|m|h|d|w|y))+$", description="scrape interval (a Prometheus "
+                                                                                  "duration, e.g. 1m30s)")
     labels: dict[str, str] = Field(default_factory=dict, description="labels the Prometheus selects on")
 
 

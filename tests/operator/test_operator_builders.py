@@ -120,6 +120,8 @@ def test_the_router_serves_a_model_directory_under_the_name_given_for_it() -> No
 
     assert served_name({"name": "llama-3-8b", "path": "/models/l3"}) == "llama-3-8b"
     assert served_name({"path": "/models/l3"}) is None  # no name given: the router names it after the folder
+    # as the API server stores it: the CRD's default name filled in (it was served as "tiny-llama")
+    assert served_name({"name": "tiny-llama", "path": "/models/l3"}) is None
     assert served_name({"name": "tiny-qwen2"}) is None  # a preset is served under its own name
 
 
@@ -231,6 +233,13 @@ def test_keda_scaled_object_queries_prometheus() -> None:
     pods = pod_name_pattern("demo-decode")
     assert trigger["metadata"]["query"] == f'sum(disagg_kv_cache_usage_ratio{{namespace="ns",pod=~"{pods}"}})'
     assert trigger["metadata"]["threshold"] == "0.75"
+    # busy time from the counter's rate, as the builtin planner reads it (the gauge covers one second)
+    spec = {**SCENARIOS["keda"], "autoscale": {**SCENARIOS["keda"]["autoscale"], "prefill": {
+        "minReplicas": 1, "maxReplicas": 3, "scaleUp": {"queueLength": 8, "gpuUtilization": 80}}}}
+    prefill = by(children(spec), "ScaledObject", "demo-prefill")["spec"]
+    queries = {t["name"]: t["metadata"]["query"] for t in prefill["triggers"]}
+    assert queries["gpu-utilization"] == (f'sum(rate(disagg_busy_seconds_total{{namespace="ns",'
+                                          f'pod=~"{pod_name_pattern("demo-prefill")}"}}[60s]))')
 
 
 @pytest.mark.parametrize("name_length", [4, 20, 38, 39, 45, 50, 55])
@@ -270,7 +279,7 @@ def test_format_quantity(value: float, text: str) -> None:
 
 def test_every_component_gets_a_disruption_budget_unless_it_opts_out() -> None:
     """Without one a node drain evicts every pod of a pool on the drained nodes at once."""
-    objs = children({**SMALL_SPEC, "decode": {"maxUnavailable": 2}, "router": {"maxUnavailable": None}})
+    objs = children({**SMALL_SPEC, "decode": {"maxUnavailable": 2}, "router": {"maxUnavailable": 0}})
     budgets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PodDisruptionBudget"}
     assert sorted(budgets) == ["demo-decode", "demo-prefill"]
     assert budgets["demo-decode"]["spec"]["maxUnavailable"] == 2

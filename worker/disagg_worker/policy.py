@@ -9,10 +9,10 @@ unchanged (both spellings are accepted). Unknown fields and bad values fail with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -22,10 +22,21 @@ class PolicyError(ValueError):
 
 class _Model(BaseModel):
     # allow_inf_nan=False: YAML's .inf / .nan would turn routing scores into NaN (which never wins a
-    # comparison, so the first worker always would). strict: YAML and JSON give native types, so a
-    # ``true`` where a number belongs is a mistake, not 1
+    # comparison, so the first worker always would)
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
-                              allow_inf_nan=False, strict=True)
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` where a number belongs is a mistake, not 1. (Not strict mode: that would also refuse
+        256.0 for an integer, which the API server accepts for the same resource.)"""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = {annotation, *get_args(annotation)}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("must be a number, not true or false")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -44,14 +55,24 @@ class _Model(BaseModel):
         return data
 
 
+DEFAULT_MODEL = "tiny-llama"
+
+
 class ModelRef(_Model):
-    name: str = Field("tiny-llama", min_length=1,
+    name: str = Field(DEFAULT_MODEL, min_length=1,
                       description="built-in preset, or the model id clients send for the model at path")
     path: str | None = Field(None, description="local Hugging Face model directory; wins over name")
 
     @property
     def ref(self) -> str:
         return self.path or self.name
+
+    @property
+    def served_name(self) -> str | None:
+        """The id clients send for the model at ``path``, when the policy names it; None: the folder's name.
+        The default name is no name for it: the CRD fills it in wherever it is left out, and a model
+        given by path alone was served as "tiny-llama"."""
+        return self.name if self.path and self.name != DEFAULT_MODEL else None
 
 
 class SplitPolicy(_Model):

@@ -366,13 +366,16 @@ class LLMEngine:
         in its TTFT, just when the autoscaler added the worker for a load peak. It leaves no trace:
         nothing cached, no lookups, steps or busy time counted."""
         t0 = time.perf_counter()
+        if self.max_model_len < 2:  # no request fits but a 1-token prompt with nothing to generate
+            return 0.0
         bm = self.block_manager
         saved = (bm.enable_prefix_caching, bm.prefix_queries_tokens, bm.prefix_hit_tokens, self.busy_seconds,
                  self.steps, self.last_step_seconds)
         bm.enable_prefix_caching = False
         try:
             n = max(1, min(2 * self.config.block_size, self.max_model_len - 2))
-            self.generate([[1] * n], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            steps = min(2, self.max_model_len - n)  # a prefill and, where the context allows, a decode step
+            self.generate([[1] * n], SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
         finally:
             (bm.enable_prefix_caching, bm.prefix_queries_tokens, bm.prefix_hit_tokens, self.busy_seconds,
              self.steps, self.last_step_seconds) = saved

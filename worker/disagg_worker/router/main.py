@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def served_name(policy: Policy, model_flag: str | None, ref: str) -> str:
     """The model id clients send: a policy's ``model: {name, path}`` names the model at its path (as the
     operator passes it with --served-model-name); otherwise the folder's name, or the preset's."""
-    if model_flag is None and policy.model.path and "name" in policy.model.model_fields_set:
-        return policy.model.name
+    if model_flag is None and policy.model.served_name:
+        return policy.model.served_name
     return Path(ref).name if Path(ref).is_dir() else ref
 
 

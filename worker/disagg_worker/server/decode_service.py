@@ -65,14 +65,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.kv_receiver = kv_receiver  # set when the policy's kvTransfer.backend is "tcp"
 
     # ---- the offload decision --------------------------------------------------------------
-    def _pick_prefill_worker(self) -> Peer | None:
+    def _pick_prefill_worker(self, prompt_len: int) -> Peer | None:
         # only peers serving this worker's model (a rolling update to another checkpoint runs both for a
         # while); a peer that has not reported one yet is checked by the prefill worker itself
         eng = self.rt.engine.engine
         ours = eng.model_fingerprint
-        # and with this worker's block size: another layout would be refused, a round trip per request
+        # and with this worker's block size (another layout would be refused, a round trip per request),
+        # and a context that holds the prompt (a prefill worker's small KV pool caps its context)
         healthy = [p for p in self.prefill_pool.healthy()
-                   if p.model_fingerprint in ("", ours) and p.load.block_size == eng.config.block_size]
+                   if p.model_fingerprint in ("", ours) and p.load.block_size == eng.config.block_size
+                   and (not p.max_model_len or prompt_len < p.max_model_len)]
         if not healthy:
             return None
         return min(healthy, key=lambda p: (p.load.load, p.endpoint))
@@ -82,7 +84,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         cached = self.rt.engine.engine.block_manager.cached_prefix_tokens(prompt)
         if mode == "local" or not self.prefill_pool:
             return None, cached
-        peer = self._pick_prefill_worker()
+        peer = self._pick_prefill_worker(len(prompt))
         if peer is None:
             return None, cached
         queue = peer.load.load

@@ -88,6 +88,7 @@ class WorkerRuntime:
 
     # ---- periodic --------------------------------------------------------------------------
     def start(self) -> None:
+        m.BUSY_SECONDS.track(self.role, self.engine.busy_seconds)
         self._task = asyncio.create_task(self._refresh_loop(), name="metrics-refresh")
 
     async def stop(self) -> None:
@@ -102,7 +103,6 @@ class WorkerRuntime:
             await asyncio.sleep(1.0)
             now, busy = time.monotonic(), self.engine.busy_seconds()
             self.utilization = min(1.0, max(0.0, busy - last_busy) / max(now - last_t, 1e-6))
-            m.BUSY_SECONDS.labels(self.role).inc(max(0.0, busy - last_busy))
             last_busy, last_t = max(busy, last_busy), now
             try:
                 self.refresh_gauges()
