@@ -354,7 +354,8 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
     sample, starting, per_pod, not_warm = _sample_role(kube, owner, parsed, role, now, scrape, state)
     state.add(sample)
     stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
-    _report_metrics_outage(body, role, state, sample, bool(per_pod), now, stale_after, kube,
+    # an outage is pods that did not answer (pods that all answered as draining are no outage)
+    _report_metrics_outage(body, role, state, sample, any(v is None for v in per_pod.values()), now, stale_after, kube,
                            logger)
     name = child_name(owner, role)
     with lock:
@@ -401,8 +402,8 @@ def _report_metrics_outage(body: Any, role: str, state: RoleState, sample: Sampl
                            stale_after: float, kube: Any, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """A role whose pods answer nothing (a Prometheus URL that is down or wrong, pods that cannot be
     scraped) makes the planner hold: say so once it has lasted ``stale_after``, with a warning and an
-    Event, and again when data is back, instead of holding in silence. ``expected``: there were warm
-    pods to read (a role with none ready yet is not an outage)."""
+    Event, and again when data is back, instead of holding in silence. ``expected``: some warm pod did
+    not answer (a role with none ready yet, or whose pods all answered as draining, is not an outage)."""
     if sample.pods > 0:
         state.last_data = now
         if state.reported_missing:
