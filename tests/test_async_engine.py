@@ -224,7 +224,7 @@ async def test_busy_time_counts_the_step_in_progress(running: AsyncEngine, monke
     await asyncio.sleep(0.1)
     before, t0 = running.busy_seconds(), time.monotonic()
     await asyncio.sleep(0.3)  # inside the first 0.6 s step
-    assert running.busy_seconds() - before == pytest.approx(time.monotonic() - t0, abs=0.05)
+    assert running.busy_seconds() - before == pytest.approx(time.monotonic() - t0, abs=0.1)  # was ~0
     await consumer
     assert running.busy_seconds() >= 1.2  # two steps, finished
 
@@ -241,9 +241,8 @@ async def test_passes_that_ran_no_batch_are_not_reported_as_steps(
     await asyncio.sleep(0.1)
     monkeypatch.undo()
     assert seen and all(s is None for s in seen)
-    busy = running.busy_seconds()
-    await asyncio.sleep(0.05)
-    assert running.busy_seconds() == busy
+    await running.call(lambda: None)  # the pass in flight when the patches went has ended
+    assert running._busy_total == 0.0  # nothing ran: none of those passes counted as busy time
 
 
 async def test_a_request_arrives_when_it_is_submitted_not_when_the_engine_thread_takes_it(
