@@ -100,6 +100,16 @@ def test_unreadable_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(PolicyError, match="must hold a mapping"):
         load_policy(tmp_path / "list.yaml")
+    import os
+
+    os.mkfifo(tmp_path / "fifo.yaml")  # reading it used to block for good
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(tmp_path / "fifo.yaml")
+    (tmp_path / "huge.yaml").write_bytes(b"#" * (2 << 20))
+    with pytest.raises(PolicyError, match="larger than"):
+        load_policy(tmp_path / "huge.yaml")
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(tmp_path)  # a directory
     (tmp_path / "latin1.yaml").write_bytes("qos: {defaultPriority: h\xe9}\n".encode("latin-1"))
     with pytest.raises(PolicyError, match=r"cannot read policy file .*latin1\.yaml"):
         load_policy(tmp_path / "latin1.yaml")

@@ -8,6 +8,8 @@ unchanged (both spellings are accepted). Unknown fields and bad values fail with
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -236,12 +238,31 @@ def parse_policy(data: dict[str, Any] | None) -> Policy:
         raise PolicyError(f"invalid policy: {describe(exc)}") from None
 
 
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few KiB
+
+
+def _read_small_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most ``MAX_POLICY_BYTES``: a FIFO or a device (``/dev/zero``) given
+    as the policy would block the process or grow without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait for a writer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_POLICY_BYTES:
+        raise OSError(f"{path} is larger than {MAX_POLICY_BYTES} bytes")
+    return data
+
+
 def load_policy(path: str | Path | None) -> Policy:
     """Read a policy file (YAML or JSON); None gives the defaults."""
     if path is None:
         return Policy()
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_small_file(Path(path)).decode("utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc}") from None
     if data is not None and not isinstance(data, dict):
