@@ -39,6 +39,9 @@ class ScriptedWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         self.calls += 1
+        if self.mode == "invalid":  # a field only the worker can check (the vocabulary)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token id 99 is outside the vocabulary",
+                                (("disagg-param", "prompt"),))
         if self.mode == "error_first":
             yield pb.GenerateResponse(finished=True, finish_reason="error", error=f"engine step failed: {SECRET}")
             return
@@ -162,3 +165,25 @@ def test_a_stream_that_fails_after_its_200_is_counted_as_a_stream_error() -> Non
     body = asyncio.run(run())
     assert '"worker_failed"' in body
     assert stream_errors() == before + 1
+
+
+@pytest.mark.parametrize("prompt_param", ["prompt", "messages"])
+def test_a_400_the_worker_decides_names_the_field_as_the_client_sent_it(prompt_param: str) -> None:
+    async def run() -> APIError:
+        server, addr = await serve_scripted_worker(ScriptedWorker("invalid"))
+        pool = PeerPool("decode", [addr], poll_interval=60)
+        service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
+        try:
+            await pool.start()
+            params = service.validate([5, 6], {"max_tokens": 2})
+            [admitted] = service.admit([[5, 6]], "high")
+            with pytest.raises(APIError) as exc:
+                async for _ in service.generate([5, 6], admitted, params, "high", StreamResult(), prompt_param):
+                    pass
+            return exc.value
+        finally:
+            await pool.stop()
+            await server.stop(None)
+
+    error = asyncio.run(run())
+    assert (error.status, error.param) == (400, prompt_param)  # chat's prompt is its messages

@@ -281,7 +281,7 @@ def build_app(service: RouterService, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         results = [StreamResult() for _ in prompts]
-        streams = [service.generate(p, a, sp, priority, r)
+        streams = [service.generate(p, a, sp, priority, r, "messages" if chat else "prompt")
                    for p, a, sp, r in zip(prompts, admitted, params, results, strict=True)]
 
         async def collect(first: Any, s: AsyncIterator[Any]) -> str:

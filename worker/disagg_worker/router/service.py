@@ -200,13 +200,14 @@ class RouterService:
                        code=admission.reason, headers={"Retry-After": str(self.policy.qos.retry_after_seconds)})
 
     async def generate(self, prompt_ids: list[int], admitted: Admitted, params: SamplingParams, priority: str,
-                       result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
+                       result: StreamResult, prompt_param: str = "prompt") -> AsyncIterator[pb.GenerateResponse]:
         """Yield the chosen worker's responses (after ``admit``); raises APIError for anything the client
         must see.
 
         A request the system failed (no worker, a worker that died) counts as an SLO violation:
         attainment must not look better for the requests it did not serve."""
-        async with contextlib.aclosing(self._generate(prompt_ids, admitted, params, priority, result)) as responses:
+        async with contextlib.aclosing(self._generate(prompt_ids, admitted, params, priority, result,
+                                                      prompt_param)) as responses:
             try:
                 async for msg in responses:
                     yield msg
@@ -216,7 +217,7 @@ class RouterService:
                 raise
 
     async def _generate(self, prompt_ids: list[int], admitted: Admitted, params: SamplingParams, priority: str,
-                        result: StreamResult) -> AsyncIterator[pb.GenerateResponse]:
+                        result: StreamResult, prompt_param: str) -> AsyncIterator[pb.GenerateResponse]:
         t0 = time.monotonic()
         request_id = uuid.uuid4().hex  # + the attempt: a retry is a new request to the workers
         tried: set[str] = set()
@@ -280,6 +281,7 @@ class RouterService:
                 code = exc.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:  # the worker names the field at fault, if one is
                     param = dict(exc.trailing_metadata() or ()).get(PARAM_METADATA_KEY)
+                    param = prompt_param if param == "prompt" else param  # chat's prompt is its messages
                     raise APIError(400, exc.details() or "invalid request", param=param) from None
                 if first_token_at is None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.warning("decode worker %s unavailable (%s); trying another", peer.endpoint, exc.details())
