@@ -77,8 +77,8 @@ _WANTED = {
 
 
 def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None:
-    """Read a worker's /metrics exposition; None when the gauges the planner needs are missing or not
-    finite (a NaN or Inf would make every decision after it meaningless)."""
+    """Read a worker's /metrics exposition; None when a gauge the planner reads is missing or not finite
+    (a NaN or Inf would make every decision after it meaningless)."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         field = _WANTED.get(family.name)
@@ -92,7 +92,8 @@ def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None
             if not math.isfinite(sample.value):
                 return None
             values[field] = values.get(field, 0.0) + float(sample.value)
-    if "waiting" not in values or ("kv" not in values and "util" not in values):
+    # every gauge the planner reads, or not measured: a missing one read as 0 could scale a busy role down
+    if "waiting" not in values or "kv" not in values or "util" not in values:
         return None
     return PodSample(
         queue_length=values["waiting"],

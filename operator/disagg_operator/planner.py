@@ -247,13 +247,15 @@ def prometheus_sample(
                 per_pod[labels["pod"]][metric] = value
     samples: dict[str, PodSample | None] = {}
     for name, vals in per_pod.items():
-        if "disagg_requests_waiting" not in vals:
+        # every series the planner reads, or not measured (a missing one read as 0 could scale a busy role down)
+        if not {"disagg_requests_waiting", "disagg_kv_cache_usage_ratio"} <= vals.keys() or not (
+                BUSY_RATE in vals or "disagg_utilization_ratio" in vals):
             samples[name] = None
             continue
         samples[name] = PodSample(
             queue_length=vals["disagg_requests_waiting"],
-            gpu_utilization=100 * min(1.0, vals.get(BUSY_RATE, vals.get("disagg_utilization_ratio", 0.0))),
-            kv_cache_usage=100 * vals.get("disagg_kv_cache_usage_ratio", 0.0),
+            gpu_utilization=100 * min(1.0, vals[BUSY_RATE] if BUSY_RATE in vals else vals["disagg_utilization_ratio"]),
+            kv_cache_usage=100 * vals["disagg_kv_cache_usage_ratio"],
         )
     return aggregate(samples.values(), now, serving), samples
 

@@ -476,3 +476,24 @@ def test_a_metrics_outage_is_reported_once_and_its_end_too() -> None:
     assert "pods' :8081/metrics" in outages[0]
     round_at(NOW + 105, lambda ip, role: calm)
     assert sorted(reason for reason, _ in events()).count("MetricsAvailable") == 2
+
+
+def test_a_pod_missing_a_gauge_is_not_measured_rather_than_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing KV or utilisation series used to read as 0%, which could scale a busy role down."""
+    text = "\n".join(line for line in exposition(kv=0.9).splitlines() if "kv_cache_usage" not in line) + "\n"
+    assert parse_worker_metrics(text, "decode") is None
+    from disagg_operator.builders import Owner
+
+    def fake_query(base_url: str, query: str, **_: Any) -> list[tuple[dict[str, str], float]]:
+        if "kv_cache_usage" in query:
+            return [({"pod": "a"}, 0.9)]  # b's KV series is missing
+        if "busy_seconds" in query:
+            return []
+        return [({"pod": "a"}, 1.0), ({"pod": "b"}, 1.0)]
+
+    monkeypatch.setattr(planner, "query_prometheus", fake_query)
+    warm = [planner.pod_state(pod("a")), planner.pod_state(pod("b"))]
+    _, per_pod = planner.prometheus_sample("http://prom", Owner(name="demo", namespace="ns", uid="u"), "decode",
+                                           warm, NOW)
+    assert per_pod["a"] is not None and per_pod["a"].kv_cache_usage == pytest.approx(90.0)
+    assert per_pod["b"] is None
