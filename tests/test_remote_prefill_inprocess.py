@@ -12,6 +12,7 @@ The answer equals Hugging Face greedy either way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -141,6 +142,36 @@ async def test_a_worker_whose_engine_stopped_leaves_the_pool(pair: Pair) -> None
     assert not pair.prefill_pool.healthy()  # its frozen load report used to keep it looking idle
 
 
+@contextlib.asynccontextmanager
+async def prefill_peer(prefill: tuple[LoadedModel, EngineConfig], decode: tuple[LoadedModel, EngineConfig]
+                       ) -> AsyncIterator[tuple[WorkerRuntime, WorkerRuntime, PeerPool]]:
+    """A prefill worker served over gRPC on 127.0.0.1 and a decode runtime (not served) with a pool
+    that reaches it: (prefill runtime, decode runtime, pool); everything stopped afterwards."""
+    policy = Policy()
+    runtimes: list[WorkerRuntime] = []
+    server = grpc.aio.server()
+    pool = None
+    try:
+        for (lm, config), role in ((prefill, "prefill"), (decode, "decode")):
+            engine = AsyncEngine(LLMEngine(config, lm))
+            engine.start()
+            runtimes.append(WorkerRuntime(engine, role, policy, lm.name))
+        prefill_rt, decode_rt = runtimes
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
+        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = PeerPool("prefill", f"127.0.0.1:{port}")
+        await pool.start()
+        yield prefill_rt, decode_rt, pool
+    finally:
+        await server.stop(grace=None)
+        if pool is not None:
+            await pool.stop()
+        for rt in runtimes:
+            await rt.engine.stop()
+
+
 @pytest.mark.parametrize(("other_model", "block_size", "refusal"), [
     ("tiny-qwen2", 16, "model mismatch"),  # same KV layout as tiny-llama, other weights
     ("tiny-llama", 8, "KV layout mismatch"),
@@ -157,22 +188,8 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
 
     name, _, dtype = other_model.partition(":")
     other = load_model(name, TEST_DEVICE, dtype) if dtype else get_model(name)
-    policy = Policy()
-    runtimes = []
-    server = grpc.aio.server()
-    pool = None
-    try:
-        for lm, role, size in ((other, "prefill", block_size), (llama, "decode", 16)):
-            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, block_size=size), lm))
-            engine.start()
-            runtimes.append(WorkerRuntime(engine, role, policy, lm.name))
-        prefill_rt, decode_rt = runtimes
-        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        pool = PeerPool("prefill", f"127.0.0.1:{port}")
-        await pool.start()
+    async with prefill_peer((other, EngineConfig(num_kv_blocks=64, block_size=block_size)),
+                            (llama, EngineConfig(num_kv_blocks=64, block_size=16))) as (_, decode_rt, pool):
         [peer] = pool.healthy()
         assert peer.model_fingerprint == other.fingerprint
         decode = DecodeServicer(decode_rt, pool)
@@ -186,12 +203,6 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
             async for _ in peer.prefill.Prefill(request, timeout=30):
                 pass
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and refusal in exc.value.details()
-    finally:
-        await server.stop(grace=None)
-        if pool is not None:
-            await pool.stop()
-        for rt in runtimes:
-            await rt.engine.stop()
 
 
 def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -318,29 +329,9 @@ async def test_the_sigterm_drain_only_waits_for_what_the_prestop_drain_left(pair
 async def test_a_prefill_worker_whose_context_cannot_hold_the_prompt_is_not_asked(llama: LoadedModel) -> None:
     """A prefill worker with a small KV pool serves a small context: asked for a longer prompt it refuses,
     one reservation, one round trip and a counted transfer failure per request, then a local prefill."""
-    policy = Policy()
-    runtimes: list[WorkerRuntime] = []
-    server = grpc.aio.server()
-    pool = None
-    try:
-        for role, blocks in (("prefill", 4), ("decode", 64)):
-            engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=blocks, block_size=16), llama))
-            engine.start()
-            runtimes.append(WorkerRuntime(engine, role, policy, llama.name))
-        prefill_rt, decode_rt = runtimes
+    async with prefill_peer((llama, EngineConfig(num_kv_blocks=4, block_size=16)),
+                            (llama, EngineConfig(num_kv_blocks=64, block_size=16))) as (prefill_rt, decode_rt, pool):
         assert prefill_rt.engine.engine.max_model_len == 64
-        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        pool = PeerPool("prefill", f"127.0.0.1:{port}")
-        await pool.start()
         decode = DecodeServicer(decode_rt, pool)
         assert decode._decide("remote", list(range(40, 120)))[0] is None  # 80 tokens: local
         assert decode._decide("remote", list(range(40, 90)))[0] is not None  # 50 tokens fit
-    finally:
-        await server.stop(grace=None)
-        if pool is not None:
-            await pool.stop()
-        for rt in runtimes:
-            await rt.engine.stop()
