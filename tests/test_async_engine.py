@@ -210,16 +210,21 @@ async def test_a_hung_step_fails_liveness_until_it_ends(running: AsyncEngine, mo
     assert client.get("/health").status_code == 200
 
 
+def slow_forward_passes(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make every forward pass of ``engine`` take ``seconds`` longer (a big model's step)."""
+    real_execute = engine.engine.runner.execute
+
+    def slow_execute(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(engine.engine.runner, "execute", slow_execute)
+
+
 async def test_busy_time_counts_the_step_in_progress(running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Utilisation (what the planner scales on) is busy time per window: a step longer than the window
     used to add nothing until it ended, so a fully busy engine read as idle."""
-    real_execute = running.engine.runner.execute
-
-    def slow_execute(*args: object, **kwargs: object) -> object:
-        time.sleep(0.6)
-        return real_execute(*args, **kwargs)
-
-    monkeypatch.setattr(running.engine.runner, "execute", slow_execute)
+    slow_forward_passes(running, monkeypatch, 0.6)
     consumer = asyncio.ensure_future(collect(running, "slow", [5, 6, 7], 2))
     await asyncio.sleep(0.1)
     before, t0 = running.busy_seconds(), time.monotonic()
@@ -249,13 +254,7 @@ async def test_a_request_arrives_when_it_is_submitted_not_when_the_engine_thread
         running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """TTFT and end-to-end times count from arrival: stamped on the engine thread, after the step in
     flight, they left that wait out (a 1.56 s TTFT was recorded as 0.83 s)."""
-    real_execute = running.engine.runner.execute
-
-    def slow_execute(*args: object, **kwargs: object) -> object:
-        time.sleep(0.5)
-        return real_execute(*args, **kwargs)
-
-    monkeypatch.setattr(running.engine.runner, "execute", slow_execute)
+    slow_forward_passes(running, monkeypatch, 0.5)
     first = asyncio.ensure_future(collect(running, "a", [5, 6, 7], 2))
     await asyncio.sleep(0.1)  # a's first step is running
     submitted = time.monotonic()
