@@ -9,6 +9,7 @@ never answered as a success."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -63,10 +64,11 @@ class NoTokenizer:
         return {"a": 0}
 
 
-async def generate(modes: list[str], idle_timeout: float = 300.0
-                   ) -> tuple[list[str] | APIError, list[ScriptedWorker], list[str]]:
-    """One request through a RouterService over workers in ``modes``: its texts (or the APIError), the
-    workers, and their addresses."""
+@contextlib.asynccontextmanager
+async def router_over(modes: list[str], idle_timeout: float = 300.0
+                      ) -> AsyncIterator[tuple[RouterService, list[ScriptedWorker], list[str]]]:
+    """A RouterService over scripted decode workers in ``modes``: (service, workers, their addresses);
+    everything stopped afterwards."""
     workers = [ScriptedWorker(mode) for mode in modes]
     servers = [await serve_scripted_worker(w) for w in workers]
     addresses = [addr for _, addr in servers]
@@ -75,6 +77,18 @@ async def generate(modes: list[str], idle_timeout: float = 300.0
                             stream_idle_timeout=idle_timeout)
     try:
         await pool.start()
+        yield service, workers, addresses
+    finally:
+        await pool.stop()
+        for server, _ in servers:
+            await server.stop(None)
+
+
+async def generate(modes: list[str], idle_timeout: float = 300.0
+                   ) -> tuple[list[str] | APIError, list[ScriptedWorker], list[str]]:
+    """One request through a RouterService over workers in ``modes``: its texts (or the APIError), the
+    workers, and their addresses."""
+    async with router_over(modes, idle_timeout) as (service, workers, addresses):
         prompt = [5, 6, 7]
         params = service.validate(prompt, {"max_tokens": 4, "temperature": 0})
         [admitted] = service.admit([prompt], "high")
@@ -85,10 +99,6 @@ async def generate(modes: list[str], idle_timeout: float = 300.0
         except APIError as exc:
             texts = exc
         return texts, workers, addresses
-    finally:
-        await pool.stop()
-        for server, _ in servers:
-            await server.stop(None)
 
 
 @pytest.mark.parametrize("first", ["error_first", "truncated_first"])
@@ -146,20 +156,12 @@ def test_a_stream_that_fails_after_its_200_is_counted_as_a_stream_error() -> Non
                                          {"endpoint": "/v1/completions", "status": "502"}) or 0.0
 
     async def run() -> str:
-        server, addr = await serve_scripted_worker(ScriptedWorker("truncated"))
-        pool = PeerPool("decode", [addr], poll_interval=60)
-        service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
-        try:
-            await pool.start()
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service)),
-                                         base_url="http://router") as client:
-                r = await client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7], "max_tokens": 4,
-                                                               "stream": True})
-                assert r.status_code == 200
-                return r.text
-        finally:
-            await pool.stop()
-            await server.stop(None)
+        async with router_over(["truncated"]) as (service, _, _), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=build_app(service)), base_url="http://router") as client:
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                           "stream": True})
+            assert r.status_code == 200
+            return r.text
 
     before = stream_errors()
     body = asyncio.run(run())
@@ -170,20 +172,13 @@ def test_a_stream_that_fails_after_its_200_is_counted_as_a_stream_error() -> Non
 @pytest.mark.parametrize("prompt_param", ["prompt", "messages"])
 def test_a_400_the_worker_decides_names_the_field_as_the_client_sent_it(prompt_param: str) -> None:
     async def run() -> APIError:
-        server, addr = await serve_scripted_worker(ScriptedWorker("invalid"))
-        pool = PeerPool("decode", [addr], poll_interval=60)
-        service = RouterService(parse_policy({}), NoTokenizer(), "m", 64, pool, PeerPool("prefill", None))
-        try:
-            await pool.start()
+        async with router_over(["invalid"]) as (service, _, _):
             params = service.validate([5, 6], {"max_tokens": 2})
             [admitted] = service.admit([[5, 6]], "high")
             with pytest.raises(APIError) as exc:
                 async for _ in service.generate([5, 6], admitted, params, "high", StreamResult(), prompt_param):
                     pass
             return exc.value
-        finally:
-            await pool.stop()
-            await server.stop(None)
 
     error = asyncio.run(run())
     assert (error.status, error.param) == (400, prompt_param)  # chat's prompt is its messages
