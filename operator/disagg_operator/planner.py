@@ -54,6 +54,7 @@ from disagg_operator.kube import ApiError, get_kube
 from disagg_operator.metrics import PodSample, parse_worker_metrics
 from disagg_operator.reconcile import involved_object
 from disagg_operator.spec import ParsedSpec, SpecError, parse_spec
+from disagg_worker.policy import Autoscale
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def _sample_role(
     # pods that may still be chosen for removal: not warm, not already on their way out
     not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
     auto = parsed.policy.autoscale
-    if auto.metrics_source == "prometheus" and auto.prometheus_url:
+    if reads_prometheus(auto):
         state.busy.clear()  # back on scrapes, a counter from before would average over the whole gap
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)
     else:
@@ -357,8 +358,8 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
     state.add(sample)
     stale_after = max(STALE_AFTER_SECONDS, 2.5 * parsed.policy.autoscale.interval_seconds)
     # an outage is pods that did not answer (pods that all answered as draining are no outage)
-    _report_metrics_outage(body, role, state, sample, any(v is None for v in per_pod.values()), now, stale_after, kube,
-                           logger)
+    _report_metrics_outage(body, role, state, sample, any(v is None for v in per_pod.values()), now, stale_after,
+                           metrics_source(parsed.policy.autoscale), kube, logger)
     name = child_name(owner, role)
     with lock:
         deployment = kube.get_deployment(owner.namespace, name)
@@ -401,7 +402,8 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
 
 
 def _report_metrics_outage(body: Any, role: str, state: RoleState, sample: Sample, expected: bool, now: float,
-                           stale_after: float, kube: Any, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+                           stale_after: float, source: str, kube: Any,
+                           logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """A role whose pods answer nothing (a Prometheus URL that is down or wrong, pods that cannot be
     scraped) makes the planner hold: say so once it has lasted ``stale_after``, with a warning and an
     Event, and again when data is back, instead of holding in silence. ``expected``: some warm pod did
@@ -421,19 +423,21 @@ def _report_metrics_outage(body: Any, role: str, state: RoleState, sample: Sampl
     if state.reported_missing or now - since <= stale_after:
         return
     state.reported_missing = True
-    auto = parse_source(body)
-    message = (f"Planner has had no {role} metrics for {now - since:.0f} s from {auto}: holding {role} replicas "
+    message = (f"Planner has had no {role} metrics for {now - since:.0f} s from {source}: holding {role} replicas "
                f"until they are back")
     logger.warning("%s", message)
     with contextlib.suppress(ApiError):
         kube.post_event(involved_object(body), "Warning", "MetricsUnavailable", message)
 
 
-def parse_source(body: Any) -> str:
+def reads_prometheus(auto: Autoscale) -> bool:
+    return auto.metrics_source == "prometheus" and bool(auto.prometheus_url)
+
+
+def metrics_source(auto: Autoscale) -> str:
     """Where the planner reads metrics, for messages: the Prometheus URL or the pods' /metrics."""
-    auto = ((body.get("spec") or {}).get("autoscale") or {})
-    if auto.get("metricsSource") == "prometheus" and auto.get("prometheusUrl"):
-        return f"Prometheus at {auto['prometheusUrl']}"
+    if reads_prometheus(auto):
+        return f"Prometheus at {auto.prometheus_url}"
     return f"the pods' :{WORKER_HTTP_PORT}/metrics"
 
 
