@@ -23,7 +23,9 @@ replica count, a reason and a direction. Rules, in order:
    scale-down stabilisation does): each sample is read as the load it means for the pods serving now
    (its per-pod value x its pods / today's pods). A falling load then steps down every cooldown
    instead of once per window, and a sample taken when more pods shared the load is not mistaken for
-   a lighter one;
+   a lighter one. With ``scaleDownForecastSeconds`` set, a scale-down while the load trends up keeps
+   the pods the trend needs that far ahead (``load_trend``): after a burst on a rising ramp, the pools
+   would otherwise shrink when the burst ends and grow back as the ramp catches up (two reversals);
 6. otherwise hold.
 
 Samples are per-pod averages over the role's ready, warmed-up pods (``Sample``); pods that are not
@@ -35,6 +37,7 @@ Units are the policy's: ``queue_length`` requests per pod, ``gpu_utilization`` a
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -52,6 +55,13 @@ WARMUP_SECONDS = 30.0
 HISTORY_SECONDS = 3600.0
 # Target per-pod load when only a scale-up threshold is set: this fraction of it.
 UP_ONLY_TARGET = 0.8
+# The scale-down forecast's trend: fitted over this much history, to the means of buckets this long
+# (a 5 s busy fraction is noisy), from at least this many buckets.
+TREND_SECONDS = 900.0
+TREND_BUCKET_SECONDS = 30.0
+TREND_MIN_BUCKETS = 4
+# Metrics the forecast extrapolates: those proportional to the load (a queue is not).
+FORECAST_METRICS = ("gpu_utilization", "kv_cache_usage")
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,54 @@ def _sizing_metrics(window: Sequence[Sample], policy: RoleAutoscale, crossed: li
     return [m for m in crossed if not (m == "queue_length" and transient)]
 
 
+@dataclass(frozen=True)
+class Trend:
+    """A straight line through a role's total load (the per-pod value x the pods that shared it)."""
+
+    slope: float  # load units per second
+    level: float  # the line's value now
+
+    def ahead(self, seconds: float) -> float:
+        return self.level + self.slope * seconds
+
+
+def load_trend(history: Sequence[Sample], metric: str, now: float, seconds: float = TREND_SECONDS,
+               bucket: float = TREND_BUCKET_SECONDS) -> Trend | None:
+    """The Theil-Sen line (the median of the slopes between every two points, then the median
+    intercept) through the means of ``bucket``-second buckets of the last ``seconds`` of total load;
+    None with fewer than ``TREND_MIN_BUCKETS`` buckets. Theil-Sen rather than least squares: a burst
+    of up to a quarter of the window barely moves the median slope, while least squares tilts the line
+    towards a burst that just ended and holds its pods for minutes."""
+    buckets: dict[int, list[float]] = {}
+    for s in history:
+        value = s.value(metric)
+        if s.pods > 0 and value is not None and now - seconds - EPSILON <= s.time <= now + EPSILON:
+            buckets.setdefault(int((now - s.time) // bucket), []).append(value * s.sharing)
+    if len(buckets) < TREND_MIN_BUCKETS:
+        return None
+    points = sorted((-age * bucket, sum(values) / len(values)) for age, values in buckets.items())
+    slope = statistics.median((v2 - v1) / (t2 - t1) for i, (t1, v1) in enumerate(points) for t2, v2 in points[i + 1:])
+    return Trend(slope, statistics.median(v - slope * t for t, v in points))
+
+
+def forecast_need(history: Sequence[Sample], policy: RoleAutoscale, now: float) -> tuple[int, str] | None:
+    """The pods a rising load trend needs ``scaleDownForecastSeconds`` ahead, at the metric's target,
+    and that metric; None when the forecast is off, no trend is known, or none is rising."""
+    horizon = policy.scale_down_forecast_seconds
+    if horizon <= 0:
+        return None
+    best: tuple[int, str] | None = None
+    for metric in FORECAST_METRICS:
+        goal = target(policy, metric)
+        trend = load_trend(history, metric, now) if goal is not None else None
+        if goal is None or trend is None or trend.slope <= 0:
+            continue
+        need = math.ceil(trend.ahead(horizon) / max(goal, EPSILON) - EPSILON)
+        if best is None or need > best[0]:
+            best = (need, metric)
+    return best
+
+
 def decide(
     history: Sequence[Sample],
     policy: RoleAutoscale,
@@ -251,4 +309,11 @@ def decide(
     if removable == 0:
         return Decision(current_replicas, "below scaleDown thresholds, but one pod less would overload", "hold")
     reason = ", ".join(f"{_label(m)} below {t:g}" for m, t in downs.items())
-    return Decision(current_replicas - removable, reason, "down")
+    desired = current_replicas - removable
+    need = forecast_need(history, policy, now)
+    if need is not None and need[0] > desired:
+        note = f"{_label(need[1])} trending up: {need[0]} pod(s) needed in {policy.scale_down_forecast_seconds:g}s"
+        if need[0] >= current_replicas:
+            return Decision(current_replicas, f"{reason}, but {note}", "hold")
+        return Decision(need[0], f"{reason}; {note}", "down")
+    return Decision(desired, reason, "down")

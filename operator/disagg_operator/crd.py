@@ -128,6 +128,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("RoleAutoscale", "scaleUpStabilizationSeconds"): "a scale-up signal must last this long",
     ("RoleAutoscale", "scaleDownStabilizationSeconds"): "a scale-down signal must last this long",
     ("RoleAutoscale", "cooldownSeconds"): "no further change for this long after a change",
+    ("RoleAutoscale", "scaleDownForecastSeconds"): "builtin planner: while the load trends up (over the "
+    "last 15 min), a scale-down keeps the pods the trend needs this many seconds ahead; 0 turns it off",
     ("Thresholds", "queueLength"): "waiting requests per pod (disagg_requests_waiting)",
     ("Thresholds", "gpuUtilization"): "percent busy (100 x disagg_utilization_ratio)",
     ("Thresholds", "kvCacheUsage"): "percent of KV blocks in use (100 x disagg_kv_cache_usage_ratio)",

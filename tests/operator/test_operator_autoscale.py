@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg_operator.autoscale import Decision, Sample, decide, target
+from disagg_operator.autoscale import Decision, Sample, decide, forecast_need, load_trend, target
 from disagg_worker.policy import RoleAutoscale, Thresholds
 
 DECODE = RoleAutoscale(min_replicas=2, max_replicas=10, scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
@@ -208,7 +208,9 @@ policies = st.builds(
         scale_down=Thresholds(queue_length=max(0.1, up_q - gap_q), kv_cache_usage=30), max_step=step,
         cooldown_seconds=cool, scale_up_stabilization_seconds=up_stab, scale_down_stabilization_seconds=down_stab),
     st.integers(0, 4), st.integers(0, 8), st.floats(1, 40), st.floats(0.5, 30), st.integers(1, 4),
-    st.sampled_from([0, 30, 60, 120]), st.sampled_from([0, 15, 30, 60]), st.sampled_from([0, 60, 300]))
+    st.sampled_from([0, 30, 60, 120]), st.sampled_from([0, 15, 30, 60]), st.sampled_from([0, 60, 300])).flatmap(
+    lambda policy: st.sampled_from([0, 600]).map(
+        lambda forecast: policy.model_copy(update={"scale_down_forecast_seconds": forecast})))
 samples = st.lists(st.builds(Sample, time=st.floats(0, 1000), pods=st.integers(0, 12),
                              queue_length=st.none() | st.floats(0, 100), kv_cache_usage=st.none() | st.floats(0, 100)),
                    max_size=30).map(lambda xs: sorted(xs, key=lambda s: s.time))
@@ -290,3 +292,77 @@ def test_step_load_converges_and_stays() -> None:
         pool.step(i * 15.0, 10.0)
     assert pool.replicas == DECODE.min_replicas or 10.0 / (pool.replicas - 1) > target(DECODE, "queue_length")
     assert reversals(pool.decisions) == 1
+
+
+# ---- the scale-down forecast ---------------------------------------------------------------
+
+FORECAST = DECODE.model_copy(update={"scale_down_forecast_seconds": 600})
+
+
+def ramp(pods: int, until: float, start: float, per_second: float, span: float = 900.0, every: float = 5.0,
+         burst: tuple[float, float, float] | None = None) -> list[Sample]:
+    """Total KV load ``start + per_second * t`` over the last ``span`` seconds, spread over ``pods``;
+    ``burst``: (from, to, extra total load)."""
+    out = []
+    for i in range(int(span // every) + 1):
+        t = until - span + i * every
+        total = start + per_second * (t - (until - span))
+        if burst is not None and burst[0] <= t < burst[1]:
+            total += burst[2]
+        out.append(Sample(t, pods, queue_length=0.5, kv_cache_usage=total / pods))
+    return out
+
+
+def test_load_trend_is_the_line_through_the_total_load() -> None:
+    trend = load_trend(ramp(4, NOW, start=40.0, per_second=0.1), "kv_cache_usage", NOW)
+    assert trend is not None
+    assert trend.slope == pytest.approx(0.1, rel=1e-6)
+    assert trend.ahead(0) == pytest.approx(40.0 + 0.1 * 900 - 0.1 * 2.5 * 0, abs=2.0)  # bucket means lag a little
+    falling = load_trend(ramp(4, NOW, start=200.0, per_second=-0.1), "kv_cache_usage", NOW)
+    assert falling is not None and falling.slope < 0
+
+
+def test_load_trend_needs_a_few_buckets_of_history() -> None:
+    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=60.0), "kv_cache_usage", NOW) is None
+    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=120.0), "kv_cache_usage", NOW) is not None
+    assert load_trend(steady(4, NOW, queue_length=1.0), "kv_cache_usage", NOW) is None  # metric not measured
+
+
+def test_a_burst_that_just_ended_does_not_tilt_the_trend() -> None:
+    """Least squares would read a burst at the end of the window as a steep rise (and hold its pods);
+    the median slope stays with the ramp."""
+    history = ramp(4, NOW, start=100.0, per_second=-0.05, burst=(NOW - 200, NOW - 60, 150.0))
+    trend = load_trend(history, "kv_cache_usage", NOW)
+    assert trend is not None and trend.slope < 0
+
+
+def test_a_rising_trend_keeps_what_it_needs_ahead_and_nothing_more() -> None:
+    # a burst on a rising ramp just ended: 8 pods at 8.75% KV each (70 in all), rising 0.05/s.
+    # Every sample of the window is calm, so without a forecast the pool shrinks by the step.
+    history = ramp(8, NOW, start=25.0, per_second=0.05)
+    assert decide(history, DECODE, 8, 0, NOW, None) == Decision(6, "queueLength below 4, kvCacheUsage below 30",
+                                                                "down")
+    # in 600 s the trend reaches 70 + 30 = 100: two pods at the 52.5% target
+    need = forecast_need(history, FORECAST, NOW)
+    assert need is not None and need[0] == math.ceil((25.0 + 0.05 * 1500) / 52.5)
+    faster = ramp(8, NOW, start=25.0, per_second=0.5)  # 475 now, 775 in 600 s: 15 pods
+    d = decide(faster, FORECAST.model_copy(update={"max_replicas": 20}), 8, 0, NOW, None)
+    assert d.direction != "down"
+
+
+def test_a_rising_trend_limits_a_scale_down_to_its_need() -> None:
+    # 6 pods at 20% KV (120 in all): 3 pods would do now (40% each), but the load rises 0.1/s, to
+    # 180 in 600 s, which needs 4 pods at the 52.5% target
+    history = ramp(6, NOW, start=30.0, per_second=0.1)
+    plain = decide(history, DECODE.model_copy(update={"max_step": 4}), 6, 0, NOW, None)
+    assert plain.desired == 3
+    d = decide(history, FORECAST.model_copy(update={"max_step": 4}), 6, 0, NOW, None)
+    assert (d.desired, d.direction) == (4, "down")
+    assert "trending up" in d.reason
+
+
+def test_a_falling_or_flat_trend_changes_no_scale_down() -> None:
+    for per_second in (-0.05, 0.0):
+        history = ramp(8, NOW, start=60.0, per_second=per_second)
+        assert decide(history, FORECAST, 8, 0, NOW, None) == decide(history, DECODE, 8, 0, NOW, None)
+

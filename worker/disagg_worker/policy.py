@@ -116,6 +116,8 @@ class RoleAutoscale(_Model):
     scale_down_stabilization_seconds: float = Field(300, ge=0, le=3600)
     cooldown_seconds: float = Field(60, ge=0, le=3600)
     max_step: int = Field(2, ge=1, description="most replicas added or removed by one decision")
+    # 0: off. Otherwise a scale-down keeps the pods the rising load trend needs this far ahead
+    scale_down_forecast_seconds: float = Field(0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _check(self) -> RoleAutoscale:
