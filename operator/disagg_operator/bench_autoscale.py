@@ -484,19 +484,22 @@ def default_config(
     bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
     workload = Workload(duration, peak, 0.08 * peak, bursts)
 
-    def role(up: Thresholds, down: Thresholds, hi: int, down_window: float) -> RoleAutoscale:
+    def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
-        # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default), a
-        # 5 s sampling interval, and a slow, sustained scale-down (which is what prevents flapping).
+        # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default) and a
+        # 5 s sampling interval. Scale-down waits for a sustained 2 minutes and, while the load trends
+        # up, keeps what the trend needs 10 minutes ahead: that, not a long window, is what keeps a
+        # pool from shrinking after a burst on the morning ramp and growing back minutes later.
         return RoleAutoscale(
             min_replicas=1,
             max_replicas=hi,
             scale_up=up,
             scale_down=down,
             scale_up_stabilization_seconds=0,
-            scale_down_stabilization_seconds=down_window,
+            scale_down_stabilization_seconds=120,
             cooldown_seconds=30,
             max_step=4,
+            scale_down_forecast_seconds=600,
         )
 
     return BenchConfig(
@@ -504,16 +507,12 @@ def default_config(
         # Utilisation targets (between the thresholds) of about half: the headroom that absorbs a burst
         # of a third of the peak rate for the half-minute a new pod needs. The queue thresholds sit
         # above the per-pod noise of a Poisson queue at that utilisation (below them, every scale-down
-        # waited for a sample with nobody queued anywhere). Decode's scale-down window is the longer:
-        # its KV usage moves with requests that live for seconds, and near the peak a shorter window
-        # flapped between two pod counts.
+        # waited for a sample with nobody queued anywhere).
         prefill=role(
-            Thresholds(queue_length=0.8, gpu_utilization=62), Thresholds(queue_length=0.3, gpu_utilization=40), max_p,
-            135,
+            Thresholds(queue_length=0.8, gpu_utilization=62), Thresholds(queue_length=0.3, gpu_utilization=40), max_p
         ),
         decode=role(
-            Thresholds(queue_length=0.2, kv_cache_usage=55), Thresholds(queue_length=0.05, kv_cache_usage=40), max_d,
-            240,
+            Thresholds(queue_length=0.2, kv_cache_usage=55), Thresholds(queue_length=0.05, kv_cache_usage=40), max_d
         ),
         interval=5.0,
         startup=startup,
