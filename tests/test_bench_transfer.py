@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+import pytest
 
 from disagg_worker.bench.transfer_bench import main, repeats_for
 
@@ -22,6 +25,12 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
         m: 2 * (repeats_for(1, 1) if m in more else 1) for m in methods}
     assert repeats_for(1, 1) == 8 and repeats_for(16, 3) == 12 and repeats_for(64, 3) == repeats_for(512, 3) == 3
     assert methods["raw TCP"]["vs_raw_tcp"] == 1.0
+    # the transport is compared with the raw transfer next to it, pair by pair
+    transport, raw = methods["disagg tcp transport (verified)"], methods["raw TCP"]
+    pairs = [rw / tx for rw, tx in zip(raw["seconds"], transport["seconds"], strict=True)]
+    assert transport["paired_ratios"] == pytest.approx(pairs)
+    assert transport["vs_raw_tcp"] == pytest.approx(statistics.median(pairs))
+    assert transport["vs_raw_tcp_of_medians"] == pytest.approx(transport["gb_per_s"] / raw["gb_per_s"])
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
 
 

@@ -3,7 +3,9 @@
 For each cache size, three ways to move the same bytes between two processes on this machine:
 - memcpy: a copy between two preallocated tensors in one process (the ceiling);
 - raw TCP: ``sendall`` from one process, ``recv_into`` a preallocated buffer in the other (the
-  transport's floor cost);
+  transport's floor cost), each transfer paired with a tcp transport transfer of the same size
+  between the same two processes right before or after it; the transport's "x raw TCP" is the median
+  of the pairs' ratios, so the host's speed, which drifts by 2x within minutes here, cancels out;
 - disagg "tcp" transport: the production raw-socket data plane (``KvSenderConnection`` sends frames
   straight from a KV pool's blocks into a ``KvReceiver`` that receives them straight into the
   destination pool's blocks and verifies checksums and coverage);
@@ -22,6 +24,7 @@ import multiprocessing as mp
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,45 +69,6 @@ def bench_memcpy(mib: int, repeats: int) -> list[float]:
         dst[0].copy_(src[0])
         dst[1].copy_(src[1])
         times.append(time.perf_counter() - t0)
-    return times
-
-
-# ---- raw TCP ---------------------------------------------------------------------------------
-def _tcp_sender(port: int, nbytes: int, repeats: int) -> None:
-    # real bytes in real pages: a fresh zero bytearray maps every page to the kernel's one zero page,
-    # which the socket copy then reads from L1, flattering the baseline
-    buf = bytearray(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes())
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        for _ in range(repeats + 1):  # the first one warms up (untimed), as the tcp transport's does
-            s.recv(1)  # receiver is ready
-            s.sendall(buf)
-
-
-def bench_tcp(mib: int, repeats: int) -> list[float]:
-    nbytes = 2 * blocks_for_mib(mib) * LAYOUT.bytes_per_block // 2  # K and V together
-    ctx = mp.get_context("spawn")
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proc = ctx.Process(target=_tcp_sender, args=(server.getsockname()[1], nbytes, repeats))
-        proc.start()
-        conn, _ = server.accept()
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        times = []
-        with conn:
-            # a warm connection: the first transfer grows TCP's window and faults in the buffer's pages
-            for i in range(repeats + 1):
-                t0 = time.perf_counter()
-                conn.sendall(b"g")
-                got = 0
-                while got < nbytes:
-                    # MSG_WAITALL, as the tcp transport receives: one wake-up per buffer, not per segment
-                    r = conn.recv_into(view[got:], nbytes - got, socket.MSG_WAITALL)
-                    if r == 0:
-                        raise ConnectionError("sender closed early")
-                    got += r
-                if i:
-                    times.append(time.perf_counter() - t0)
-        proc.join(10)
     return times
 
 
@@ -201,53 +165,106 @@ def export_into(k_pool: torch.Tensor, v_pool: torch.Tensor, spec: Any, staging: 
     return k, v
 
 
-def _tcp_kv_sender(endpoint: str, tokens: list[str], num_blocks: int, chunk_bytes: int) -> None:
+# ---- raw TCP and the tcp transport, paired --------------------------------------------------
+RAW, TRANSPORT = b"r", b"t"  # the receiving side's go byte: which of the two to send next
+
+
+def _paired_sender(port: int, endpoint: str, tokens: list[str], num_blocks: int, chunk_bytes: int) -> None:
+    """One process sends both ways, each on its go byte: raw TCP (``sendall`` of one buffer of the KV's
+    size) and the tcp transport (as the prefill worker does on a CPU pool: straight from the pool's
+    blocks, checksummed). Same process, same moment: a pair sees the same machine."""
     from disagg_worker.transfer.chunks import plan_chunks
     from disagg_worker.transfer.tcp import KvConnectionPool
 
     kv = kv_pool(num_blocks, True)
     blocks = list(range(num_blocks))
     specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, LAYOUT.bytes_per_block // LAYOUT.num_layers, chunk_bytes)
+    # real bytes in real pages: a fresh zero bytearray maps every page to the kernel's one zero page,
+    # which the socket copy then reads from L1, flattering the baseline
+    raw = bytearray(torch.randint(0, 256, (num_blocks * LAYOUT.bytes_per_block,), dtype=torch.uint8).numpy().tobytes())
     connections = KvConnectionPool()
-    for token in tokens:  # as the prefill worker does on a CPU pool: straight from the pool's blocks
-        conn = connections.acquire(endpoint, 60)
-        conn.send_all(token, specs, lambda spec, slot: kv.block_views(
-            blocks[spec.first_block:spec.first_block + spec.num_blocks],
-            range(spec.layer_start, spec.layer_start + spec.num_layers)))
-        connections.release(conn)
+    pending = iter(tokens)
+    with socket.create_connection(("127.0.0.1", port)) as control:
+        control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while (go := control.recv(1)) in (RAW, TRANSPORT):
+            if go == RAW:
+                control.sendall(raw)
+                continue
+            conn = connections.acquire(endpoint, 60)
+            conn.send_all(next(pending), specs, lambda spec, slot: kv.block_views(
+                blocks[spec.first_block:spec.first_block + spec.num_blocks],
+                range(spec.layer_start, spec.layer_start + spec.num_layers)))
+            connections.release(conn)
     connections.close()
 
 
-def bench_tcp_transport(mib: int, repeats: int, chunk_bytes: int) -> list[float]:
+def bench_tcp_paired(mib: int, repeats: int, chunk_bytes: int) -> tuple[list[float], list[float]]:
+    """``repeats`` timed pairs of transfers of the same KV size: raw TCP (into a preallocated buffer,
+    ``recv_into`` with ``MSG_WAITALL`` as the transport receives) and the tcp transport (into the
+    destination pool's reserved blocks, checksums and coverage verified, as the decode worker does),
+    back to back between the same two processes, alternating which goes first. Each is timed from its
+    go byte to its last byte (raw) or to the receiver's verdict (transport). One untimed pair first
+    grows TCP's windows and faults in the buffers."""
     from disagg_worker.transfer.grpc_stream import Coverage
     from disagg_worker.transfer.sinks import PoolSink
     from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
     n = blocks_for_mib(mib)
-    sink = PoolSink(kv_pool(n, False), list(range(n)))  # as the decode worker does: into the reserved blocks
+    nbytes = n * LAYOUT.bytes_per_block
+    sink = PoolSink(kv_pool(n, False), list(range(n)))
+    buf = bytearray(nbytes)
 
-    async def run() -> list[float]:
-        receiver = KvReceiver("127.0.0.1")
+    async def run() -> tuple[list[float], list[float]]:
         loop = asyncio.get_running_loop()
+        receiver = KvReceiver("127.0.0.1")
         transfers = [PendingTransfer(f"t{i}", LAYOUT, Coverage(0, n, LAYOUT.num_layers), sink, True, loop)
-                     for i in range(repeats)]
+                     for i in range(repeats + 1)]
         tokens = [receiver.register(t) for t in transfers]
-        proc = mp.get_context("spawn").Process(target=_tcp_kv_sender, args=(receiver.endpoint, tokens, n, chunk_bytes))
-        proc.start()
-        times = []
-        try:
-            # the sender sends the transfers back to back: time each from the previous one's end
-            await asyncio.wait_for(transfers[0].finished, 300)  # a dead sender fails the run, never hangs it
-            last = time.perf_counter()
-            for t in transfers[1:]:
-                await asyncio.wait_for(t.finished, 300)
-                now = time.perf_counter()
-                times.append(now - last)
-                last = now
-        finally:
-            proc.join(30)
-            receiver.close()
-        return times
+        raw_times: list[float] = []
+        tx_times: list[float] = []
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.settimeout(120)
+            proc = mp.get_context("spawn").Process(
+                target=_paired_sender, args=(server.getsockname()[1], receiver.endpoint, tokens, n, chunk_bytes))
+            proc.start()
+            try:
+                control, _ = server.accept()
+                control.settimeout(300)  # a dead sender fails the run, never hangs it
+                # a go byte right after another (two transport transfers in a row) would otherwise wait
+                # for the delayed ack of the first: 40 ms, 8x a 16 MiB transfer
+                control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with control:
+                    def raw_once() -> float:
+                        t0 = time.perf_counter()
+                        control.sendall(RAW)
+                        view, got = memoryview(buf), 0
+                        while got < nbytes:
+                            r = control.recv_into(view[got:], nbytes - got, socket.MSG_WAITALL)
+                            if r == 0:
+                                raise ConnectionError("the sender closed early")
+                            got += r
+                        return time.perf_counter() - t0
+
+                    async def transport_once(i: int) -> float:
+                        t0 = time.perf_counter()
+                        control.sendall(TRANSPORT)
+                        await asyncio.wait_for(transfers[i].finished, 300)
+                        return time.perf_counter() - t0
+
+                    for i in range(repeats + 1):
+                        if i % 2:
+                            tx, rw = await transport_once(i), raw_once()
+                        else:
+                            rw, tx = raw_once(), await transport_once(i)
+                        if i:
+                            raw_times.append(rw)
+                            tx_times.append(tx)
+            finally:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+                receiver.close()
+        return raw_times, tx_times
 
     return asyncio.run(run())
 
@@ -280,6 +297,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+RAW_TCP = "raw TCP"
+TCP_TRANSPORT = "disagg tcp transport (verified)"
+GRPC_VERIFIED = "disagg gRPC (checksums verified)"
+GRPC_UNVERIFIED = "disagg gRPC (no verification)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__)
     ap.add_argument("--sizes", default="16,64,256,512", help="KV cache sizes in MiB")
@@ -294,34 +317,48 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     console = Console()
-    methods = [("memcpy", lambda s: bench_memcpy(s, repeats_for(s, args.repeats))),
-               ("raw TCP", lambda s: bench_tcp(s, repeats_for(s, args.repeats))),
-               ("disagg tcp transport (verified)",
-                lambda s: bench_tcp_transport(s, repeats_for(s, args.repeats) + 1, args.chunk_bytes))]
+    def paired(size: int) -> dict[str, list[float]]:
+        raw, transport = bench_tcp_paired(size, repeats_for(size, args.repeats), args.chunk_bytes)
+        return {RAW_TCP: raw, TCP_TRANSPORT: transport}
+
+    methods: list[tuple[tuple[str, ...], Callable[[int], dict[str, list[float]]]]] = [
+        (("memcpy",), lambda s: {"memcpy": bench_memcpy(s, repeats_for(s, args.repeats))}),
+        ((RAW_TCP, TCP_TRANSPORT), paired)]
     if not args.no_grpc:
         methods += [
-            ("disagg gRPC (checksums verified)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, True)),
-            ("disagg gRPC (no verification)", lambda s: bench_grpc(s, args.repeats, args.chunk_bytes, False))]
-    samples: dict[tuple[str, int], list[float]] = {(name, size): [] for size in sizes for name, _ in methods}
+            ((GRPC_VERIFIED,), lambda s: {GRPC_VERIFIED: bench_grpc(s, args.repeats, args.chunk_bytes, True)}),
+            ((GRPC_UNVERIFIED,), lambda s: {GRPC_UNVERIFIED: bench_grpc(s, args.repeats, args.chunk_bytes, False)})]
+    samples: dict[tuple[str, int], list[float]] = {
+        (name, size): [] for size in sizes for names, _ in methods for name in names}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("transfers", total=args.rounds * len(sizes) * len(methods))
         for rnd in range(args.rounds):
             for size in sizes:
-                for name, fn in methods:
-                    progress.update(task, description=f"round {rnd + 1}: {name}, {size} MiB")
-                    samples[name, size] += fn(size)
+                for names, fn in methods:
+                    progress.update(task, description=f"round {rnd + 1}: {' and '.join(names)}, {size} MiB")
+                    for name, times in fn(size).items():
+                        samples[name, size] += times
                     progress.advance(task)
     results: list[dict[str, Any]] = []
     for (name, size), times in samples.items():
-        nbytes = 2 * blocks_for_mib(size) * LAYOUT.bytes_per_block // 2
+        nbytes = blocks_for_mib(size) * LAYOUT.bytes_per_block
         med = statistics.median(times)
         results.append({"method": name, "size_mib": size, "bytes": nbytes, "seconds": times,
                         "median_seconds": med, "gb_per_s": nbytes / med / 1e9})
-    raw = {r["size_mib"]: r["gb_per_s"] for r in results if r["method"] == "raw TCP"}
+    raw = {r["size_mib"]: r for r in results if r["method"] == RAW_TCP}
     for r in results:
-        r["vs_raw_tcp"] = r["gb_per_s"] / raw[r["size_mib"]]
+        base = raw[r["size_mib"]]
+        r["vs_raw_tcp"] = r["gb_per_s"] / base["gb_per_s"]
+        if r["method"] == TCP_TRANSPORT:
+            # each transfer against the raw one next to it (same moment, same machine): the ratio
+            # reported, as this host's speed drifts by 2x within minutes
+            pairs = [rw / tx for rw, tx in zip(base["seconds"], r["seconds"], strict=True)]
+            r["vs_raw_tcp_of_medians"] = r["vs_raw_tcp"]
+            r["paired_ratios"] = pairs
+            r["vs_raw_tcp"] = statistics.median(pairs)
     print_table(f"KV transfer, 127.0.0.1, chunks of {args.chunk_bytes >> 20} MiB "
-                f"(median of {args.rounds} rounds x {args.repeats}+ transfers, more under 64 MiB)",
+                f"(median of {args.rounds} rounds x {args.repeats}+ transfers, more under 64 MiB; the tcp "
+                f"transport's x raw TCP: the median ratio of back-to-back pairs)",
                 ["method", "size MiB", "GB/s", "x raw TCP"],
                 [[r["method"], r["size_mib"], r["gb_per_s"], r["vs_raw_tcp"]] for r in results], console)
     out = Path(args.out)
