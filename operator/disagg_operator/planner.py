@@ -27,6 +27,7 @@ import http.client
 import json
 import logging
 import math
+import re
 import threading
 import time
 import urllib.parse
@@ -396,7 +397,7 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
             except ApiError as exc:
                 logger.warning("Scaled %s, but could not write %s: %s", role, what, exc)
         metrics.SCALE_DECISIONS.labels(
-            owner.namespace, owner.name, role, decision.direction, decision.reason.split(",")[0][:60]
+            owner.namespace, owner.name, role, decision.direction, re.split("[,;]", decision.reason)[0][:60]
         ).inc()
     return decision
 

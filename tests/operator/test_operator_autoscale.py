@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg_operator.autoscale import Decision, Sample, decide, forecast_need, load_trend, target
-from disagg_worker.policy import RoleAutoscale, Thresholds
+from disagg_worker.policy import Autoscale, RoleAutoscale, Thresholds
 
 DECODE = RoleAutoscale(min_replicas=2, max_replicas=10, scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
                        scale_down=Thresholds(queue_length=4, kv_cache_usage=30), scale_up_stabilization_seconds=30,
@@ -317,15 +317,21 @@ def test_load_trend_is_the_line_through_the_total_load() -> None:
     trend = load_trend(ramp(4, NOW, start=40.0, per_second=0.1), "kv_cache_usage", NOW)
     assert trend is not None
     assert trend.slope == pytest.approx(0.1, rel=1e-6)
-    assert trend.ahead(0) == pytest.approx(40.0 + 0.1 * 900 - 0.1 * 2.5 * 0, abs=2.0)  # bucket means lag a little
+    assert trend.ahead(0) == pytest.approx(40.0 + 0.1 * 900, rel=1e-6)  # buckets sit at their samples' mean time
+    assert trend.span == pytest.approx(882.5)  # the oldest bucket (ages 870-895 s; -900 s is out) at its mean
     falling = load_trend(ramp(4, NOW, start=200.0, per_second=-0.1), "kv_cache_usage", NOW)
     assert falling is not None and falling.slope < 0
 
 
-def test_load_trend_needs_a_few_buckets_of_history() -> None:
-    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=60.0), "kv_cache_usage", NOW) is None
-    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=120.0), "kv_cache_usage", NOW) is not None
+def test_load_trend_needs_five_minutes_of_history_and_skips_what_it_cannot_use() -> None:
+    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=240.0), "kv_cache_usage", NOW) is None
+    assert load_trend(ramp(4, NOW, start=40.0, per_second=0.1, span=300.0), "kv_cache_usage", NOW) is not None
     assert load_trend(steady(4, NOW, queue_length=1.0), "kv_cache_usage", NOW) is None  # metric not measured
+    history = ramp(4, NOW, start=40.0, per_second=0.1)
+    noisy = [*history[:50], Sample(history[50].time, 0), Sample(history[51].time, 2, kv_cache_usage=math.inf),
+             Sample(history[52].time, 2, kv_cache_usage=None), *history[53:], Sample(NOW + 30, 4, kv_cache_usage=1e6)]
+    trend = load_trend(noisy, "kv_cache_usage", NOW)
+    assert trend is not None and trend.slope == pytest.approx(0.1, rel=1e-6)
 
 
 def test_a_burst_that_just_ended_does_not_tilt_the_trend() -> None:
@@ -345,9 +351,22 @@ def test_a_rising_trend_keeps_what_it_needs_ahead_and_nothing_more() -> None:
     # in 600 s the trend reaches 70 + 30 = 100: two pods at the 52.5% target
     need = forecast_need(history, FORECAST, NOW)
     assert need is not None and need[0] == math.ceil((25.0 + 0.05 * 1500) / 52.5)
-    faster = ramp(8, NOW, start=25.0, per_second=0.5)  # 475 now, 775 in 600 s: 15 pods
-    d = decide(faster, FORECAST.model_copy(update={"max_replicas": 20}), 8, 0, NOW, None)
-    assert d.direction != "down"
+
+
+def test_a_steep_rise_holds_the_pods_it_will_need() -> None:
+    # 8 pods at 29% KV (232 in all), rising 0.5/s over the last 400 s: 6 would do now, but in 400 s
+    # (the horizon, capped at the history the line was fitted to) the load needs 9
+    history = ramp(8, NOW, start=32.0, per_second=0.5, span=400.0)
+    assert decide(history, DECODE, 8, 0, NOW, None).desired == 6
+    d = decide(history, FORECAST, 8, 0, NOW, None)
+    assert (d.desired, d.direction) == (8, "hold")
+    assert "but kvCacheUsage trending up: 9 pod(s) needed" in d.reason
+
+
+def test_the_forecast_never_reaches_further_ahead_than_its_history() -> None:
+    history = ramp(8, NOW, start=32.0, per_second=0.5, span=400.0)
+    longer = FORECAST.model_copy(update={"scale_down_forecast_seconds": 3600})
+    assert forecast_need(history, longer, NOW) == forecast_need(history, FORECAST, NOW)
 
 
 def test_a_rising_trend_limits_a_scale_down_to_its_need() -> None:
@@ -366,3 +385,10 @@ def test_a_falling_or_flat_trend_changes_no_scale_down() -> None:
         history = ramp(8, NOW, start=60.0, per_second=per_second)
         assert decide(history, FORECAST, 8, 0, NOW, None) == decide(history, DECODE, 8, 0, NOW, None)
 
+
+
+def test_the_forecast_needs_a_sampling_interval_that_gives_it_a_trend() -> None:
+    with pytest.raises(ValueError, match=r"decode\.scaleDownForecastSeconds needs intervalSeconds of at most 60"):
+        Autoscale.model_validate({"intervalSeconds": 120, "decode": {"scaleDownForecastSeconds": 600}})
+    assert Autoscale.model_validate({"intervalSeconds": 120}).decode.scale_down_forecast_seconds == 0
+    assert Autoscale.model_validate({"intervalSeconds": 60, "prefill": {"scaleDownForecastSeconds": 600}})

@@ -142,6 +142,11 @@ ROLE_DEFAULTS = {
 }
 
 
+# The scale-down forecast fits a trend to 30-s means over 15 minutes and needs 10 of them: sampled
+# less often than this, it would never have enough
+FORECAST_MAX_INTERVAL = 60.0
+
+
 class Autoscale(_Model):
     mode: Literal["builtin", "hpa", "keda", "off"] = "builtin"
     interval_seconds: float = Field(15, ge=1, le=600)
@@ -175,6 +180,11 @@ class Autoscale(_Model):
     def _check(self) -> Autoscale:
         if self.metrics_source == "prometheus" and not self.prometheus_url:
             raise ValueError("metricsSource prometheus needs prometheusUrl")
+        for role in ("prefill", "decode"):
+            if getattr(self, role).scale_down_forecast_seconds > 0 and self.interval_seconds > FORECAST_MAX_INTERVAL:
+                raise ValueError(f"{role}.scaleDownForecastSeconds needs intervalSeconds of at most "
+                                 f"{FORECAST_MAX_INTERVAL:g} (its trend is fitted to 30-s means of the last 15 "
+                                 f"minutes), not {self.interval_seconds:g}")
         return self
 
 
