@@ -334,9 +334,9 @@ def plan_once(
     """One planning round for both worker roles; returns the decisions (changed or not).
 
     Each role is planned on its own: an API error for one (a scale write an admission policy refuses,
-    say) is logged and leaves the other's decision to be made. After a scale, the status, the Event
-    and the counter are best effort: the replicas already changed, and failing one of them must not
-    lose the others."""
+    say), or any other failure of its round, is logged and leaves the other's decision to be made.
+    After a scale, the status, the Event and the counter are best effort: the replicas already
+    changed, and failing one of them must not lose the others."""
     owner = Owner.from_body(body)
     decisions: dict[str, Decision] = {}
     for role in ROLES:
@@ -345,6 +345,9 @@ def plan_once(
                                   scrape=scrape, logger=logger)
         except ApiError as exc:
             logger.warning("Planner could not read or scale %s: %s", role, exc)
+            continue
+        except Exception:  # a bug in one role's round must not stop the other's planning too
+            logger.exception("Planner round for %s failed", role)
             continue
         if decision is not None:
             decisions[role] = decision

@@ -360,6 +360,17 @@ def test_a_role_whose_scale_is_refused_does_not_starve_the_other() -> None:
     assert cluster.replicas == {"prefill": 1, "decode": 2}
 
 
+def test_a_role_whose_round_fails_unexpectedly_does_not_starve_the_other() -> None:
+    def scrape(ip: str, role: str) -> PodSample | None:
+        if role == "prefill":
+            raise RuntimeError("a bug in prefill's round")
+        return PodSample(queue_length=20, gpu_utilization=50, kv_cache_usage=95)
+
+    cluster = FakeCluster({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]}, {"prefill": 1, "decode": 1})
+    decisions = run_round(cluster, scrape)
+    assert "prefill" not in decisions and decisions["decode"].direction == "up"
+
+
 def test_after_a_scale_a_failed_status_write_still_leaves_the_event() -> None:
     from disagg_operator.kube import ApiError
 
