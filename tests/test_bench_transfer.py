@@ -31,6 +31,10 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
     assert transport["paired_ratios"] == pytest.approx(pairs)
     assert transport["vs_raw_tcp"] == pytest.approx(statistics.median(pairs))
     assert transport["vs_raw_tcp_of_medians"] == pytest.approx(transport["gb_per_s"] / raw["gb_per_s"])
+    # which went first alternates within a run and between runs, so neither order dominates
+    first = transport["pair_transport_first"]
+    assert len(first) == len(pairs) and first.count(True) == first.count(False)
+    assert result["timed_per_round"] == {"1": repeats_for(1, 1)}
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import multiprocessing as mp
 import socket
 import statistics
+import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,13 +201,26 @@ def _paired_sender(port: int, endpoint: str, tokens: list[str], num_blocks: int,
     connections.close()
 
 
-def bench_tcp_paired(mib: int, repeats: int, chunk_bytes: int) -> tuple[list[float], list[float]]:
+@dataclass
+class PairedRun:
+    """Timed pairs of one ``bench_tcp_paired`` call: seconds per transfer, and which went first."""
+
+    raw: list[float] = field(default_factory=list)
+    transport: list[float] = field(default_factory=list)
+    transport_first: list[bool] = field(default_factory=list)
+
+
+SENDER_DEADLINE_SECONDS = 300.0  # a live sender that sends nothing for this long fails the run
+
+
+def bench_tcp_paired(mib: int, repeats: int, chunk_bytes: int, transport_first: bool = False) -> PairedRun:
     """``repeats`` timed pairs of transfers of the same KV size: raw TCP (into a preallocated buffer,
-    ``recv_into`` with ``MSG_WAITALL`` as the transport receives) and the tcp transport (into the
-    destination pool's reserved blocks, checksums and coverage verified, as the decode worker does),
-    back to back between the same two processes, alternating which goes first. Each is timed from its
-    go byte to its last byte (raw) or to the receiver's verdict (transport). One untimed pair first
-    grows TCP's windows and faults in the buffers."""
+    ``recv_into`` with ``MSG_WAITALL`` on a blocking socket, as the transport receives) and the tcp
+    transport (into the destination pool's reserved blocks, checksums and coverage verified, as the
+    decode worker does), back to back between the same two processes, alternating which goes first
+    (the first timed pair: ``transport_first``). Each is timed from its go byte to its last byte (raw)
+    or to the receiver's verdict (transport). One untimed pair first grows TCP's windows and faults in
+    the buffers. A sender that dies fails the run at once."""
     from disagg_worker.transfer.grpc_stream import Coverage
     from disagg_worker.transfer.sinks import PoolSink
     from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
@@ -214,24 +230,41 @@ def bench_tcp_paired(mib: int, repeats: int, chunk_bytes: int) -> tuple[list[flo
     sink = PoolSink(kv_pool(n, False), list(range(n)))
     buf = bytearray(nbytes)
 
-    async def run() -> tuple[list[float], list[float]]:
+    async def run() -> PairedRun:
         loop = asyncio.get_running_loop()
         receiver = KvReceiver("127.0.0.1")
         transfers = [PendingTransfer(f"t{i}", LAYOUT, Coverage(0, n, LAYOUT.num_layers), sink, True, loop)
                      for i in range(repeats + 1)]
         tokens = [receiver.register(t) for t in transfers]
-        raw_times: list[float] = []
-        tx_times: list[float] = []
+        result = PairedRun()
         with socket.create_server(("127.0.0.1", 0)) as server:
-            server.settimeout(120)
             proc = mp.get_context("spawn").Process(
                 target=_paired_sender, args=(server.getsockname()[1], receiver.endpoint, tokens, n, chunk_bytes))
             proc.start()
+
+            def check_sender() -> None:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the sender process exited ({proc.exitcode})")
+
             try:
-                control, _ = server.accept()
-                control.settimeout(300)  # a dead sender fails the run, never hangs it
+                server.settimeout(0.5)
+                started = time.monotonic()
+                while True:
+                    try:
+                        control, _ = server.accept()
+                        break
+                    except TimeoutError:
+                        check_sender()
+                        if time.monotonic() - started > SENDER_DEADLINE_SECONDS:
+                            raise
+                # blocking, as the transport's receiver is: on a socket with a Python timeout,
+                # MSG_WAITALL returns every segment (~100 calls per 16 MiB instead of one); the
+                # kernel's receive timeout still fails a sender that stops sending
+                control.settimeout(None)
+                control.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                   struct.pack("ll", int(SENDER_DEADLINE_SECONDS), 0))
                 # a go byte right after another (two transport transfers in a row) would otherwise wait
-                # for the delayed ack of the first: 40 ms, 8x a 16 MiB transfer
+                # for the delayed ack of the first
                 control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with control:
                     def raw_once() -> float:
@@ -248,23 +281,34 @@ def bench_tcp_paired(mib: int, repeats: int, chunk_bytes: int) -> tuple[list[flo
                     async def transport_once(i: int) -> float:
                         t0 = time.perf_counter()
                         control.sendall(TRANSPORT)
-                        await asyncio.wait_for(transfers[i].finished, 300)
-                        return time.perf_counter() - t0
+                        finished = transfers[i].finished
+                        while not finished.done():  # a sender that died never resolves it
+                            await asyncio.wait({finished}, timeout=0.5)
+                            if not finished.done():
+                                check_sender()
+                                if time.perf_counter() - t0 > SENDER_DEADLINE_SECONDS:
+                                    raise TimeoutError("the transport transfer did not finish")
+                        elapsed = time.perf_counter() - t0
+                        finished.result()  # a failed transfer fails the run
+                        return elapsed
 
                     for i in range(repeats + 1):
-                        if i % 2:
+                        first = transport_first == (i % 2 == 1)  # the warm-up (i = 0) goes the other way
+                        if first:
                             tx, rw = await transport_once(i), raw_once()
                         else:
                             rw, tx = raw_once(), await transport_once(i)
                         if i:
-                            raw_times.append(rw)
-                            tx_times.append(tx)
+                            result.raw.append(rw)
+                            result.transport.append(tx)
+                            result.transport_first.append(first)
             finally:
                 proc.join(30)
                 if proc.is_alive():
                     proc.kill()
+                    proc.join(5)
                 receiver.close()
-        return raw_times, tx_times
+        return result
 
     return asyncio.run(run())
 
@@ -317,9 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     console = Console()
+    calls = itertools.count()
+    order: dict[int, list[bool]] = {}  # per size: whether each pair sent the transport first
+
     def paired(size: int) -> dict[str, list[float]]:
-        raw, transport = bench_tcp_paired(size, repeats_for(size, args.repeats), args.chunk_bytes)
-        return {RAW_TCP: raw, TCP_TRANSPORT: transport}
+        # each call starts the other way round from the last, so odd pair counts even out over rounds
+        run = bench_tcp_paired(size, repeats_for(size, args.repeats), args.chunk_bytes, next(calls) % 2 == 1)
+        order.setdefault(size, []).extend(run.transport_first)
+        return {RAW_TCP: run.raw, TCP_TRANSPORT: run.transport}
 
     methods: list[tuple[tuple[str, ...], Callable[[int], dict[str, list[float]]]]] = [
         (("memcpy",), lambda s: {"memcpy": bench_memcpy(s, repeats_for(s, args.repeats))}),
@@ -355,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = [rw / tx for rw, tx in zip(base["seconds"], r["seconds"], strict=True)]
             r["vs_raw_tcp_of_medians"] = r["vs_raw_tcp"]
             r["paired_ratios"] = pairs
+            r["pair_transport_first"] = order[r["size_mib"]]
             r["vs_raw_tcp"] = statistics.median(pairs)
     print_table(f"KV transfer, 127.0.0.1, chunks of {args.chunk_bytes >> 20} MiB "
                 f"(median of {args.rounds} rounds x {args.repeats}+ transfers, more under 64 MiB; the tcp "
@@ -365,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "transfer.png")
     path = write_json(out, "transfer", {"chunk_bytes": args.chunk_bytes, "rounds": args.rounds,
-                                        "repeats": args.repeats, "layout": str(LAYOUT), "results": results})
+                                        "repeats": args.repeats,
+                                        "timed_per_round": {s: repeats_for(s, args.repeats) for s in sizes},
+                                        "layout": str(LAYOUT), "results": results})
     console.print(f"wrote {path} and {out / 'transfer.png'}")
     return 0
