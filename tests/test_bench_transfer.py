@@ -38,7 +38,12 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
 
 
-def test_no_grpc_leaves_the_grpc_rows_out(tmp_path: Path) -> None:
-    assert main(["--sizes", "1", "--repeats", "1", "--rounds", "1", "--no-grpc", "--out", str(tmp_path)]) == 0
+def test_no_grpc_leaves_the_grpc_rows_out_and_odd_pair_counts_alternate_over_rounds(tmp_path: Path) -> None:
+    # 3 pairs per round at these sizes: each size's second round must start the other way round
+    assert repeats_for(22, 1) == repeats_for(25, 1) == 3
+    assert main(["--sizes", "22,25", "--repeats", "1", "--rounds", "2", "--no-grpc", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "transfer.json").read_text())
     assert {r["method"] for r in result["results"]} == {"memcpy", "raw TCP", "disagg tcp transport (verified)"}
+    for row in result["results"]:
+        if row["method"] == "disagg tcp transport (verified)":
+            assert row["pair_transport_first"] == [False, True, False, True, False, True]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import math
 import multiprocessing as mp
 import socket
@@ -361,13 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     console = Console()
-    calls = itertools.count()
     order: dict[int, list[bool]] = {}  # per size: whether each pair sent the transport first
 
     def paired(size: int) -> dict[str, list[float]]:
-        # each call starts the other way round from the last, so odd pair counts even out over rounds
-        run = bench_tcp_paired(size, repeats_for(size, args.repeats), args.chunk_bytes, next(calls) % 2 == 1)
-        order.setdefault(size, []).extend(run.transport_first)
+        # each round of a size goes on alternating from its last pair, so odd pair counts even out
+        done = order.setdefault(size, [])
+        run = bench_tcp_paired(size, repeats_for(size, args.repeats), args.chunk_bytes, bool(done) and not done[-1])
+        done.extend(run.transport_first)
         return {RAW_TCP: run.raw, TCP_TRANSPORT: run.transport}
 
     methods: list[tuple[tuple[str, ...], Callable[[int], dict[str, list[float]]]]] = [
