@@ -31,7 +31,7 @@ from disagg_worker.server.peers import Peer, PeerPool
 from disagg_worker.server.prefill_service import layout_message
 from disagg_worker.server.runtime import (
     WorkerRuntime,
-    invalid_argument_metadata,
+    abort_invalid,
     params_from_proto,
     params_to_proto,
     priority_from_proto,
@@ -106,7 +106,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             params = params_from_proto(request.params)
             eng.validate(prompt, params)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+            await abort_invalid(context, exc)
         if request.prefill_mode not in PREFILL_MODES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefill_mode {request.prefill_mode!r} is not one of auto, local, remote")
@@ -117,7 +117,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             q = rt.engine.open_stream(rid)
         except InvalidRequestError as exc:  # an empty id, or one in use: that stream stays untouched
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+            await abort_invalid(context, exc)
         first_msg = pb.GenerateResponse(remote_prefill=False)
         first_output: RequestOutput | None = None
         finished = False
@@ -131,7 +131,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             except InvalidRequestError as exc:
                 finished = True
                 rt.engine.close_stream(rid)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+                await abort_invalid(context, exc)
             except EngineStoppedError as exc:  # UNAVAILABLE, which the router retries on another worker
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
 

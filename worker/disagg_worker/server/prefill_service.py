@@ -28,7 +28,7 @@ from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import (
     WorkerRuntime,
-    invalid_argument_metadata,
+    abort_invalid,
     params_from_proto,
     priority_from_proto,
 )
@@ -88,12 +88,12 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             prompt = list(request.prompt_token_ids)
             eng.validate(prompt, params)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+            await abort_invalid(context, exc)
         m.PROMPT_TOKENS.labels(rt.role).inc(len(prompt))
         try:
             q = rt.engine.open_stream(rid)
         except InvalidRequestError as exc:  # an id in use: that request's stream stays untouched
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+            await abort_invalid(context, exc)
         queued = True  # from here on the request is released however this ends, also cancelled while queued
         try:
             try:
@@ -103,7 +103,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             except InvalidRequestError as exc:  # refused (an id in use): the engine's request is not ours
                 queued = False
                 rt.engine.close_stream(rid)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), invalid_argument_metadata(exc))
+                await abort_invalid(context, exc)
             except EngineStoppedError as exc:  # UNAVAILABLE: the decode worker prefills locally or elsewhere
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
             first = None

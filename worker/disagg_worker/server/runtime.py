@@ -11,6 +11,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
 
 from disagg_worker import metrics as m
 from disagg_worker.engine.async_engine import AsyncEngine
@@ -196,14 +199,16 @@ def priority_to_proto(value: int) -> int:
     return pb.PRIORITY_LOW if value == PRIORITY_LOW else pb.PRIORITY_HIGH
 
 
-__all__ = ["InvalidRequestError", "WorkerRuntime", "params_from_proto", "params_to_proto", "priority_from_proto",
-           "priority_to_proto"]
-
-
 PARAM_METADATA_KEY = "disagg-param"  # trailing metadata of an INVALID_ARGUMENT: the request field at fault
 
 
-def invalid_argument_metadata(exc: InvalidRequestError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that tells the router which request field an INVALID_ARGUMENT is about
-    (its 400 names the parameter, as OpenAI's do)."""
-    return ((PARAM_METADATA_KEY, exc.param),) if exc.param else ()
+async def abort_invalid(context: grpc.aio.ServicerContext, exc: InvalidRequestError) -> NoReturn:
+    """End the RPC with INVALID_ARGUMENT, and the request field at fault in the trailing metadata (the
+    router's 400 names the parameter, as OpenAI's do)."""
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc),
+                        ((PARAM_METADATA_KEY, exc.param),) if exc.param else ())
+
+
+__all__ = ["PARAM_METADATA_KEY", "InvalidRequestError", "WorkerRuntime", "abort_invalid", "params_from_proto",
+           "params_to_proto", "priority_from_proto", "priority_to_proto"]
+
