@@ -15,6 +15,7 @@ About 2 minutes per variant for ten traces on 2 cores (static-max once per trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import statistics
@@ -27,11 +28,9 @@ from disagg_worker.policy import RoleAutoscale
 SERVICE_TIMES = Path("benchmarks/results/autoscale-service-times.json")
 
 
-def configured(overrides: dict[str, dict[str, Any]]) -> bench.BenchConfig:
+def configured(st: bench.ServiceTimes, overrides: dict[str, dict[str, Any]]) -> bench.BenchConfig:
     """The bench's configuration with ``overrides`` (``{"prefill": {...}, "decode": {...}}``) applied."""
-    import dataclasses
-
-    cfg = bench.default_config(bench.ServiceTimes.load(SERVICE_TIMES))
+    cfg = bench.default_config(st)
     roles = {}
     for role in ("prefill", "decode"):
         base = getattr(cfg, role).model_dump(by_alias=True)
@@ -42,7 +41,7 @@ def configured(overrides: dict[str, dict[str, Any]]) -> bench.BenchConfig:
 def run_one(job: tuple[str, dict[str, dict[str, Any]], int]) -> tuple[int, dict[str, Any]]:
     policy, overrides, seed = job
     st = bench.ServiceTimes.load(SERVICE_TIMES)
-    cfg = configured(overrides)
+    cfg = configured(st, overrides)
     return seed, bench.summarize(bench.simulate(cfg, st, policy, seed=seed), cfg)
 
 
@@ -55,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = bench.parse_seeds(args.seeds)
     variants = [json.loads(v) for v in args.variants]
+    st = bench.ServiceTimes.load(SERVICE_TIMES)
     for v in variants:
-        configured(v)  # a bad variant fails here, before any simulation
+        configured(st, v)  # a bad variant fails here, before any simulation
     lines = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
         static = dict(pool.map(run_one, [("static-max", {}, s) for s in seeds]))
