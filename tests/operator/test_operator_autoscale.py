@@ -10,8 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg_operator.autoscale import Decision, Sample, decide, forecast_need, load_trend, target
-from disagg_worker.policy import Autoscale, RoleAutoscale, Thresholds
+from disagg_operator.autoscale import (
+    TREND_MIN_BUCKETS,
+    TREND_SECONDS,
+    Decision,
+    Sample,
+    decide,
+    forecast_need,
+    load_trend,
+    target,
+)
+from disagg_worker.policy import FORECAST_MAX_INTERVAL, Autoscale, RoleAutoscale, Thresholds
 
 DECODE = RoleAutoscale(min_replicas=2, max_replicas=10, scale_up=Thresholds(queue_length=16, kv_cache_usage=75),
                        scale_down=Thresholds(queue_length=4, kv_cache_usage=30), scale_up_stabilization_seconds=30,
@@ -388,6 +397,8 @@ def test_a_falling_or_flat_trend_changes_no_scale_down() -> None:
 
 
 def test_the_forecast_needs_a_sampling_interval_that_gives_it_a_trend() -> None:
+    # the policy's bound (worker side) and the trend's needs (operator side) are written in two places
+    assert TREND_SECONDS / FORECAST_MAX_INTERVAL >= TREND_MIN_BUCKETS
     with pytest.raises(ValueError, match=r"decode\.scaleDownForecastSeconds needs intervalSeconds of at most 60"):
         Autoscale.model_validate({"intervalSeconds": 120, "decode": {"scaleDownForecastSeconds": 600}})
     assert Autoscale.model_validate({"intervalSeconds": 120}).decode.scale_down_forecast_seconds == 0
