@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                    if a >= 0.99 and r <= 0.6 and v_ <= 1.0]
             line = {"variant": v, "mean_vs_static_max": statistics.fmean(ratios), "vs_static_max": ratios,
                     "reversals_per_10min_sum": sum(reversals), "reversals_per_10min": reversals,
-                    "min_slo_attainment": min(attainment), "all_targets_met_on": met}
+                    "slo_attainment": attainment, "min_slo_attainment": min(attainment), "all_targets_met_on": met}
             lines.append(line)
             print(f"{json.dumps(v)}: mean {line['mean_vs_static_max']:.3f}x static-max, reversals/10 min summed "
                   f"{sum(reversals):.2f}, attainment >= {min(attainment):.2%}, every target on {len(met)} of "

@@ -14,7 +14,8 @@ replica count, a reason and a direction. Rules, in order:
    change). The new count brings the sustained per-pod load down to a target (the middle of the
    scale-down and scale-up thresholds), counting pods still starting as capacity already on its
    way, at most ``maxStep`` more and at most ``maxReplicas``. A queue crossed while the busy
-   fraction stays under its own threshold is a transient: it adds one pod, it does not size the step;
+   fraction stays under its own threshold is a transient: it does not size the step, and it adds one
+   pod only once two samples in a row show it;
 5. scale **down** when ALL ``scaleDown`` thresholds hold for every sample of the last
    ``scaleDownStabilizationSeconds`` and no pod is starting: remove as many pods (at most
    ``maxStep``, never below ``minReplicas``) as keep the projected per-pod load of every metric, at
@@ -190,6 +191,22 @@ def _sizing_metrics(window: Sequence[Sample], policy: RoleAutoscale, crossed: li
     return [m for m in crossed if not (m == "queue_length" and transient)]
 
 
+def _transient_persists(history: Sequence[Sample], up_window: Sequence[Sample], policy: RoleAutoscale,
+                        crossed: list[str], now: float, last_change: float | None, stale_after: float) -> bool:
+    """Whether a transient (see ``_sizing_metrics``) showed in two samples in a row, both taken after
+    the last change. One sample is enough to size a real shortage, but a queue that one sample caught
+    at a low busy fraction is most often gone by the next: acting on it added a pod that the next
+    scale-down window took back (two reversals). A scale-up window of two samples has checked it."""
+    if len(up_window) >= 2:
+        return True
+    recent = [s for s in history if s.time <= now + EPSILON][-2:]
+    if len(recent) < 2 or recent[0].pods <= 0 or recent[1].time - recent[0].time > stale_after + EPSILON:
+        return False
+    if last_change is not None and recent[0].time <= last_change + EPSILON:
+        return False
+    return any(_sustained(recent, m, above=policy.scale_up.items()[m]) for m in crossed)
+
+
 @dataclass(frozen=True)
 class Trend:
     """A straight line through a role's total load (the per-pod value x the pods that shared it)."""
@@ -280,12 +297,15 @@ def decide(
         crossed = [m for m, threshold in policy.scale_up.items().items()
                    if _sustained(up_window, m, above=threshold)]
     if crossed and up_window is not None:
+        sizing = _sizing_metrics(up_window, policy, crossed)
+        reason = ", ".join(f"{_label(m)} above {policy.scale_up.items()[m]:g}" for m in crossed)
+        if not sizing and not _transient_persists(history, up_window, policy, crossed, now, last_change, stale_after):
+            return Decision(current_replicas, f"{reason}, not busy: waiting for a second sample", "hold")
         needed = 0
-        for metric in _sizing_metrics(up_window, policy, crossed):
+        for metric in sizing:
             level = min(s.value(metric) or 0.0 for s in up_window)  # the sustained level
             goal = target(policy, metric) or policy.scale_up.items()[metric]
             needed = max(needed, math.ceil(level * latest.sharing / max(goal, EPSILON) - EPSILON))
-        reason = ", ".join(f"{_label(m)} above {policy.scale_up.items()[m]:g}" for m in crossed)
         if current_replicas >= high:
             return Decision(current_replicas, f"{reason}; at maxReplicas", "hold")
         # warming pods are in both ``sharing`` and ``starting_pods``: not counted twice

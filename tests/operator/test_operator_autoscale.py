@@ -85,6 +85,29 @@ def test_a_queue_sizes_the_step_only_while_the_pods_are_busy() -> None:
     assert decide(steady(2, NOW, queue_length=30.0, kv_cache_usage=50.0), DECODE, 2, 0, NOW, None).desired == 4
 
 
+def test_a_transient_adds_a_pod_only_when_two_samples_in_a_row_show_it() -> None:
+    """With no scale-up window (one sample), a queue that one sample caught while the pods were not busy
+    waits for the next sample; a busy role, or a window that already spans two samples, does not."""
+    calm = dict(queue_length=0.0, gpu_utilization=30.0)
+    queued = dict(queue_length=9.0, gpu_utilization=30.0)
+    one = [*steady(2, NOW - 15, **calm), Sample(NOW, 2, **queued)]
+    d = decide(one, PREFILL, 2, 0, NOW, None)
+    assert (d.desired, d.direction) == (2, "hold") and "second sample" in d.reason
+    two = [*one, Sample(NOW + 15, 2, **queued)]
+    assert decide(two, PREFILL, 2, 0, NOW + 15, None).desired == 3
+    # the first of the two was taken in the round of the last change: it saw the old pods
+    assert decide(two, PREFILL, 2, 0, NOW + 15, NOW).direction == "hold"
+    # a hole between the two samples: they are not in a row
+    apart = [*one[:-1], Sample(NOW - 30, 2, **queued), Sample(NOW + 60, 2, **queued)]
+    assert decide(apart, PREFILL, 2, 0, NOW + 60, None).direction == "hold"
+    # busy: one sample sizes the step at once
+    busy = [*steady(2, NOW - 15, **calm), Sample(NOW, 2, queue_length=9.0, gpu_utilization=90.0)]
+    assert decide(busy, PREFILL, 2, 0, NOW, None).direction == "up"
+    # a window of two samples or more has checked it already
+    windowed = PREFILL.model_copy(update={"scale_up_stabilization_seconds": 15})
+    assert decide(two, windowed, 2, 0, NOW + 15, None).desired == 3
+
+
 def test_scale_up_must_be_sustained_over_the_window() -> None:
     history = [*steady(4, NOW, **MIDDLE)[:-2], Sample(NOW - 15, 4, **BUSY), Sample(NOW, 4, **BUSY)]
     assert decide(history, DECODE, 4, 0, NOW, None).direction == "hold"  # busy for 15 s of a 30 s window
@@ -194,8 +217,9 @@ def test_scale_down_never_projects_above_the_target() -> None:
 
 
 def test_proportional_scale_up_is_capped_by_the_step() -> None:
-    # a zero stabilisation window: the latest sample decides at once
-    history = [Sample(NOW, 2, queue_length=40.0, gpu_utilization=50.0)]
+    # a zero stabilisation window: the latest sample decides (a transient: once the one before shows it too)
+    history = [Sample(NOW - 15, 2, queue_length=40.0, gpu_utilization=50.0),
+               Sample(NOW, 2, queue_length=40.0, gpu_utilization=50.0)]
     d = decide(history, PREFILL, 2, 0, NOW, None)
     assert (d.desired, d.direction) == (3, "up")
     assert "queueLength above 8" in d.reason
