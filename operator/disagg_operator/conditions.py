@@ -136,8 +136,11 @@ def compute_status(
     changed: Sequence[str] = (),
     router_endpoint: str | None = None,
     policy_hash: str | None = None,
+    ignored: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The whole status block the operator owns (``lastScale`` is carried over unchanged)."""
+    """The whole status block the operator owns (``lastScale`` is carried over unchanged). ``ignored``:
+    the settings the autoscale mode cannot carry out (``ignored.ignored_settings``); an invalid spec
+    keeps the condition as it was."""
     previous = previous or {}
     conds: list[dict[str, Any]] = [dict(c) for c in previous.get("conditions") or []]
 
@@ -167,6 +170,11 @@ def compute_status(
         )
     else:
         conds = set_condition(conds, "InvalidSpec", False, "SpecValid", "", generation, now)
+        if ignored:
+            conds = set_condition(conds, "SettingsIgnored", True, "ModeCannotApply", "; ".join(ignored),
+                                  generation, now)
+        else:
+            conds = set_condition(conds, "SettingsIgnored", False, "AllApplied", "", generation, now)
         not_rolled = [r for r in ROLE_ORDER if r in roles and not roles[r].rolled_out]
         if changed:
             conds = set_condition(

@@ -38,6 +38,7 @@ from disagg_operator.conditions import (
     timestamp,
 )
 from disagg_operator.diff import Action, diff, key
+from disagg_operator.ignored import ignored_settings
 from disagg_operator.kube import ApiError
 from disagg_operator.spec import SpecError, parse_spec
 
@@ -171,6 +172,12 @@ def reconcile(
         if before.get("message") != result.apply_error:
             event("Warning", "ApplyFailed", result.apply_error)
 
+    ignored = ignored_settings(parsed.policy.autoscale)
+    if ignored:
+        before = get_condition(previous.get("conditions"), "SettingsIgnored") or {}
+        if before.get("status") != "True" or before.get("message") != "; ".join(ignored):
+            logger.warning("Settings the autoscale mode ignores: %s", "; ".join(ignored))
+            event("Warning", "SettingsIgnored", "; ".join(ignored))
     status = compute_status(
         previous,
         generation=owner.generation,
@@ -180,6 +187,7 @@ def reconcile(
         changed=done,
         router_endpoint=router_endpoint(owner, parsed.pods.router.port),
         policy_hash=stable_hash(render_policy(parsed.policy)),
+        ignored=ignored,
     )
     return _write_status(api, owner, previous, status, result)
 

@@ -18,8 +18,10 @@ from disagg_operator.conditions import (
     set_condition,
     status_patch,
 )
+from disagg_operator.ignored import ignored_settings
 from disagg_operator.kube import ApiError
 from disagg_operator.reconcile import reconcile
+from disagg_worker.policy import Autoscale
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -271,3 +273,34 @@ def test_create_child_applies_its_own_child_the_selector_missed(owner_uid: str, 
         with pytest.raises(kube_mod.ApiError, match="not owned"):
             api.create_child(child)
     assert calls == verbs
+
+
+def test_settings_the_autoscale_mode_cannot_carry_out_are_named() -> None:
+    def policy(mode: str, **role: Any) -> Autoscale:
+        return Autoscale.model_validate({"mode": mode, "prometheusUrl": "http://prom:9090",
+                                         "prefill": {"minReplicas": 0, "maxReplicas": 4, **role}})
+    forecast = {"scaleDownForecastSeconds": 600}
+    hpa = ignored_settings(policy("hpa", **forecast))
+    assert [line.split(" ")[0].rstrip(":") for line in hpa] == [
+        "autoscale.prefill.scaleDownForecastSeconds", "autoscale.prefill.minReplicas", "autoscale.prometheusUrl"]
+    assert [line.split(" ")[0] for line in ignored_settings(policy("keda", **forecast))] == [
+        "autoscale.prefill.scaleDownForecastSeconds"]  # keda scales to 0 and reads the URL
+    assert ignored_settings(policy("builtin", **forecast)) == []
+    assert ignored_settings(policy("keda")) == []  # defaults are no one's choice
+
+
+def test_ignored_settings_are_a_condition_and_one_warning() -> None:
+    spec = {**SMALL_SPEC, "autoscale": {"mode": "hpa", "decode": {"maxReplicas": 12, "scaleDownForecastSeconds": 600}}}
+    c = Cluster(spec)
+    c.run()
+    cond = c.condition("SettingsIgnored")
+    assert cond["status"] == "True" and "autoscale.decode.scaleDownForecastSeconds (600)" in cond["message"]
+    warnings = [e for e in c.kube.events if e[0] == "Warning"]
+    assert [e[1] for e in warnings] == ["SettingsIgnored"] and warnings[0][2] == cond["message"]
+    c.run()
+    assert c.run().new_writes == []  # no repeated warning, no status rewrite
+    c.edit_spec({**spec, "autoscale": {"mode": "builtin", "decode": {"maxReplicas": 12,
+                                                                     "scaleDownForecastSeconds": 600}}})
+    c.run()
+    assert c.condition("SettingsIgnored")["status"] == "False"
+    assert [e[1] for e in c.kube.events if e[0] == "Warning"] == ["SettingsIgnored"]
