@@ -57,6 +57,9 @@ POLICY_FILE = "policy.yaml"
 POLICY_PATH = f"{POLICY_DIR}/{POLICY_FILE}"
 RUN_AS_USER = 10001
 DRAIN_GRACE_EXTRA_SECONDS = 30
+# How long a leaving router pod keeps serving before its SIGTERM: kube-proxy and ingress controllers
+# drop an endpoint within a few seconds of the pod's deletion.
+ROUTER_PRESTOP_SECONDS = 5
 
 # Prometheus metric behind each autoscale threshold, and the divisor from threshold to metric value
 # (thresholds in percent, the ratio metrics in 0..1).
@@ -296,6 +299,11 @@ POD_SECURITY = {
 }
 
 
+def pause_command(seconds: int) -> list[str]:
+    """The router's preStop hook: wait while the endpoint removal reaches every proxy."""
+    return ["python3", "-c", f"import time; time.sleep({seconds})"]
+
+
 def drain_command(wait_seconds: float) -> list[str]:
     """The decode preStop hook: POST /drain?wait=N (httpGet hooks cannot POST)."""
     wait = int(wait_seconds)
@@ -343,6 +351,8 @@ def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
         f"{service_host(owner, 'prefill')}:{WORKER_GRPC_PORT}",
         "--stream-idle-timeout",
         str(pod.stream_idle_timeout_seconds),
+        "--shutdown-timeout",
+        f"{parsed.policy.autoscale.drain_timeout_seconds:g}",
         *pod.extra_args,
     ]
 
@@ -389,6 +399,13 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         spec["terminationGracePeriodSeconds"] = int(drain) + DRAIN_GRACE_EXTRA_SECONDS
         if component == "decode":
             container["lifecycle"] = {"preStop": {"exec": {"command": drain_command(drain)}}}
+    else:
+        # The router keeps serving while the pod leaves the Service's endpoints (a preStop pause: until
+        # then new connections still arrive and would be refused), then finishes the streams it holds
+        # for up to the drain timeout (--shutdown-timeout), as long as a decode pod may take to drain.
+        drain = parsed.policy.autoscale.drain_timeout_seconds
+        spec["terminationGracePeriodSeconds"] = ROUTER_PRESTOP_SECONDS + int(drain) + DRAIN_GRACE_EXTRA_SECONDS
+        container["lifecycle"] = {"preStop": {"exec": {"command": pause_command(ROUTER_PRESTOP_SECONDS)}}}
     if pods.service_account_name:
         spec["serviceAccountName"] = pods.service_account_name
     if pods.image_pull_secrets:

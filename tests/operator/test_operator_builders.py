@@ -106,7 +106,7 @@ def test_worker_and_router_command_lines_follow_the_contract() -> None:
         "--max-batch-size", "32", "--kv-cache-blocks", "512", "--prefill-workers", "demo-prefill.ns.svc:50051"]
     assert container(objs, "router")["args"] == [
         "router", *common, "--port", "8000", "--decode-workers", "demo-decode.ns.svc:50051",
-        "--prefill-workers", "demo-prefill.ns.svc:50051", "--stream-idle-timeout", "60"]
+        "--prefill-workers", "demo-prefill.ns.svc:50051", "--stream-idle-timeout", "60", "--shutdown-timeout", "120"]
     assert children({"model": {"name": "x", "path": "/models/x"}})[4]["spec"]["template"]["spec"][
         "containers"][0]["args"][4] == "/models/x"
 
@@ -178,6 +178,16 @@ def test_decode_drains_before_it_stops() -> None:
     assert "drain?wait=90" in hook[-1] and "method='POST'" in hook[-1]
     assert pod["terminationGracePeriodSeconds"] > 90
     assert "lifecycle" not in container(objs, "prefill")
+
+
+def test_the_router_leaves_the_endpoints_first_and_then_finishes_its_streams() -> None:
+    objs = children({**SMALL_SPEC, "autoscale": {"mode": "off", "drainTimeoutSeconds": 90}})
+    router = by(objs, "Deployment", "demo-router")["spec"]["template"]["spec"]
+    hook = router["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[0] == "python3" and "time.sleep(5)" in hook[-1]
+    args = router["containers"][0]["args"]
+    assert args[args.index("--shutdown-timeout") + 1] == "90"
+    assert router["terminationGracePeriodSeconds"] > 5 + 90  # the pause, then the streams, then the margin
 
 
 def test_policy_configmap_round_trips() -> None:

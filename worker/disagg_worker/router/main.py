@@ -19,6 +19,8 @@ from disagg_worker.router.service import DEFAULT_STREAM_IDLE_TIMEOUT, RouterServ
 from disagg_worker.server.peers import PeerPool
 
 log = logging.getLogger("disagg.router")
+# Locally a Ctrl-C should not wait long; the operator passes the pool's drain timeout instead.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a decode worker that sends nothing on a request for this long has failed it: the request "
                          "goes to another worker if no token was sent yet, else ends with a 502 (default "
                          "%(default)g; 0: wait forever)")
+    ap.add_argument("--shutdown-timeout", type=positive(float, zero=True), default=DEFAULT_SHUTDOWN_TIMEOUT,
+                    metavar="SECONDS",
+                    help="after SIGTERM or Ctrl-C the router takes no new connection and lets the requests it holds "
+                         "run this long before it cuts them (default %(default)g)")
     ap.add_argument("--log-level", type=log_level, default="INFO")
     return ap
 
@@ -62,7 +68,7 @@ async def serve(args: argparse.Namespace) -> int:
                             stream_idle_timeout=args.stream_idle_timeout)
     app = build_app(service, args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
     log.info("router on http://%s:%d/v1 serving %s (%d decode, %d prefill workers known)", args.host, args.port,
              name, len(decode_pool.peers), len(prefill_pool.peers))
     try:
