@@ -199,12 +199,12 @@ def _transient_persists(history: Sequence[Sample], up_window: Sequence[Sample], 
     scale-down window took back (two reversals). A scale-up window of two samples has checked it."""
     if len(up_window) >= 2:
         return True
-    recent = [s for s in history if s.time <= now + EPSILON][-2:]
-    if len(recent) < 2 or recent[0].pods <= 0 or recent[1].time - recent[0].time > stale_after + EPSILON:
+    earlier = [s for s in history if s.time < up_window[0].time - EPSILON]
+    if not earlier:
         return False
-    if last_change is not None and recent[0].time <= last_change + EPSILON:
-        return False
-    return any(_sustained(recent, m, above=policy.scale_up.items()[m]) for m in crossed)
+    # the window back to the sample before: it checks for a failed scrape, a hole and the last change
+    pair = _window(history, now, now - earlier[-1].time, last_change, stale_after)
+    return pair is not None and any(_sustained(pair, m, above=policy.scale_up.items()[m]) for m in crossed)
 
 
 @dataclass(frozen=True)
