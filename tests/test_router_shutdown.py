@@ -17,6 +17,7 @@ import grpc
 import httpx
 import pytest
 
+from disagg_worker.launcher import free_port
 from disagg_worker.rpc import pb, pb_grpc
 from tests.conftest import serve_scripted_worker
 
@@ -35,13 +36,6 @@ class SlowWorker(pb_grpc.WorkerServicer, pb_grpc.DecodeServicer):
             last = i == TOKENS - 1
             yield pb.GenerateResponse(token_ids=[100 + i], text=f"t{i} ", output_tokens=i + 1, finished=last,
                                       finish_reason="length" if last else "")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager

@@ -393,9 +393,9 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         "containers": [container],
         "volumes": volumes,
     }
+    drain = parsed.policy.autoscale.drain_timeout_seconds
     if component in ("decode", "prefill"):
         # both drain on SIGTERM (finish what they hold); decode pods also drain before it (preStop)
-        drain = parsed.policy.autoscale.drain_timeout_seconds
         spec["terminationGracePeriodSeconds"] = int(drain) + DRAIN_GRACE_EXTRA_SECONDS
         if component == "decode":
             container["lifecycle"] = {"preStop": {"exec": {"command": drain_command(drain)}}}
@@ -403,7 +403,6 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         # The router keeps serving while the pod leaves the Service's endpoints (a preStop pause: until
         # then new connections still arrive and would be refused), then finishes the streams it holds
         # for up to the drain timeout (--shutdown-timeout), as long as a decode pod may take to drain.
-        drain = parsed.policy.autoscale.drain_timeout_seconds
         spec["terminationGracePeriodSeconds"] = ROUTER_PRESTOP_SECONDS + int(drain) + DRAIN_GRACE_EXTRA_SECONDS
         container["lifecycle"] = {"preStop": {"exec": {"command": pause_command(ROUTER_PRESTOP_SECONDS)}}}
     if pods.service_account_name:

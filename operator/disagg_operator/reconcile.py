@@ -174,10 +174,11 @@ def reconcile(
 
     ignored = ignored_settings(parsed.policy.autoscale)
     if ignored:
+        message = "; ".join(ignored)  # as compute_status words the condition
         before = get_condition(previous.get("conditions"), "SettingsIgnored") or {}
-        if before.get("status") != "True" or before.get("message") != "; ".join(ignored):
-            logger.warning("Settings the autoscale mode ignores: %s", "; ".join(ignored))
-            event("Warning", "SettingsIgnored", "; ".join(ignored))
+        if before.get("status") != "True" or before.get("message") != message:
+            logger.warning("Settings the autoscale mode ignores: %s", message)
+            event("Warning", "SettingsIgnored", message)
     status = compute_status(
         previous,
         generation=owner.generation,
