@@ -234,6 +234,24 @@ async def test_busy_time_counts_the_step_in_progress(running: AsyncEngine, monke
     assert running.busy_seconds() >= 1.2  # two steps, finished
 
 
+async def test_the_kv_usage_integral_grows_while_a_request_holds_blocks(
+        running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner reads KV usage as this integral's rate over its interval, not as a snapshot."""
+    slow_forward_passes(running, monkeypatch, 0.2)
+    start = running.kv_usage_integral.total()
+    consumer = asyncio.ensure_future(collect(running, "held", [5, 6, 7], 3))
+    await asyncio.sleep(0.5)
+    held = running.engine.block_manager.usage
+    assert held > 0
+    assert running.kv_usage_integral.total() - start == pytest.approx(held * 0.5, rel=0.5)
+    await consumer
+    await asyncio.sleep(0.1)  # the loop records the freed blocks on its next pass
+    done = running.kv_usage_integral.total()
+    await asyncio.sleep(0.2)
+    assert running.kv_usage_integral.total() == pytest.approx(done)  # nothing held: nothing added
+    assert running.waiting_integral.total() >= 0.0
+
+
 async def test_passes_that_ran_no_batch_are_not_reported_as_steps(
         running: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stalled on KV imports, the loop passes every few ms without running anything: those passes used
@@ -267,9 +285,9 @@ async def test_a_request_arrives_when_it_is_submitted_not_when_the_engine_thread
 def test_the_busy_counter_is_read_when_scraped_and_never_goes_down() -> None:
     """Bumped by a once-a-second loop, two scrapes a few seconds apart read 0% and 91% of an engine busy
     half the time; and a counter that goes down reads as a restart to Prometheus."""
-    from disagg_worker.metrics import BusySecondsCollector
+    from disagg_worker.metrics import ReadOnScrapeCounter
 
-    collector = BusySecondsCollector()
+    collector = ReadOnScrapeCounter("disagg_busy_seconds", "busy")
     readings = iter([1.5, 2.25, 2.0])
     collector.track("decode", lambda: next(readings))
 

@@ -307,8 +307,16 @@ def test_router_and_worker_metrics_are_exported(cluster: LocalCluster) -> None:
         assert name in text
     worker = worker_metrics(cluster, "decode-0")
     for name in ("disagg_requests_waiting", "disagg_kv_cache_usage_ratio", "disagg_prefix_cache_hit_ratio",
-                 "disagg_utilization_ratio", "disagg_ttft_seconds_bucket", "disagg_request_phase_seconds_bucket"):
+                 "disagg_utilization_ratio", "disagg_ttft_seconds_bucket", "disagg_request_phase_seconds_bucket",
+                 "disagg_busy_seconds_total", "disagg_requests_waiting_seconds_total",
+                 "disagg_kv_cache_usage_seconds_total"):
         assert name in worker
+    # the planner reads the time integrals it averages over its interval from this exposition
+    from disagg_operator.metrics import parse_worker_metrics
+
+    sample = parse_worker_metrics(worker, "decode")
+    assert sample is not None and None not in (sample.busy_seconds, sample.waiting_seconds, sample.kv_seconds)
+    assert sample.kv_seconds > 0  # the request above held KV blocks for a while
     assert "disagg_estimated_ttft_seconds" not in worker  # the router's: a worker's 0 skewed max() and avg()
 
 

@@ -1,14 +1,18 @@
 """The planner's scaling decision: a pure function of the metrics history, the role's autoscale
 policy, and the current replicas.
 
-``decide(history, policy, current_replicas, starting_pods, now, last_change)`` returns the desired
-replica count, a reason and a direction. Rules, in order:
+``decide(history, policy, current_replicas, starting_pods, now, last_change, last_direction=...)``
+returns the desired replica count, a reason and a direction. Rules, in order:
 
 1. outside ``[minReplicas, maxReplicas]`` -> straight to the nearest bound;
 2. no fresh sample (metrics source down, no ready pod) -> hold: missing data never scales anything,
    and a stabilisation window with a hole in it (a sample without data, or none for ``stale_after``
    seconds) is not sustained load either;
-3. within ``cooldownSeconds`` of the last change -> hold;
+3. within ``cooldownSeconds`` of the last change -> hold, except a further scale-up after a scale-up
+   (``last_direction``), as the HPA allows: a burst that lands just after a step for the ramp need
+   not wait out the cooldown on too few pods. It is sized like any scale-up, pods still starting
+   counted, so it adds only what the pods already on their way do not cover. The cooldown still
+   holds every reversal;
 4. scale **up** when ANY ``scaleUp`` threshold is exceeded by every sample of the last
    ``scaleUpStabilizationSeconds`` (the window must be covered by samples taken after the last
    change). The new count brings the sustained per-pod load down to a target (the middle of the
@@ -26,11 +30,16 @@ replica count, a reason and a direction. Rules, in order:
    instead of once per window, and a sample taken when more pods shared the load is not mistaken for
    a lighter one. With ``scaleDownForecastSeconds`` set, a scale-down while the load trends up keeps
    the pods the trend needs that far ahead (``load_trend``): after a burst on a rising ramp, the pools
-   would otherwise shrink when the burst ends and grow back as the ramp catches up (two reversals);
+   would otherwise shrink when the burst ends and grow back as the ramp catches up (two reversals).
+   Until the history is long enough to fit that trend (after a restart or a long outage), a
+   scale-down holds: a pool shrunk on a rising ramp just before the trend is known grows back;
 6. otherwise hold.
 
-Samples are per-pod averages over the role's ready, warmed-up pods (``Sample``); pods that are not
-ready yet, or ready for less than the warm-up time, are not sampled and count as ``starting_pods``.
+Samples are per-pod averages over the role's ready, warmed-up pods (``Sample``), each a mean over the
+interval since the previous sample where the workers export the time integral (queue, busy, KV usage;
+see ``planner.interval_averages``), not a snapshot: a decode pod's KV usage read 0% and 58% in two
+snapshots 5 s apart at a steady 25%. Pods that are not ready yet, or ready for less than the warm-up
+time, are not sampled and count as ``starting_pods``.
 Units are the policy's: ``queue_length`` requests per pod, ``gpu_utilization`` and
 ``kv_cache_usage`` in percent.
 """
@@ -267,6 +276,15 @@ def forecast_need(history: Sequence[Sample], policy: RoleAutoscale, now: float) 
     return best
 
 
+def trend_unknown(history: Sequence[Sample], policy: RoleAutoscale, now: float) -> bool:
+    """Whether the scale-down forecast is on but cannot fit a trend yet: the history of the metrics it
+    extrapolates is shorter than ``TREND_MIN_BUCKETS`` buckets (after a restart, or a long outage)."""
+    if policy.scale_down_forecast_seconds <= 0:
+        return False
+    metrics = [m for m in FORECAST_METRICS if target(policy, m) is not None]
+    return bool(metrics) and all(load_trend(history, m, now) is None for m in metrics)
+
+
 def decide(
     history: Sequence[Sample],
     policy: RoleAutoscale,
@@ -276,6 +294,7 @@ def decide(
     last_change: float | None,
     *,
     stale_after: float = STALE_AFTER_SECONDS,
+    last_direction: Direction | None = None,
 ) -> Decision:
     low, high = policy.min_replicas, policy.max_replicas
     if current_replicas < low:
@@ -286,7 +305,8 @@ def decide(
     fresh = [s for s in history if s.pods > 0 and now - stale_after - EPSILON <= s.time <= now + EPSILON]
     if not fresh:
         return Decision(current_replicas, "no metrics: holding", "hold")
-    if last_change is not None and now - last_change < policy.cooldown_seconds - EPSILON:
+    cooling = last_change is not None and now - last_change < policy.cooldown_seconds - EPSILON
+    if cooling and last_direction != "up":  # see rule 3: only a scale-up may follow a scale-up this soon
         return Decision(current_replicas, "cooldown", "hold")
     latest = fresh[-1]
 
@@ -315,6 +335,8 @@ def decide(
         desired = min(high, current_replicas + policy.max_step, max(needed, current_replicas + 1))
         return Decision(desired, reason, "up")
 
+    if cooling:
+        return Decision(current_replicas, "cooldown", "hold")
     # ---- down: all thresholds, sustained
     downs = policy.scale_down.items()
     if not downs or starting_pods or current_replicas <= low:
@@ -343,6 +365,9 @@ def decide(
         return Decision(current_replicas, "below scaleDown thresholds, but one pod less would overload", "hold")
     reason = ", ".join(f"{_label(m)} below {t:g}" for m, t in downs.items())
     desired = current_replicas - removable
+    if trend_unknown(history, policy, now):
+        wait = TREND_MIN_BUCKETS * TREND_BUCKET_SECONDS
+        return Decision(current_replicas, f"{reason}, but no load trend yet (it needs {wait:g}s of history)", "hold")
     need = forecast_need(history, policy, now)
     if need is not None and need[0] > desired:
         note = f"{_label(need[1])} trending up: {need[0]} pod(s) needed in {policy.scale_down_forecast_seconds:g}s"

@@ -11,7 +11,8 @@ the first token is ready when the prompt is done (TTFT); the request then joins 
 decode pod, which runs a continuous batch of at most ``--max-batch`` requests, one token per request
 per step, each step taking ``decode_step(batch)``. A new pod serves after ``--startup`` seconds; a
 removed pod first drains (takes no new work, finishes what it has). Every ``intervalSeconds`` the
-planner samples per-pod averages (queue length, busy %, KV %) and calls ``decide``.
+planner samples per-pod averages (queue length, busy %, KV %, each a mean over the interval, as the
+workers' time-integral counters give it) and calls ``decide``.
 
 Reported per policy: SLO attainment (TTFT <= SLO and TPOT <= SLO), replica-seconds, scale reversals
 (a change of direction), and p50/p99 TTFT and TPOT. Targets (reported, not asserted): >= 99 %
@@ -202,6 +203,8 @@ class Pod:
     running: list[Request] = field(default_factory=list)  # decode batch
     busy_left: float = 0.0  # prefill: seconds left on the current prompt
     busy_time: float = 0.0  # busy seconds since the last sample
+    kv_time: float = 0.0  # KV usage (fraction of the cache) x seconds since the last sample
+    queue_time: float = 0.0  # requests waiting x seconds since the last sample
 
     def ready(self, now: float) -> bool:
         return now >= self.ready_at
@@ -250,6 +253,7 @@ class Cluster:
         for pod in self.pools["prefill"]:
             if not pod.ready(now):
                 continue
+            pod.queue_time += dt * self.waiting(pod, now)
             clock = max(now, pod.ready_at)
             while clock < end - 1e-12:
                 if pod.busy_left <= 0:
@@ -274,10 +278,12 @@ class Cluster:
                 continue
             while pod.queue and len(pod.running) < self.max_batch:
                 pod.running.append(pod.queue.popleft())
+            pod.queue_time += dt * self.waiting(pod, now)
             if not pod.running:
                 continue
             step = self.st.decode_step(len(pod.running))
             pod.busy_time += dt
+            pod.kv_time += dt * min(1.0, sum(r.prompt + r.generated for r in pod.running) / self.kv_tokens)
             still = []
             for req in pod.running:
                 start = max(now, req.first_token or now)  # joined mid-step: decodes from then on
@@ -292,27 +298,39 @@ class Cluster:
         for role in self.pools:  # drained pods leave
             self.pools[role] = [p for p in self.pools[role] if not (p.draining and p.load() == 0)]
 
+    @staticmethod
+    def waiting(pod: Pod, now: float) -> int:
+        """Requests waiting on ``pod`` at ``now``, as the worker's gauge counts them (not the prompt in
+        progress; arrivals are handed to pods at the start of the step they fall in). Counted from the
+        tail, where those arrivals are: a static-min queue holds hundreds of thousands."""
+        later = 0
+        for req in reversed(pod.queue):
+            if req.arrival <= now:
+                break
+            later += 1
+        return len(pod.queue) - later - (1 if pod.busy_left > 0 else 0)
+
     def sample(self, role: str, now: float, elapsed: float, warmup: float) -> tuple[Sample, int]:
         """What the operator's planner reads at ``now`` (the end of the step just run), as it reads it:
         per-pod averages over the pods ready for ``warmup`` seconds (pods still starting or warming up
-        count as ``starting``), the busy fraction over the ``elapsed`` seconds since the last sample
-        (the workers' busy-seconds counter between two scrapes), and the queue as the workers' gauge
-        counts it (requests waiting, not the prompt in progress)."""
+        count as ``starting``) of the busy fraction, the queue (requests waiting, not the prompt in
+        progress) and the KV usage, each a mean over the ``elapsed`` seconds since the last sample (the
+        workers' time-integral counters between two scrapes)."""
         pods = [p for p in self.pools[role] if not p.draining]
         serving = [p for p in pods if p.ready(now)]
         warm = [p for p in serving if now - p.ready_at >= warmup - 1e-9]
         starting = len(pods) - len(warm)
-        busy_of = {id(p): min(1.0, p.busy_time / elapsed) if elapsed > 0 else 0.0 for p in warm}
+
+        def mean(seconds: float, cap: float = math.inf) -> float:
+            return min(cap, seconds / elapsed) if elapsed > 0 else 0.0
+        means = [(mean(p.queue_time), mean(p.busy_time, 1.0), mean(p.kv_time, 1.0)) for p in warm]
         for p in self.pools[role]:
-            p.busy_time = 0.0
+            p.busy_time = p.kv_time = p.queue_time = 0.0
         if not warm:
             return Sample(now, 0), starting
         n = len(warm)
-        # arrivals are handed to pods at the start of the step they fall in: count those here by now
-        queue = sum(sum(1 for r in p.queue if r.arrival <= now) - (1 if p.busy_left > 0 else 0) for p in warm) / n
-        busy = sum(busy_of.values()) / n * 100
-        kv = sum(sum(r.prompt + r.generated for r in p.running) / self.kv_tokens for p in warm) / n * 100
-        return Sample(now, n, queue_length=queue, gpu_utilization=busy, kv_cache_usage=min(100.0, kv),
+        queue, busy, kv = (sum(column) / n for column in zip(*means, strict=True))
+        return Sample(now, n, queue_length=queue, gpu_utilization=100 * busy, kv_cache_usage=100 * kv,
                       serving=len(serving)), starting
 
     def resize(self, role: str, desired: int, now: float) -> None:
@@ -364,6 +382,7 @@ def simulate(cfg: BenchConfig, st: ServiceTimes, name: str, *, seed: int = 0) ->
     pending = deque(requests)
     history: dict[str, list[Sample]] = {"prefill": [], "decode": []}
     last_change: dict[str, float | None] = {"prefill": None, "decode": None}
+    last_direction: dict[str, str | None] = {"prefill": None, "decode": None}
     decisions: list[tuple[float, str, str, int, int]] = []
     timeline: list[tuple[float, int, int, float]] = []
     steps = int((cfg.workload.duration + cfg.drain_tail) / cfg.dt)
@@ -391,10 +410,12 @@ def simulate(cfg: BenchConfig, st: ServiceTimes, name: str, *, seed: int = 0) ->
                 history[role].append(sample)
                 history[role] = [s for s in history[role] if t - s.time <= HISTORY_SECONDS]
                 current = len([p for p in cluster.pools[role] if not p.draining])
-                d = decide(history[role], policy, current, starting, t, last_change[role])
+                d = decide(history[role], policy, current, starting, t, last_change[role],
+                           last_direction=last_direction[role])
                 if d.changed:
                     cluster.resize(role, d.desired, t)
                     last_change[role] = t
+                    last_direction[role] = d.direction
                     decisions.append((t, role, d.direction, current, d.desired))
             last_sample = t
         if not pending and now > cfg.workload.duration and all(r.finished for r in requests):
@@ -487,7 +508,7 @@ def default_config(
     def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
         # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default) and a
-        # 5 s sampling interval. Scale-down waits for a sustained 2 minutes and, while the load trends
+        # 5 s sampling interval. Scale-down waits for a sustained minute and, while the load trends
         # up, keeps what the trend needs 10 minutes ahead: that, not a long window, is what keeps a
         # pool from shrinking after a burst on the morning ramp and growing back minutes later.
         return RoleAutoscale(
@@ -496,7 +517,7 @@ def default_config(
             scale_up=up,
             scale_down=down,
             scale_up_stabilization_seconds=0,
-            scale_down_stabilization_seconds=120,
+            scale_down_stabilization_seconds=60,
             cooldown_seconds=30,
             max_step=4,
             scale_down_forecast_seconds=600,
@@ -512,7 +533,7 @@ def default_config(
             Thresholds(queue_length=0.8, gpu_utilization=62), Thresholds(queue_length=0.3, gpu_utilization=40), max_p
         ),
         decode=role(
-            Thresholds(queue_length=0.2, kv_cache_usage=55), Thresholds(queue_length=0.05, kv_cache_usage=40), max_d
+            Thresholds(queue_length=0.2, kv_cache_usage=52), Thresholds(queue_length=0.05, kv_cache_usage=38), max_d
         ),
         interval=5.0,
         startup=startup,

@@ -68,6 +68,13 @@ THRESHOLD_METRICS: dict[str, tuple[str, int]] = {
     "gpu_utilization": ("disagg_utilization_ratio", 100),
     "kv_cache_usage": ("disagg_kv_cache_usage_ratio", 100),
 }
+# each reading's time integral (a counter): its rate is the reading's mean over a window, which is what
+# the builtin planner and KEDA read (the gauges are snapshots; the utilisation one of the last second)
+TIME_INTEGRALS: dict[str, str] = {
+    "queue_length": "disagg_requests_waiting_seconds_total",
+    "gpu_utilization": "disagg_busy_seconds_total",
+    "kv_cache_usage": "disagg_kv_cache_usage_seconds_total",
+}
 
 
 @dataclass(frozen=True)
@@ -596,11 +603,9 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
     scaling: RoleAutoscale = getattr(auto, role)
     triggers = []
     for key, threshold in scaling.scale_up.items().items():
-        metric, divisor = THRESHOLD_METRICS[key]
-        # busy time as the busy-seconds counter's rate over a minute, as the builtin planner reads it
-        # (the utilisation gauge covers the last second only)
-        query = (promql("disagg_busy_seconds_total", owner, role, agg="sum", rate_seconds=60)
-                 if key == "gpu_utilization" else promql(metric, owner, role, agg="sum"))
+        _, divisor = THRESHOLD_METRICS[key]
+        # the reading's mean over a minute (its time integral's rate), as the builtin planner reads it
+        query = promql(TIME_INTEGRALS[key], owner, role, agg="sum", rate_seconds=60)
         # sum over pods / per-pod threshold = desired replicas (KEDA's AverageValue semantics)
         triggers.append(
             {

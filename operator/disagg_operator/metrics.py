@@ -11,8 +11,11 @@ Operator metrics (served by ``disagg operator --metrics-port``):
 
 Worker metrics read by the planner (labelled ``role``): the gauges ``disagg_requests_waiting``,
 ``disagg_requests_running``, ``disagg_kv_cache_usage_ratio``, ``disagg_utilization_ratio``,
-``disagg_draining``, and the counter ``disagg_busy_seconds_total``, whose increase between two scrapes
-is the busy fraction over the planner's whole interval (the gauge covers the last second only).
+``disagg_draining``, and the counters ``disagg_busy_seconds_total``,
+``disagg_requests_waiting_seconds_total`` and ``disagg_kv_cache_usage_seconds_total`` (time integrals),
+whose increase between two scrapes over the seconds between them is the busy fraction, the queue and
+the KV usage averaged over the planner's whole interval (the gauges are snapshots; the utilisation
+gauge covers the last second only).
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ class PodSample:
     kv_cache_usage: float  # percent
     running: float = 0.0
     draining: bool = False
-    busy_seconds: float | None = None  # the worker's disagg_busy_seconds_total, when it exports it
+    # the worker's time integrals, when it exports them (see ``planner.interval_averages``)
+    busy_seconds: float | None = None  # disagg_busy_seconds_total
+    waiting_seconds: float | None = None  # disagg_requests_waiting_seconds_total
+    kv_seconds: float | None = None  # disagg_kv_cache_usage_seconds_total (ratio x seconds)
 
     def value(self, metric: str) -> float:
         return float(getattr(self, metric))
@@ -72,7 +78,10 @@ _WANTED = {
     "disagg_kv_cache_usage_ratio": "kv",
     "disagg_utilization_ratio": "util",
     "disagg_draining": "draining",
-    "disagg_busy_seconds": "busy",  # a counter: its family is named without _total
+    # counters: their families are named without _total
+    "disagg_busy_seconds": "busy",
+    "disagg_requests_waiting_seconds": "waiting_s",
+    "disagg_kv_cache_usage_seconds": "kv_s",
 }
 
 
@@ -102,4 +111,6 @@ def parse_worker_metrics(text: str, role: str | None = None) -> PodSample | None
         running=values.get("running", 0.0),
         draining=values.get("draining", 0.0) >= 0.5,
         busy_seconds=values.get("busy"),
+        waiting_seconds=values.get("waiting_s"),
+        kv_seconds=values.get("kv_s"),
     )

@@ -40,10 +40,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from disagg_operator import metrics
-from disagg_operator.autoscale import HISTORY_SECONDS, STALE_AFTER_SECONDS, WARMUP_SECONDS, Decision, Sample, decide
+from disagg_operator.autoscale import (
+    HISTORY_SECONDS,
+    STALE_AFTER_SECONDS,
+    WARMUP_SECONDS,
+    Decision,
+    Direction,
+    Sample,
+    decide,
+)
 from disagg_operator.builders import (
     ANNOTATION_DELETION_COST,
     ROLES,
+    THRESHOLD_METRICS,
+    TIME_INTEGRALS,
     WORKER_HTTP_PORT,
     Owner,
     child_name,
@@ -65,7 +75,6 @@ STUCK_AFTER_SECONDS = 900.0
 SCRAPE_TIMEOUT_SECONDS = 2.0
 # a worker's /metrics is tens of KiB; a pod answering more is not a worker we can read
 MAX_METRICS_BYTES = 8 << 20
-BUSY_RATE = "rate(disagg_busy_seconds_total)"
 UNKNOWN_KV_COST = 10_000  # a full KV cache in basis points: the cost of a pod whose KV usage is unknown
 Scraper = Callable[[str, str], PodSample | None]  # (pod IP, role) -> sample
 
@@ -159,28 +168,62 @@ def aggregate(samples: Iterable[PodSample | None], now: float, serving: int | No
     )
 
 
-def interval_utilization(
-    previous: Mapping[str, tuple[float, float]], samples: Mapping[str, PodSample | None], now: float
-) -> tuple[dict[str, PodSample | None], dict[str, tuple[float, float]]]:
-    """Each pod's busy fraction since its previous scrape, from its busy-seconds counter, in place of the
-    gauge (which covers the last second only: a planner reading it every 15 s saw one second in
-    fifteen); and the counters (seconds, time) to compare the next scrape with. A pod seen for the
-    first time, one whose counter went back (a restart), or one without the counter keeps its gauge.
-    A pod whose scrape failed keeps its old counter, so its next reading spans both intervals."""
-    counters = {name: prev for name, prev in previous.items() if name in samples}
+@dataclass(frozen=True)
+class Integral:
+    """A reading the planner takes as a mean over its interval: the worker's gauge (a snapshot) and the
+    time integral (a counter) whose rate stands in for it, the ``PodSample`` field that holds the
+    integral, the scale to the planner's units (a ratio to percent) and the most the mean can be."""
+
+    gauge: str
+    counter: str
+    sample_field: str
+    scale: float
+    cap: float | None
+
+
+INTERVAL_MEANS: dict[str, Integral] = {  # by the reading it stands for
+    reading: Integral(THRESHOLD_METRICS[reading][0], TIME_INTEGRALS[reading], sample_field,
+                      THRESHOLD_METRICS[reading][1], cap)
+    for reading, sample_field, cap in (("queue_length", "waiting_seconds", None),
+                                       ("gpu_utilization", "busy_seconds", 1.0),
+                                       ("kv_cache_usage", "kv_seconds", 1.0))
+}
+Reading = tuple[float, dict[str, float]]  # when a pod was scraped, and its time integrals then (by reading)
+
+
+def interval_averages(
+    previous: Mapping[str, Reading], samples: Mapping[str, PodSample | None], now: float
+) -> tuple[dict[str, PodSample | None], dict[str, Reading]]:
+    """Each pod's busy fraction, queue and KV usage averaged since its previous scrape, from the time
+    integrals it exports, in place of its gauges (snapshots: a planner reading the utilisation gauge
+    every 15 s saw one second in fifteen, and a decode pod's KV usage read 0% and 58% in two snapshots
+    5 s apart at a steady 25%); and the readings to compare the next scrape with. A pod seen for the
+    first time, a counter that went back (a restart), or a worker without one keeps that gauge. A pod
+    whose scrape failed keeps its old reading, so its next average spans both intervals."""
+    readings = {name: prev for name, prev in previous.items() if name in samples}
     out: dict[str, PodSample | None] = {}
     for name, sample in samples.items():
-        if sample is None or sample.busy_seconds is None or not math.isfinite(sample.busy_seconds):
-            out[name] = sample
+        out[name] = sample
+        if sample is None:
             continue
-        prev = counters.get(name)
-        counters[name] = (sample.busy_seconds, now)
-        if prev is None or now <= prev[1] or sample.busy_seconds < prev[0]:
-            out[name] = sample
+        integrals = {reading: value for reading, spec in INTERVAL_MEANS.items()
+                     if (value := getattr(sample, spec.sample_field)) is not None and math.isfinite(value)}
+        if not integrals:
             continue
-        busy = min(1.0, (sample.busy_seconds - prev[0]) / (now - prev[1]))
-        out[name] = dataclasses.replace(sample, gpu_utilization=100.0 * busy)
-    return out, counters
+        prev = readings.get(name)
+        readings[name] = (now, integrals)
+        if prev is None or now <= prev[0]:
+            continue
+        means: dict[str, float] = {}
+        for reading, value in integrals.items():
+            before = prev[1].get(reading)
+            if before is None or value < before:
+                continue
+            spec = INTERVAL_MEANS[reading]
+            mean = (value - before) / (now - prev[0])
+            means[reading] = spec.scale * (mean if spec.cap is None else min(spec.cap, mean))
+        out[name] = dataclasses.replace(sample, **means)
+    return out, readings
 
 
 def deletion_costs(pods: Mapping[str, PodSample | None], starting: Iterable[str] = ()) -> dict[str, str]:
@@ -235,10 +278,12 @@ def prometheus_sample(
     """Role averages and per-pod KV usage from Prometheus (only pods the API reports warm count)."""
     names = {p.name for p in warm}
     per_pod: dict[str, dict[str, float]] = {n: {} for n in names}
-    queries = {metric: promql(metric, owner, role, agg="max by (pod)")
-               for metric in ("disagg_requests_waiting", "disagg_utilization_ratio", "disagg_kv_cache_usage_ratio")}
-    # the busy fraction over the last minute, where the workers export the counter (else the gauge's)
-    queries[BUSY_RATE] = promql("disagg_busy_seconds_total", owner, role, agg="max by (pod)", rate_seconds=60)
+    # each reading as its time integral's rate over the last minute, where the workers export the
+    # counter, else as the gauge
+    queries = {}
+    for spec in INTERVAL_MEANS.values():
+        queries[spec.gauge] = promql(spec.gauge, owner, role, agg="max by (pod)")
+        queries[spec.counter] = promql(spec.counter, owner, role, agg="max by (pod)", rate_seconds=60)
     for metric, query in queries.items():
         try:
             rows = query_prometheus(base_url, query)
@@ -249,16 +294,13 @@ def prometheus_sample(
                 per_pod[labels["pod"]][metric] = value
     samples: dict[str, PodSample | None] = {}
     for name, vals in per_pod.items():
-        # every series the planner reads, or not measured (a missing one read as 0 could scale a busy role down)
-        if not {"disagg_requests_waiting", "disagg_kv_cache_usage_ratio"} <= vals.keys() or not (
-                BUSY_RATE in vals or "disagg_utilization_ratio" in vals):
-            samples[name] = None
-            continue
-        samples[name] = PodSample(
-            queue_length=vals["disagg_requests_waiting"],
-            gpu_utilization=100 * min(1.0, vals[BUSY_RATE] if BUSY_RATE in vals else vals["disagg_utilization_ratio"]),
-            kv_cache_usage=100 * vals["disagg_kv_cache_usage_ratio"],
-        )
+        readings: dict[str, float] = {}
+        for reading, spec in INTERVAL_MEANS.items():
+            value = vals.get(spec.counter, vals.get(spec.gauge))
+            if value is not None:
+                readings[reading] = spec.scale * (value if spec.cap is None else min(spec.cap, value))
+        # every reading, or not measured (a missing one read as 0 could scale a busy role down)
+        samples[name] = PodSample(**readings) if len(readings) == len(INTERVAL_MEANS) else None
     return aggregate(samples.values(), now, serving), samples
 
 
@@ -269,7 +311,8 @@ def prometheus_sample(
 class RoleState:
     history: deque[Sample] = field(default_factory=deque)  # the last HISTORY_SECONDS (at most 3,600 samples)
     last_change: float | None = None
-    busy: dict[str, tuple[float, float]] = field(default_factory=dict)  # pod -> its busy counter, when read
+    last_direction: Direction | None = None  # None after a restart: the whole cooldown holds
+    readings: dict[str, Reading] = field(default_factory=dict)  # pod -> its time integrals, when read
     last_data: float | None = None  # when a round last got data from at least one pod
     reported_missing: bool = False  # whether the outage is reported (a warning and an Event)
 
@@ -309,13 +352,13 @@ def _sample_role(
     not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
     auto = parsed.policy.autoscale
     if reads_prometheus(auto):
-        state.busy.clear()  # back on scrapes, a counter from before would average over the whole gap
+        state.readings.clear()  # back on scrapes, a counter from before would average over the whole gap
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)
     else:
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(warm)))) as pool:
             results = list(pool.map(lambda p: scrape(p.ip or "", role), warm))
-        per_pod, state.busy = interval_utilization(
-            state.busy, {p.name: r for p, r in zip(warm, results, strict=True)}, now)
+        per_pod, state.readings = interval_averages(
+            state.readings, {p.name: r for p, r in zip(warm, results, strict=True)}, now)
         sample = aggregate(per_pod.values(), now, serving)
     return sample, starting, per_pod, not_warm
 
@@ -372,7 +415,7 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         # a sample may be up to ~2 intervals old before it (or a gap that long) counts as missing data
         decision = decide(list(state.history), policy, current, starting, now, state.last_change,
-                          stale_after=stale_after)
+                          stale_after=stale_after, last_direction=state.last_direction)
         metrics.DESIRED_REPLICAS.labels(owner.namespace, owner.name, role).set(decision.desired)
         if not decision.changed:
             return decision
@@ -385,7 +428,7 @@ def _plan_role(body: Any, parsed: ParsedSpec, owner: Owner, role: str, state: Ro
                         raise
                     # gone since the listing: one pod less to rank, not a reason to skip the step
         kube.scale_deployment(owner.namespace, name, decision.desired)
-        state.last_change = now
+        state.last_change, state.last_direction = now, decision.direction
         message = f"Scaled {role} from {current} to {decision.desired}: {decision.reason}"
         logger.info("%s", message)
         last_scale = {"role": role, "from": current, "to": decision.desired, "reason": decision.reason,
@@ -482,10 +525,10 @@ async def _loop(body: Any, stopped: Any, logger: Any, states: dict[str, RoleStat
                     plan_once, body, parsed, states, kube=kube_factory(), lock=lock, now=clock(), scrape=scrape,
                     logger=logger,
                 )
-            else:  # samples (and busy counters) from before a mode switch must not count when builtin resumes
+            else:  # samples (and counters) from before a mode switch must not count when builtin resumes
                 for state in states.values():
                     state.history.clear()
-                    state.busy.clear()
+                    state.readings.clear()
                 _forget_desired(body)  # the HPA or KEDA decides now
         except SpecError:
             pass  # the reconciler reports it

@@ -195,6 +195,26 @@ def test_a_scale_up_window_after_a_change_is_covered_by_samples_taken_after_it()
     assert decide(history, no_cooldown, 6, 0, NOW, NOW - 30).direction == "hold"
 
 
+def test_the_cooldown_holds_every_reversal_but_not_a_second_scale_up() -> None:
+    """A burst landing just after a step for the ramp used to wait out the cooldown on too few pods."""
+    busy = [Sample(NOW, 4, **BUSY)]
+    calm = steady(8, NOW, **CALM)
+    assert decide(busy, PREFILL, 4, 0, NOW, NOW - 10, last_direction="up").direction == "up"
+    # sized like any scale-up: the pods already on their way cover it -> hold
+    hot = [Sample(NOW, 4, queue_length=5.0, gpu_utilization=85.0)]  # 340 busy-% in all: 6 pods at the 60% target
+    wide = PREFILL.model_copy(update={"max_replicas": 12})
+    covered = decide(hot, wide, 6, 2, NOW, NOW - 10, last_direction="up")
+    assert (covered.direction, covered.reason) == ("hold", "gpuUtilization above 80; 2 pod(s) starting")
+    assert decide(hot, wide, 5, 1, NOW, NOW - 10, last_direction="up") == Decision(6, "gpuUtilization above 80", "up")
+    assert decide(busy, PREFILL, 4, 0, NOW, NOW - 10, last_direction="down") == Decision(4, "cooldown", "hold")
+    assert decide(calm, DECODE, 8, 0, NOW, NOW - 10, last_direction="up") == Decision(8, "cooldown", "hold")
+    # a sample from the round of the change saw the old pods: not a reason for a second step
+    assert decide([Sample(NOW - 10, 4, **BUSY)], PREFILL, 4, 0, NOW, NOW - 10, last_direction="up").direction == \
+        "hold"
+    # after a restart the direction is unknown: the whole cooldown holds
+    assert decide(busy, PREFILL, 4, 0, NOW, NOW - 10) == Decision(4, "cooldown", "hold")
+
+
 def test_stabilisation_windows_are_at_most_the_hour_of_history_the_planner_keeps() -> None:
     with pytest.raises(ValueError, match="3600"):
         RoleAutoscale(scale_down_stabilization_seconds=5400)
@@ -418,6 +438,21 @@ def test_a_falling_or_flat_trend_changes_no_scale_down() -> None:
         history = ramp(8, NOW, start=60.0, per_second=per_second)
         assert decide(history, FORECAST, 8, 0, NOW, None) == decide(history, DECODE, 8, 0, NOW, None)
 
+
+
+def test_no_scale_down_until_the_forecast_knows_the_trend() -> None:
+    """After a restart (or a long outage) the trend needs five minutes of history: a pool shrunk on a
+    rising ramp in those minutes grew back as soon as the ramp showed (two reversals)."""
+    short = steady(8, NOW, span=240.0, every=5.0, **CALM)
+    d = decide(short, FORECAST, 8, 0, NOW, None)
+    assert (d.desired, d.direction) == (8, "hold")
+    assert d.reason == "queueLength below 4, kvCacheUsage below 30, but no load trend yet (it needs 300s of history)"
+    assert decide(short, DECODE, 8, 0, NOW, None).direction == "down"  # no forecast: nothing to wait for
+    assert decide(steady(8, NOW, span=300.0, every=5.0, **CALM), FORECAST, 8, 0, NOW, None).direction == "down"
+    # a policy whose thresholds the forecast cannot extrapolate (queues only) never waits for it
+    queues = FORECAST.model_copy(update={"scale_up": Thresholds(queue_length=16),
+                                         "scale_down": Thresholds(queue_length=4)})
+    assert decide(short, queues, 8, 0, NOW, None).direction == "down"
 
 
 def test_the_forecast_needs_a_sampling_interval_that_gives_it_a_trend() -> None:

@@ -120,7 +120,8 @@ def test_cli_runs_several_traces_and_counts_where_every_target_is_met(tmp_path: 
 
 def test_the_simulated_pods_report_what_the_workers_and_the_planner_would() -> None:
     """The planner must be judged on what it would see: no negative queues, no samples from pods still
-    warming up (they count as starting), busy time over the time since the last sample."""
+    warming up (they count as starting), busy time, queue and KV usage as means over the time since
+    the last sample (the workers' time integrals), not snapshots."""
     from disagg_operator.bench_autoscale import Cluster, Pod, Request
 
     st = ServiceTimes({64: 0.01}, {1: 0.006, 16: 0.018})
@@ -129,11 +130,20 @@ def test_the_simulated_pods_report_what_the_workers_and_the_planner_would() -> N
     warming = Pod(ready_at=90.0)
     cluster.pools["prefill"].append(warming)
     warm.queue.append(Request(arrival=99.99, prompt=64, output=8))  # arrived within the step, in service now
-    warm.busy_left, warm.busy_time = 0.5, 2.5
+    warm.busy_left, warm.busy_time, warm.queue_time = 0.5, 2.5, 7.5
+    assert cluster.waiting(warm, 100.0) == 0  # the prompt in progress is not waiting (it used to read -1 here)
+    warm.queue.append(Request(arrival=99.995, prompt=64, output=8))
+    assert cluster.waiting(warm, 99.99) == 0 and cluster.waiting(warm, 100.0) == 1  # arrived by then
     sample, starting = cluster.sample("prefill", 100.0, elapsed=5.0, warmup=30.0)
     assert (sample.pods, sample.serving, starting) == (1, 2, 1)
-    assert sample.queue_length == 0  # the prompt in progress is not waiting (it used to read -1 here)
-    assert sample.gpu_utilization == 50.0
-    warm.queue.append(Request(arrival=99.995, prompt=64, output=8))
-    assert cluster.sample("prefill", 100.0, elapsed=5.0, warmup=30.0)[0].queue_length == 1
+    assert (sample.gpu_utilization, sample.queue_length) == (50.0, 1.5)  # 2.5 busy s, 7.5 request-s over 5 s
+    assert (warm.busy_time, warm.queue_time) == (0.0, 0.0)  # the next sample covers the next interval
     assert cluster.sample("prefill", 121.0, elapsed=5.0, warmup=30.0)[0].pods == 2  # warmed up
+    # a decode pod's KV usage over the interval: a step of 1 s with 500 of 1,000 KV tokens in use, then
+    # an idle 4 s, read 10% (a snapshot at the end would read 0%)
+    cluster = Cluster(st, 1, 1, max_batch=16, kv_tokens=1000.0, startup=30.0)
+    decode = cluster.pools["decode"][0]
+    decode.running.append(Request(arrival=199.0, prompt=400, output=1000, first_token=200.0, generated=100))
+    cluster.step(200.0, 1.0)
+    decode.running.clear()
+    assert cluster.sample("decode", 205.0, elapsed=5.0, warmup=30.0)[0].kv_cache_usage == 10.0

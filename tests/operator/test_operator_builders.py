@@ -241,15 +241,18 @@ def test_keda_scaled_object_queries_prometheus() -> None:
     [trigger] = so["triggers"]
     assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
     pods = pod_name_pattern("demo-decode")
-    assert trigger["metadata"]["query"] == f'sum(disagg_kv_cache_usage_ratio{{namespace="ns",pod=~"{pods}"}})'
+    # each reading's mean over a minute (its time integral's rate), as the builtin planner reads it
+    assert trigger["metadata"]["query"] == (
+        f'sum(rate(disagg_kv_cache_usage_seconds_total{{namespace="ns",pod=~"{pods}"}}[60s]))')
     assert trigger["metadata"]["threshold"] == "0.75"
-    # busy time from the counter's rate, as the builtin planner reads it (the gauge covers one second)
     spec = {**SCENARIOS["keda"], "autoscale": {**SCENARIOS["keda"]["autoscale"], "prefill": {
         "minReplicas": 1, "maxReplicas": 3, "scaleUp": {"queueLength": 8, "gpuUtilization": 80}}}}
     prefill = by(children(spec), "ScaledObject", "demo-prefill")["spec"]
     queries = {t["name"]: t["metadata"]["query"] for t in prefill["triggers"]}
-    assert queries["gpu-utilization"] == (f'sum(rate(disagg_busy_seconds_total{{namespace="ns",'
-                                          f'pod=~"{pod_name_pattern("demo-prefill")}"}}[60s]))')
+    pattern = pod_name_pattern("demo-prefill")
+    assert queries["gpu-utilization"] == f'sum(rate(disagg_busy_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s]))'
+    assert queries["queue-length"] == (
+        f'sum(rate(disagg_requests_waiting_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s]))')
 
 
 @pytest.mark.parametrize("name_length", [4, 20, 38, 39, 45, 50, 55])

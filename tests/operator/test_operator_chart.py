@@ -126,8 +126,10 @@ def test_monitoring_values_render_service_monitor_and_dashboard() -> None:
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = json.loads(dash["data"]["disagg.json"])
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
-    for metric in ("disagg_requests_waiting", "disagg_requests_running", "disagg_kv_cache_usage_ratio",
-                   "disagg_prefix_cache_hit_tokens_total", "disagg_utilization_ratio", "disagg_draining",
+    # the planner's readings as it reads them: means over a window, from the time integrals
+    for metric in ("disagg_requests_waiting_seconds_total", "disagg_requests_running",
+                   "disagg_kv_cache_usage_seconds_total", "disagg_prefix_cache_hit_tokens_total",
+                   "disagg_busy_seconds_total", "disagg_draining",
                    "disagg_scale_decisions_total", "disagg_desired_replicas"):
         assert metric in exprs
     # the operator labels its series with the DisaggDeployment's namespace, which the dashboard

@@ -23,7 +23,7 @@ from disagg_operator.planner import (
     aggregate,
     classify,
     deletion_costs,
-    interval_utilization,
+    interval_averages,
     plan_once,
     query_prometheus,
     recover_states,
@@ -52,14 +52,18 @@ def pod(name: str, *, ready_for: float | None = 600.0, ip: str = "10.0.0.1", ter
 
 
 def exposition(role: str = "decode", waiting: float = 3, running: float = 5, kv: float = 0.4, util: float = 0.5,
-               draining: float = 0, busy_seconds: float | None = None) -> str:
+               draining: float = 0, busy_seconds: float | None = None, waiting_seconds: float | None = None,
+               kv_seconds: float | None = None) -> str:
     reg = CollectorRegistry()
     for name, value in (("disagg_requests_waiting", waiting), ("disagg_requests_running", running),
                         ("disagg_kv_cache_usage_ratio", kv), ("disagg_utilization_ratio", util),
                         ("disagg_draining", draining), ("disagg_prefix_cache_hit_ratio", 0.9)):
         Gauge(name, name, ["role"], registry=reg).labels(role).set(value)
-    if busy_seconds is not None:
-        Counter("disagg_busy_seconds_total", "busy", ["role"], registry=reg).labels(role).inc(busy_seconds)
+    for name, value in (("disagg_busy_seconds_total", busy_seconds),
+                        ("disagg_requests_waiting_seconds_total", waiting_seconds),
+                        ("disagg_kv_cache_usage_seconds_total", kv_seconds)):
+        if value is not None:
+            Counter(name, name, ["role"], registry=reg).labels(role).inc(value)
     return generate_latest(reg).decode()
 
 
@@ -93,31 +97,44 @@ def test_parse_worker_metrics_in_planner_units() -> None:
     assert parse_worker_metrics("# nothing here\n", "decode") is None
 
 
-def test_the_busy_counter_is_read_from_the_exposition() -> None:
-    assert parse_worker_metrics(exposition(busy_seconds=12.5), "decode").busy_seconds == 12.5
-    assert parse_worker_metrics(exposition(), "decode").busy_seconds is None  # a worker without it
+def test_the_time_integrals_are_read_from_the_exposition() -> None:
+    sample = parse_worker_metrics(exposition(busy_seconds=12.5, waiting_seconds=3.0, kv_seconds=7.25), "decode")
+    assert (sample.busy_seconds, sample.waiting_seconds, sample.kv_seconds) == (12.5, 3.0, 7.25)
+    old = parse_worker_metrics(exposition(), "decode")  # a worker without them
+    assert (old.busy_seconds, old.waiting_seconds, old.kv_seconds) == (None, None, None)
 
 
-def test_utilisation_is_the_busy_counter_over_the_whole_interval() -> None:
-    """The gauge covers the last second: read every 15 s, a pod busy 14 s of 15 could read 0."""
-    def at(busy: float | None, util: float = 0.0) -> PodSample:
-        return PodSample(queue_length=0, gpu_utilization=util, kv_cache_usage=0, busy_seconds=busy)
+def test_busy_queue_and_kv_are_means_over_the_whole_interval() -> None:
+    """Gauges are snapshots: the utilisation gauge covers the last second (read every 15 s, a pod busy
+    14 s of 15 could read 0), and a decode pod's KV usage read 0% and 58% 5 s apart at a steady 25%."""
+    def at(busy: float | None, util: float = 0.0, waiting: float | None = None, kv: float | None = None) -> PodSample:
+        return PodSample(queue_length=9, gpu_utilization=util, kv_cache_usage=90, busy_seconds=busy,
+                         waiting_seconds=waiting, kv_seconds=kv)
 
-    first, counters = interval_utilization({}, {"a": at(100.0, util=10.0), "b": None}, NOW)
-    assert first["a"].gpu_utilization == 10.0 and first["b"] is None  # no previous reading: the gauge
-    assert counters == {"a": (100.0, NOW)}
-    second, counters = interval_utilization(counters, {"a": at(114.0), "b": None}, NOW + 15)
+    first, readings = interval_averages({}, {"a": at(100.0, util=10.0, waiting=50.0, kv=20.0), "b": None}, NOW)
+    assert first["a"] == at(100.0, util=10.0, waiting=50.0, kv=20.0) and first["b"] is None  # no previous: gauges
+    assert readings == {"a": (NOW, {"gpu_utilization": 100.0, "queue_length": 50.0, "kv_cache_usage": 20.0})}
+    second, readings = interval_averages(readings, {"a": at(114.0, waiting=80.0, kv=23.0), "b": None}, NOW + 15)
     assert second["a"].gpu_utilization == pytest.approx(100 * 14 / 15)
-    # a failed scrape keeps the old counter: the next reading spans both intervals
-    third, kept = interval_utilization(counters, {"a": None}, NOW + 30)
-    assert third["a"] is None and kept == {"a": (114.0, NOW + 15)}
-    fourth, _ = interval_utilization(kept, {"a": at(120.0)}, NOW + 45)
-    assert fourth["a"].gpu_utilization == pytest.approx(100 * 6 / 30)
-    # a restarted pod's counter starts again from 0: its gauge this once, not a negative fraction
-    restarted, counters = interval_utilization({"a": (500.0, NOW)}, {"a": at(3.0, util=20.0)}, NOW + 15)
-    assert restarted["a"].gpu_utilization == 20.0 and counters["a"] == (3.0, NOW + 15)
-    # pods that are gone are forgotten
-    assert interval_utilization({"gone": (1.0, NOW)}, {"a": at(1.0)}, NOW + 15)[1] == {"a": (1.0, NOW + 15)}
+    assert second["a"].queue_length == pytest.approx(2.0)  # 30 request-seconds over 15 s
+    assert second["a"].kv_cache_usage == pytest.approx(20.0)  # 3 of 15 s a full cache: 20%
+    # a failed scrape keeps the old reading: the next average spans both intervals
+    third, kept = interval_averages(readings, {"a": None}, NOW + 30)
+    assert third["a"] is None and kept == readings
+    fourth, _ = interval_averages(kept, {"a": at(120.0, waiting=80.0, kv=23.0)}, NOW + 45)
+    assert (fourth["a"].gpu_utilization, fourth["a"].queue_length, fourth["a"].kv_cache_usage) == pytest.approx(
+        (100 * 6 / 30, 0.0, 0.0))
+    # a restarted pod's counters start again from 0: its gauges this once, not negative means
+    restarted, readings = interval_averages(readings, {"a": at(3.0, util=20.0, waiting=1.0, kv=0.5)}, NOW + 15)
+    assert restarted["a"] == at(3.0, util=20.0, waiting=1.0, kv=0.5)
+    # a worker exporting only the busy counter: its queue and KV stay the gauges
+    busy_only, _ = interval_averages({"a": (NOW, {"gpu_utilization": 1.0})}, {"a": at(8.5)}, NOW + 15)
+    assert (busy_only["a"].gpu_utilization, busy_only["a"].queue_length, busy_only["a"].kv_cache_usage) == \
+        pytest.approx((50.0, 9, 90))
+    # pods that are gone are forgotten; pods without any counter leave no reading
+    assert interval_averages({"gone": (NOW, {"gpu_utilization": 1.0})}, {"a": at(1.0)}, NOW + 15)[1] == {
+        "a": (NOW + 15, {"gpu_utilization": 1.0})}
+    assert interval_averages({}, {"a": at(None)}, NOW)[1] == {}
 
 
 def test_aggregate_and_deletion_costs() -> None:
@@ -269,8 +286,8 @@ SPEC = {"autoscale": {"mode": "builtin", "intervalSeconds": 15,
 BODY = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u"}, "spec": SPEC}
 
 
-def run_round(cluster: FakeCluster, scrape: Any) -> dict[str, Any]:
-    states = {r: RoleState() for r in ("prefill", "decode")}
+def run_round(cluster: FakeCluster, scrape: Any, states: dict[str, RoleState] | None = None) -> dict[str, Any]:
+    states = {r: RoleState() for r in ("prefill", "decode")} if states is None else states
     return plan_once(BODY, parse_spec(SPEC, name="demo"), states, kube=cluster, lock=threading.Lock(), now=NOW,
                      scrape=scrape)
 
@@ -306,9 +323,13 @@ def test_decode_scale_down_sets_deletion_costs_first() -> None:
 def test_prefill_scale_up_and_missing_metrics_hold() -> None:
     cluster = FakeCluster({"prefill": [pod("p0", role="prefill")], "decode": [pod("d0")]},
                           {"prefill": 1, "decode": 1})
+    states = {r: RoleState() for r in ("prefill", "decode")}
     decisions = run_round(cluster, lambda ip, role: PodSample(queue_length=20 if role == "prefill" else 1,
-                                                               gpu_utilization=50, kv_cache_usage=50))
+                                                               gpu_utilization=50, kv_cache_usage=50), states)
     assert decisions["prefill"].direction == "up" and cluster.replicas["prefill"] == 3  # maxStep 2
+    # the direction is kept: within the cooldown, only a further scale-up may follow
+    assert (states["prefill"].last_change, states["prefill"].last_direction) == (NOW, "up")
+    assert states["decode"].last_direction is None
     assert "annotate" not in [w[0] for w in cluster.writes]
     cluster.writes.clear()
     decisions = run_round(cluster, lambda ip, role: None)  # every scrape fails
@@ -322,6 +343,7 @@ def test_cooldown_survives_a_restart() -> None:
     assert states["decode"].last_change == NOW - 5
     assert states["prefill"].last_change == NOW - 5  # its own last change may have been as recent
     assert recover_states({})["prefill"].last_change is None
+    assert states["decode"].last_direction is None  # unknown after a restart: the whole cooldown holds
 
 
 def test_a_round_records_every_pod_taking_traffic_not_just_those_that_answered() -> None:
@@ -442,23 +464,28 @@ async def test_the_desired_replicas_gauge_goes_when_the_planner_stops_or_hands_o
     assert ("ns", "demo", "decode") not in sample_names()
 
 
-def test_prometheus_mode_reads_the_busy_rate_and_falls_back_to_the_gauge(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prometheus_mode_reads_the_counters_rates_and_falls_back_to_the_gauges(monkeypatch: pytest.MonkeyPatch) -> None:
     from disagg_operator.builders import Owner
 
-    answers = {"disagg_requests_waiting": 2.0, "disagg_utilization_ratio": 0.1, "disagg_kv_cache_usage_ratio": 0.3}
+    gauges = {"disagg_requests_waiting{": 2.0, "disagg_utilization_ratio{": 0.1, "disagg_kv_cache_usage_ratio{": 0.3}
+    rates = {"rate(disagg_busy_seconds_total{": 0.7, "rate(disagg_requests_waiting_seconds_total{": 1.5,
+             "rate(disagg_kv_cache_usage_seconds_total{": 0.25}
 
     def fake_query(base_url: str, query: str, **_: Any) -> list[tuple[dict[str, str], float]]:
-        if "rate(disagg_busy_seconds_total" in query:
-            return [({"pod": "a"}, 0.7)]  # b's worker exports no counter
-        [value] = [v for name, v in answers.items() if name in query]
+        [rate] = [v for name, v in rates.items() if name in query] or [None]
+        if rate is not None:
+            return [({"pod": "a"}, rate)]  # b's worker exports no counters
+        [value] = [v for name, v in gauges.items() if name in query]
         return [({"pod": "a"}, value), ({"pod": "b"}, value)]
 
     monkeypatch.setattr(planner, "query_prometheus", fake_query)
     owner = Owner(name="demo", namespace="ns", uid="u")
     warm = [planner.pod_state(pod("a")), planner.pod_state(pod("b"))]
     _, per_pod = planner.prometheus_sample("http://prom", owner, "decode", warm, NOW)
-    assert per_pod["a"].gpu_utilization == pytest.approx(70.0)
-    assert per_pod["b"].gpu_utilization == pytest.approx(10.0)
+    assert (per_pod["a"].gpu_utilization, per_pod["a"].queue_length, per_pod["a"].kv_cache_usage) == pytest.approx(
+        (70.0, 1.5, 25.0))
+    assert (per_pod["b"].gpu_utilization, per_pod["b"].queue_length, per_pod["b"].kv_cache_usage) == pytest.approx(
+        (10.0, 2.0, 30.0))
 
 
 def test_a_metrics_outage_is_reported_once_and_its_end_too() -> None:

@@ -32,14 +32,15 @@ PREFIX_HIT_TOKENS = Counter("disagg_prefix_cache_hit_tokens_total", "Prompt toke
 UTILIZATION = Gauge("disagg_utilization_ratio", "Busy fraction of the engine step loop (recent window)", ["role"])
 
 
-class BusySecondsCollector:
-    """``disagg_busy_seconds_total{role}``, read from the engine when scraped: the busy fraction over any
-    window (the planner's interval, a PromQL range) is its rate. Bumped by a once-a-second loop instead,
-    two scrapes a few seconds apart read 0% and 91% of an engine busy half the time. Never lower than
-    it was (a counter that goes down reads as a restart), though the step in progress it includes may
-    turn out to have run nothing."""
+class ReadOnScrapeCounter:
+    """A counter ``<name>_total{role}`` read from the engine when scraped: its rate is the mean over any
+    window (the planner's interval, a PromQL range) of what it integrates. Bumped by a once-a-second
+    loop instead, two scrapes a few seconds apart read 0% and 91% busy of an engine busy half the time.
+    Never lower than it was (a counter that goes down reads as a restart), though a reading that
+    includes the step in progress may turn out to have counted a step that ran nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
         self._sources: dict[str, Callable[[], float]] = {}
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -49,8 +50,7 @@ class BusySecondsCollector:
             self._sources[role] = read
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("disagg_busy_seconds", "Seconds the engine step loop spent running batches",
-                                     labels=["role"])
+        family = CounterMetricFamily(self.name, self.documentation, labels=["role"])
         with self._lock:
             for role, read in self._sources.items():
                 self._last[role] = max(self._last.get(role, 0.0), read())
@@ -58,8 +58,15 @@ class BusySecondsCollector:
         yield family
 
 
-BUSY_SECONDS = BusySecondsCollector()
-REGISTRY.register(BUSY_SECONDS)
+BUSY_SECONDS = ReadOnScrapeCounter("disagg_busy_seconds", "Seconds the engine step loop spent running batches")
+# the planner's queue length and KV usage: means over its interval, not snapshots (see TimeIntegral)
+WAITING_SECONDS = ReadOnScrapeCounter(
+    "disagg_requests_waiting_seconds", "Integral over time of disagg_requests_waiting (its rate: the mean queue)")
+KV_USAGE_SECONDS = ReadOnScrapeCounter(
+    "disagg_kv_cache_usage_seconds",
+    "Integral over time of disagg_kv_cache_usage_ratio (its rate: the mean KV usage)")
+for _counter in (BUSY_SECONDS, WAITING_SECONDS, KV_USAGE_SECONDS):
+    REGISTRY.register(_counter)
 DRAINING = Gauge("disagg_draining", "1 while the worker takes no new requests", ["role"])
 PREEMPTIONS = Counter("disagg_preemptions_total", "Requests preempted for lack of KV blocks", ["role"])
 PROMPT_TOKENS = Counter("disagg_prompt_tokens_total", "Prompt tokens received", ["role"])

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from disagg_worker.engine.engine import LLMEngine, RequestOutput
 from disagg_worker.engine.request import PRIORITY_HIGH, InvalidRequestError, SamplingParams
+from disagg_worker.engine.time_integral import TimeIntegral
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,9 @@ class AsyncEngine:
         self._step_started: float | None = None  # monotonic start of the step in progress
         self._busy_total = 0.0  # seconds in finished steps that ran a batch
         self._busy_lock = threading.Lock()
+        # the engine's load over time, for means over any window (metrics scrapes, the autoscaler)
+        self.waiting_integral = TimeIntegral()
+        self.kv_usage_integral = TimeIntegral()
         # metrics hook (engine thread): a step's outputs and its seconds (None: it ran no batch, as when
         # stalled on KV imports; those passes are not engine steps and must not count as ~0 s ones)
         self.on_step: Callable[[list[RequestOutput], float | None], None] | None = None
@@ -107,6 +111,7 @@ class AsyncEngine:
         failed_steps = 0
         while not self._stopping:
             self._run_commands()
+            self._track_load()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -129,6 +134,7 @@ class AsyncEngine:
                 with self._busy_lock:
                     self._busy_total += seconds if ran else 0.0
                     self._step_started = None
+            self._track_load()
             if self.on_step is not None:
                 try:
                     self.on_step(outputs, seconds if ran else None)
@@ -141,6 +147,11 @@ class AsyncEngine:
             if not outputs and self.engine.stalled:  # what frees blocks or slots arrives as a command, which wakes us
                 self._wake.wait(STALLED_WAIT_SECONDS)
                 self._wake.clear()
+
+    def _track_load(self) -> None:
+        """Feed the load integrals: commands (new requests, aborts) and steps are what change the load."""
+        self.waiting_integral.set(self.engine.scheduler.num_waiting)
+        self.kv_usage_integral.set(self.engine.block_manager.usage)
 
     def _run_commands(self) -> None:
         while True:

@@ -92,6 +92,8 @@ class WorkerRuntime:
     # ---- periodic --------------------------------------------------------------------------
     def start(self) -> None:
         m.BUSY_SECONDS.track(self.role, self.engine.busy_seconds)
+        m.WAITING_SECONDS.track(self.role, self.engine.waiting_integral.total)
+        m.KV_USAGE_SECONDS.track(self.role, self.engine.kv_usage_integral.total)
         self._task = asyncio.create_task(self._refresh_loop(), name="metrics-refresh")
 
     async def stop(self) -> None:
