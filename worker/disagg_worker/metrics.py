@@ -30,6 +30,9 @@ PREFIX_QUERIED_TOKENS = Counter("disagg_prefix_cache_queried_tokens_total",
 PREFIX_HIT_TOKENS = Counter("disagg_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache",
                             ["role"])
 UTILIZATION = Gauge("disagg_utilization_ratio", "Busy fraction of the engine step loop (recent window)", ["role"])
+GPU_UTILIZATION = Gauge("disagg_gpu_utilization_ratio",
+                        "Share of the driver's last sample period (up to 1 s) in which a kernel ran on the "
+                        "worker's GPU (NVML, as nvidia-smi shows it; CUDA only)", ["role"])
 
 
 class ReadOnScrapeCounter:

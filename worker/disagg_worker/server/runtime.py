@@ -19,6 +19,7 @@ from disagg_worker import metrics as m
 from disagg_worker.engine.async_engine import AsyncEngine
 from disagg_worker.engine.engine import RequestOutput
 from disagg_worker.engine.request import PRIORITY_HIGH, PRIORITY_LOW, InvalidRequestError, SamplingParams
+from disagg_worker.gpu_utilization import GpuUtilization
 from disagg_worker.policy import Policy
 from disagg_worker.rpc import pb
 
@@ -56,6 +57,7 @@ class WorkerRuntime:
         self.engine.on_step = self._on_step
         self._last_preemptions = 0
         self._last_prefix = (0, 0)  # prefix-cache (queried, hit) tokens already counted
+        self.gpu = GpuUtilization(self.engine.engine.loaded.device)
 
     # ---- engine hooks (engine thread) ------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], seconds: float | None) -> None:
@@ -123,6 +125,9 @@ class WorkerRuntime:
         m.KV_CACHE_USAGE.labels(r).set(s.kv_usage)
         m.PREFIX_HIT_RATIO.labels(r).set(s.prefix_hit_ratio)
         m.UTILIZATION.labels(r).set(self.utilization)
+        gpu = self.gpu.ratio()
+        if gpu is not None:
+            m.GPU_UTILIZATION.labels(r).set(gpu)
         m.DRAINING.labels(r).set(1 if self.draining else 0)
         m.PREEMPTIONS.labels(r).inc(s.num_preemptions - self._last_preemptions)
         self._last_preemptions = s.num_preemptions
