@@ -249,7 +249,30 @@ async def test_the_kv_usage_integral_grows_while_a_request_holds_blocks(
     done = running.kv_usage_integral.total()
     await asyncio.sleep(0.2)
     assert running.kv_usage_integral.total() == pytest.approx(done)  # nothing held: nothing added
-    assert running.waiting_integral.total() >= 0.0
+
+
+async def test_the_waiting_integral_counts_requests_waiting_for_a_slot_not_those_running(
+        llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner reads the queue as this integral's rate. A request admitted to the batch stops
+    waiting when its step is scheduled, not when the step ends: fed only between steps, the integral
+    counted every admitted request as waiting for its whole first step."""
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=64, max_num_seqs=1), llama))
+    engine.start()
+    try:
+        slow_forward_passes(engine, monkeypatch, 0.3)
+        first = asyncio.ensure_future(collect(engine, "first", [5, 6, 7], 4))
+        await asyncio.sleep(0.1)  # inside its first step: running, not waiting
+        before = engine.waiting_integral.total()
+        await asyncio.sleep(0.15)
+        assert engine.waiting_integral.total() - before == pytest.approx(0.0, abs=0.02)
+        second = asyncio.ensure_future(collect(engine, "second", [8, 9, 10], 1))
+        await asyncio.sleep(0.05)  # the only slot is taken: it waits
+        before, t0 = engine.waiting_integral.total(), time.monotonic()
+        await asyncio.sleep(0.3)
+        assert engine.waiting_integral.total() - before == pytest.approx(time.monotonic() - t0, abs=0.05)
+        await asyncio.gather(first, second)
+    finally:
+        await engine.stop()
 
 
 async def test_passes_that_ran_no_batch_are_not_reported_as_steps(

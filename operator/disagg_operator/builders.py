@@ -603,9 +603,11 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
     scaling: RoleAutoscale = getattr(auto, role)
     triggers = []
     for key, threshold in scaling.scale_up.items().items():
-        _, divisor = THRESHOLD_METRICS[key]
-        # the reading's mean over a minute (its time integral's rate), as the builtin planner reads it
-        query = promql(TIME_INTEGRALS[key], owner, role, agg="sum", rate_seconds=60)
+        gauge, divisor = THRESHOLD_METRICS[key]
+        # the reading's mean over a minute (its time integral's rate), as the builtin planner reads it;
+        # the gauge where no worker exports the integral (an older image: an empty query reads as 0)
+        query = (f"{promql(TIME_INTEGRALS[key], owner, role, agg='sum', rate_seconds=60)} or "
+                 f"{promql(gauge, owner, role, agg='sum')}")
         # sum over pods / per-pod threshold = desired replicas (KEDA's AverageValue semantics)
         triggers.append(
             {

@@ -127,12 +127,17 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("RoleAutoscale", "scaleDown"): "scale down only when ALL of these per-pod averages hold (are below)",
     ("RoleAutoscale", "scaleUpStabilizationSeconds"): "a scale-up signal must last this long",
     ("RoleAutoscale", "scaleDownStabilizationSeconds"): "a scale-down signal must last this long",
-    ("RoleAutoscale", "cooldownSeconds"): "no further change for this long after a change",
+    ("RoleAutoscale", "cooldownSeconds"): "no further change for this long after a change, except a "
+    "further scale-up after a scale-up (builtin planner)",
     ("RoleAutoscale", "scaleDownForecastSeconds"): "builtin planner: while the load trends up (over the "
-    "last 15 min), a scale-down keeps the pods the trend needs this many seconds ahead; 0 turns it off",
-    ("Thresholds", "queueLength"): "waiting requests per pod (disagg_requests_waiting)",
-    ("Thresholds", "gpuUtilization"): "percent busy (100 x disagg_utilization_ratio)",
-    ("Thresholds", "kvCacheUsage"): "percent of KV blocks in use (100 x disagg_kv_cache_usage_ratio)",
+    "last 15 min), a scale-down keeps the pods the trend needs this many seconds ahead, and until 5 min of "
+    "history give a trend, scale-downs hold; 0 turns it off",
+    ("Thresholds", "queueLength"): "waiting requests per pod, a mean over the interval "
+    "(rate of disagg_requests_waiting_seconds_total)",
+    ("Thresholds", "gpuUtilization"): "percent busy, a mean over the interval "
+    "(100 x rate of disagg_busy_seconds_total)",
+    ("Thresholds", "kvCacheUsage"): "percent of KV blocks in use, a mean over the interval "
+    "(100 x rate of disagg_kv_cache_usage_seconds_total)",
 }
 
 

@@ -180,6 +180,10 @@ class Integral:
     scale: float
     cap: float | None
 
+    def reading(self, mean: float) -> float:
+        """A ratio or count (the gauge's or the counter's rate) in the planner's units, capped."""
+        return self.scale * (mean if self.cap is None else min(self.cap, mean))
+
 
 INTERVAL_MEANS: dict[str, Integral] = {  # by the reading it stands for
     reading: Integral(THRESHOLD_METRICS[reading][0], TIME_INTEGRALS[reading], sample_field,
@@ -219,17 +223,16 @@ def interval_averages(
             before = prev[1].get(reading)
             if before is None or value < before:
                 continue
-            spec = INTERVAL_MEANS[reading]
-            mean = (value - before) / (now - prev[0])
-            means[reading] = spec.scale * (mean if spec.cap is None else min(spec.cap, mean))
+            means[reading] = INTERVAL_MEANS[reading].reading((value - before) / (now - prev[0]))
         out[name] = dataclasses.replace(sample, **means)
     return out, readings
 
 
 def deletion_costs(pods: Mapping[str, PodSample | None], starting: Iterable[str] = ()) -> dict[str, str]:
-    """``pod-deletion-cost`` per pod: the KV usage in basis points, so the pods holding the least KV
-    state are removed first. Pods starting hold none and go before all others; a serving pod whose
-    scrape failed may hold the most (a busy pod answers slowly), so it goes last."""
+    """``pod-deletion-cost`` per pod: the KV usage (its mean over the last interval, where the pod
+    exports the integral) in basis points, so the pods holding the least KV state are removed first.
+    Pods starting hold none and go before all others; a serving pod whose scrape failed may hold the
+    most (a busy pod answers slowly), so it goes last."""
     costs = {name: str(round(s.kv_cache_usage * 100)) if s is not None else str(UNKNOWN_KV_COST)
              for name, s in pods.items()}
     costs.update({name: "-1" for name in starting})
@@ -298,7 +301,7 @@ def prometheus_sample(
         for reading, spec in INTERVAL_MEANS.items():
             value = vals.get(spec.counter, vals.get(spec.gauge))
             if value is not None:
-                readings[reading] = spec.scale * (value if spec.cap is None else min(spec.cap, value))
+                readings[reading] = spec.reading(value)
         # every reading, or not measured (a missing one read as 0 could scale a busy role down)
         samples[name] = PodSample(**readings) if len(readings) == len(INTERVAL_MEANS) else None
     return aggregate(samples.values(), now, serving), samples
@@ -329,12 +332,16 @@ class RoleState:
 def recover_states(body: Mapping[str, Any]) -> dict[str, RoleState]:
     """Role states after a restart: the cooldown continues from ``status.lastScale``. It records the last
     change of either role only, and the other role's may have been as recent: both wait it out (an
-    extra cooldown holds; a skipped one could flap)."""
+    extra cooldown holds; a skipped one could flap). Only the recorded role knows its direction (a
+    further scale-up after a scale-up may cut its cooldown short); the other's holds whole."""
     states = {role: RoleState() for role in ROLES}
     last = (body.get("status") or {}).get("lastScale") or {}
     if last.get("role") in states:
         for state in states.values():
             state.last_change = parse_time(last.get("time"))
+        before, after = last.get("from"), last.get("to")
+        if isinstance(before, int) and isinstance(after, int) and before != after:
+            states[last["role"]].last_direction = "up" if after > before else "down"
     return states
 
 

@@ -242,17 +242,21 @@ def test_keda_scaled_object_queries_prometheus() -> None:
     assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
     pods = pod_name_pattern("demo-decode")
     # each reading's mean over a minute (its time integral's rate), as the builtin planner reads it
+    # (the gauge where no worker exports the integral: an empty query reads as 0 and scales down)
     assert trigger["metadata"]["query"] == (
-        f'sum(rate(disagg_kv_cache_usage_seconds_total{{namespace="ns",pod=~"{pods}"}}[60s]))')
+        f'sum(rate(disagg_kv_cache_usage_seconds_total{{namespace="ns",pod=~"{pods}"}}[60s])) or '
+        f'sum(disagg_kv_cache_usage_ratio{{namespace="ns",pod=~"{pods}"}})')
     assert trigger["metadata"]["threshold"] == "0.75"
     spec = {**SCENARIOS["keda"], "autoscale": {**SCENARIOS["keda"]["autoscale"], "prefill": {
         "minReplicas": 1, "maxReplicas": 3, "scaleUp": {"queueLength": 8, "gpuUtilization": 80}}}}
     prefill = by(children(spec), "ScaledObject", "demo-prefill")["spec"]
     queries = {t["name"]: t["metadata"]["query"] for t in prefill["triggers"]}
     pattern = pod_name_pattern("demo-prefill")
-    assert queries["gpu-utilization"] == f'sum(rate(disagg_busy_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s]))'
-    assert queries["queue-length"] == (
-        f'sum(rate(disagg_requests_waiting_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s]))')
+    assert queries["gpu-utilization"] == (
+        f'sum(rate(disagg_busy_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s]))'
+        f' or sum(disagg_utilization_ratio{{namespace="ns",pod=~"{pattern}"}})')
+    assert queries["queue-length"].startswith(
+        f'sum(rate(disagg_requests_waiting_seconds_total{{namespace="ns",pod=~"{pattern}"}}[60s])) or ')
 
 
 @pytest.mark.parametrize("name_length", [4, 20, 38, 39, 45, 50, 55])

@@ -125,8 +125,9 @@ def test_busy_queue_and_kv_are_means_over_the_whole_interval() -> None:
     assert (fourth["a"].gpu_utilization, fourth["a"].queue_length, fourth["a"].kv_cache_usage) == pytest.approx(
         (100 * 6 / 30, 0.0, 0.0))
     # a restarted pod's counters start again from 0: its gauges this once, not negative means
-    restarted, readings = interval_averages(readings, {"a": at(3.0, util=20.0, waiting=1.0, kv=0.5)}, NOW + 15)
+    restarted, readings = interval_averages(readings, {"a": at(3.0, util=20.0, waiting=1.0, kv=0.5)}, NOW + 60)
     assert restarted["a"] == at(3.0, util=20.0, waiting=1.0, kv=0.5)
+    assert readings["a"] == (NOW + 60, {"gpu_utilization": 3.0, "queue_length": 1.0, "kv_cache_usage": 0.5})
     # a worker exporting only the busy counter: its queue and KV stay the gauges
     busy_only, _ = interval_averages({"a": (NOW, {"gpu_utilization": 1.0})}, {"a": at(8.5)}, NOW + 15)
     assert (busy_only["a"].gpu_utilization, busy_only["a"].queue_length, busy_only["a"].kv_cache_usage) == \
@@ -343,7 +344,7 @@ def test_cooldown_survives_a_restart() -> None:
     assert states["decode"].last_change == NOW - 5
     assert states["prefill"].last_change == NOW - 5  # its own last change may have been as recent
     assert recover_states({})["prefill"].last_change is None
-    assert states["decode"].last_direction is None  # unknown after a restart: the whole cooldown holds
+    assert (states["decode"].last_direction, states["prefill"].last_direction) == ("up", None)  # 2 -> 3
 
 
 def test_a_round_records_every_pod_taking_traffic_not_just_those_that_answered() -> None:

@@ -52,6 +52,7 @@ class AsyncEngine:
         # the engine's load over time, for means over any window (metrics scrapes, the autoscaler)
         self.waiting_integral = TimeIntegral()
         self.kv_usage_integral = TimeIntegral()
+        engine.on_scheduled = self._track_load
         # metrics hook (engine thread): a step's outputs and its seconds (None: it ran no batch, as when
         # stalled on KV imports; those passes are not engine steps and must not count as ~0 s ones)
         self.on_step: Callable[[list[RequestOutput], float | None], None] | None = None
@@ -149,7 +150,9 @@ class AsyncEngine:
                 self._wake.clear()
 
     def _track_load(self) -> None:
-        """Feed the load integrals: commands (new requests, aborts) and steps are what change the load."""
+        """Feed the load integrals (engine thread): what changes the load is a command (a new request, an
+        abort), a step's scheduling (requests admitted to the batch, blocks taken: the engine calls this
+        before it runs the batch) and a step's end (requests finished, blocks freed)."""
         self.waiting_integral.set(self.engine.scheduler.num_waiting)
         self.kv_usage_integral.set(self.engine.block_manager.usage)
 

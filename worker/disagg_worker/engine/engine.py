@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,9 @@ class LLMEngine:
         self.last_step_seconds = 0.0
         # a step broke the device (a sticky CUDA error): the engine must stop, not go on failing every batch
         self.device_fault: BaseException | None = None
+        # called once a step has scheduled its batch (admitted requests no longer wait, their blocks are
+        # held) and before it runs: the load integrals must see the step's own state for its duration
+        self.on_scheduled: Callable[[], None] | None = None
 
     def _pool_blocks(self, bytes_per_block: int) -> int:
         cfg = self.config
@@ -278,6 +282,8 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
         self.stalled = sched.is_empty and self.scheduler.has_work()
+        if self.on_scheduled is not None:
+            self.on_scheduled()
         if sched.is_empty:
             return outputs
         t0 = time.perf_counter()
