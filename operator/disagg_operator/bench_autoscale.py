@@ -43,6 +43,9 @@ from disagg_worker.argtypes import positive
 from disagg_worker.policy import RoleAutoscale, Thresholds
 
 DEFAULT_OUT = Path("benchmarks/out/autoscale")
+# requests per second a decode pod serves over those a prefill pod does, on any host (the balance the
+# stored service times have: measured on the engine on this project's CPU VM on 2026-11-30)
+DECODE_TO_PREFILL_CAPACITY = 1.7
 
 
 # ---- service times ----------------------------------------------------------------------------
@@ -493,17 +496,26 @@ def oracle_ratio(cfg: BenchConfig, st: ServiceTimes) -> float:
 def default_config(
     st: ServiceTimes, *, minutes: float = 60.0, max_batch: int = 16, startup: float = 30.0, dt: float = 0.05
 ) -> BenchConfig:
-    """Size pools, load and SLOs from the measured costs, so the bench means the same on any machine."""
-    probe = Workload(minutes * 60, 1.0, 0.1, ())
-    prefill_s = st.prefill_seconds(int(probe.mean_prompt()))
+    """Size pools, load and SLOs from the measured costs, so the bench means the same on any machine.
+
+    That includes the balance of the two pools: output lengths are scaled so that a decode pod serves
+    ``DECODE_TO_PREFILL_CAPACITY`` times the requests per second of a prefill pod whatever the host's
+    prefill/decode cost ratio (with the stored service times, the trace's 16-128 tokens). Without it
+    the ratio decided which pool binds and how far static-max over-provisions the other: with one
+    host's costs an oracle needed 0.55x static-max's replica-seconds, with another's 0.64x."""
+    duration = minutes * 60
+    prompt_range = Workload.prompt_range
+    mean_prompt = sum(prompt_range) / 2
+    prefill_s = st.prefill_seconds(int(mean_prompt))
     step_full = st.decode_step(max_batch)
     capacity_p = 1.0 / prefill_s  # requests per second per prefill pod
-    capacity_d = max_batch / (step_full * probe.mean_output())
+    mean_output = max_batch / (step_full * DECODE_TO_PREFILL_CAPACITY * capacity_p)
+    output_range = (max(1, round(mean_output * 2 / 9)), max(2, round(mean_output * 16 / 9)))  # 16-128 around 72
+    capacity_d = max_batch / (step_full * sum(output_range) / 2)
     max_p, max_d = 8, 8
     peak = 0.55 * min(max_p * capacity_p, max_d * capacity_d)
-    duration = minutes * 60
     bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
-    workload = Workload(duration, peak, 0.08 * peak, bursts)
+    workload = Workload(duration, peak, 0.08 * peak, bursts, prompt_range, output_range)
 
     def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
@@ -579,6 +591,8 @@ def config_json(cfg: BenchConfig) -> dict[str, Any]:
         "peak_rate": cfg.workload.peak_rate,
         "trough_rate": cfg.workload.trough_rate,
         "bursts": cfg.workload.bursts,
+        "prompt_range": cfg.workload.prompt_range,
+        "output_range": cfg.workload.output_range,
         "ttft_slo_s": cfg.ttft_slo,
         "tpot_slo_s": cfg.tpot_slo,
         "startup_s": cfg.startup,

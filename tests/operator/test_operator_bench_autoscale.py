@@ -63,6 +63,24 @@ def test_oracle_needs_less_with_higher_targets_and_never_more_than_static_max() 
 
 
 
+def test_the_pools_keep_the_same_balance_whatever_the_hosts_costs() -> None:
+    """The host's prefill/decode cost ratio used to decide which pool binds and how far static-max
+    over-provisions the other (an oracle needed 0.55x static-max with one host's costs, 0.64x with
+    another's): output lengths now scale so a decode pod serves 1.7x a prefill pod's requests/s."""
+    from disagg_operator.bench_autoscale import DECODE_TO_PREFILL_CAPACITY, oracle_ratio
+
+    stored = ServiceTimes.load(Path(__file__).parents[2] / "benchmarks/results/autoscale-service-times.json")
+    assert default_config(stored).workload.output_range == (16, 128)  # the trace the stored results ran
+    fast_prefill = ServiceTimes({64: 4.8e-5, 256: 3.5e-5, 512: 4.2e-5}, {1: 8.8e-4, 8: 1.4e-3, 16: 2.0e-3})
+    for st in (stored, fast_prefill, ServiceTimes({int(k): v for k, v in FIXED["prefill_seconds_per_token"].items()},
+                                                  {int(k): v for k, v in FIXED["decode_step_seconds"].items()})):
+        cfg = default_config(st)
+        capacity_p = 1 / st.prefill_seconds(int(cfg.workload.mean_prompt()))
+        capacity_d = cfg.max_batch / (st.decode_step(cfg.max_batch) * cfg.workload.mean_output())
+        assert abs(capacity_d / capacity_p / DECODE_TO_PREFILL_CAPACITY - 1) < 0.05
+        assert abs(oracle_ratio(cfg, st) - oracle_ratio(default_config(stored), stored)) < 0.02
+
+
 def test_a_prefill_pod_removed_mid_prompt_finishes_that_prompt_and_hands_on_the_rest() -> None:
     """The prompt in progress is the head of the pod's queue: handing it on too ran it twice and then
     crashed the simulator (pop from an empty queue) when the draining pod's prompt time ran out."""
