@@ -34,7 +34,7 @@ import random
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -504,18 +504,19 @@ def default_config(
     the ratio decided which pool binds and how far static-max over-provisions the other: with one
     host's costs an oracle needed 0.55x static-max's replica-seconds, with another's 0.64x."""
     duration = minutes * 60
-    prompt_range = Workload.prompt_range
-    mean_prompt = sum(prompt_range) / 2
-    prefill_s = st.prefill_seconds(int(mean_prompt))
+    probe = Workload(duration, 1.0, 0.1, ())
+    prefill_s = st.prefill_seconds(int(probe.mean_prompt()))
     step_full = st.decode_step(max_batch)
     capacity_p = 1.0 / prefill_s  # requests per second per prefill pod
-    mean_output = max_batch / (step_full * DECODE_TO_PREFILL_CAPACITY * capacity_p)
-    output_range = (max(1, round(mean_output * 2 / 9)), max(2, round(mean_output * 16 / 9)))  # 16-128 around 72
-    capacity_d = max_batch / (step_full * sum(output_range) / 2)
+    # the default output range, stretched so its mean gives decode pods the capacity wanted
+    stretch = max_batch / (step_full * DECODE_TO_PREFILL_CAPACITY * capacity_p) / probe.mean_output()
+    shortest, longest = probe.output_range
+    shaped = replace(probe, output_range=(max(1, round(shortest * stretch)), max(2, round(longest * stretch))))
+    capacity_d = max_batch / (step_full * shaped.mean_output())
     max_p, max_d = 8, 8
     peak = 0.55 * min(max_p * capacity_p, max_d * capacity_d)
     bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
-    workload = Workload(duration, peak, 0.08 * peak, bursts, prompt_range, output_range)
+    workload = replace(shaped, peak_rate=peak, trough_rate=0.08 * peak, bursts=bursts)
 
     def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
