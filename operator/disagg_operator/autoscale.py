@@ -79,19 +79,20 @@ FORECAST_METRICS = ("gpu_utilization", "kv_cache_usage")
 class Sample:
     """Per-pod averages over ``pods`` ready, warmed-up pods at ``time`` (None: not measured).
 
-    ``serving``: the pods that shared the load when it was sampled, answered or not (a scrape that
-    timed out, a pod still warming up); None when that is ``pods``. The total load is the average
-    times ``serving``: the pods that answered stand for those that did not."""
+    ``serving``: the pods that shared the load over the interval the means cover, answered or not (a
+    scrape that timed out, a pod still warming up), each for the share of the interval it was ready
+    (so it may be fractional); None when that is ``pods``. The total load is the average times
+    ``serving``: the pods that answered stand for those that did not."""
 
     time: float
     pods: int
     queue_length: float | None = None
     gpu_utilization: float | None = None
     kv_cache_usage: float | None = None
-    serving: int | None = None
+    serving: float | None = None
 
     @property
-    def sharing(self) -> int:
+    def sharing(self) -> float:
         return max(self.pods, self.serving or 0)
 
     def value(self, metric: str) -> float | None:
@@ -341,7 +342,7 @@ def decide(
     downs = policy.scale_down.items()
     if not downs or starting_pods or current_replicas <= low:
         return Decision(current_replicas, "within thresholds", "hold")
-    pods = latest.sharing
+    pods = math.ceil(latest.sharing - EPSILON)  # serving now (no pod is starting): whole pods
     window = _window(history, now, policy.scale_down_stabilization_seconds, None, stale_after)
     down_window = None if window is None else [_spread_over(sample, pods) for sample in window]
     if down_window is None or not all(_sustained(down_window, m, below=t) for m, t in downs.items()):

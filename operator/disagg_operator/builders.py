@@ -70,6 +70,8 @@ THRESHOLD_METRICS: dict[str, tuple[str, int]] = {
 }
 # each reading's time integral (a counter): its rate is the reading's mean over a window, which is what
 # the builtin planner and KEDA read (the gauges are snapshots; the utilisation one of the last second)
+# Prometheus reads a time integral as its rate over this window (KEDA's triggers, the planner's queries)
+RATE_WINDOW_SECONDS = 60
 TIME_INTEGRALS: dict[str, str] = {
     "queue_length": "disagg_requests_waiting_seconds_total",
     "gpu_utilization": "disagg_busy_seconds_total",
@@ -606,7 +608,7 @@ def build_scaled_object(parsed: ParsedSpec, owner: Owner, role: str) -> dict[str
         gauge, divisor = THRESHOLD_METRICS[key]
         # the reading's mean over a minute (its time integral's rate), as the builtin planner reads it;
         # the gauge where no worker exports the integral (an older image: an empty query reads as 0)
-        query = (f"{promql(TIME_INTEGRALS[key], owner, role, agg='sum', rate_seconds=60)} or "
+        query = (f"{promql(TIME_INTEGRALS[key], owner, role, agg='sum', rate_seconds=RATE_WINDOW_SECONDS)} or "
                  f"{promql(gauge, owner, role, agg='sum')}")
         # sum over pods / per-pod threshold = desired replicas (KEDA's AverageValue semantics)
         triggers.append(

@@ -51,6 +51,7 @@ from disagg_operator.autoscale import (
 )
 from disagg_operator.builders import (
     ANNOTATION_DELETION_COST,
+    RATE_WINDOW_SECONDS,
     ROLES,
     THRESHOLD_METRICS,
     TIME_INTEGRALS,
@@ -149,9 +150,23 @@ def classify(
     return warm, starting
 
 
-def aggregate(samples: Iterable[PodSample | None], now: float, serving: int | None = None) -> Sample:
+def sharing_pods(states: Iterable[PodState], now: float, window: float) -> float:
+    """The pods that shared a role's load over the last ``window`` seconds (the interval the sampled
+    means cover): every pod taking traffic (ready, with an address, not on its way out; warm or still
+    warming up, its scrape answered or not), each for the share of the window it was ready. A pod that
+    turned ready a second before a 5-s round took a fifth of the interval's load, not half: counting it
+    whole read the other pod's mean as twice the load it was and sized a scale-up on it."""
+    total = 0.0
+    for state in states:
+        if state.leaving or state.ready_since is None or not state.ip:
+            continue
+        total += 1.0 if window <= 0 else min(1.0, max(0.0, now - state.ready_since) / window)
+    return total
+
+
+def aggregate(samples: Iterable[PodSample | None], now: float, serving: float | None = None) -> Sample:
     """Per-pod averages over the pods that answered (``pods`` = how many did); ``serving``: the pods
-    taking traffic, answered or not (pods that answered as draining are taken off it)."""
+    taking traffic, answered or not (``sharing_pods``; pods that answered as draining are taken off it)."""
     samples = [s if s is None or s.finite else None for s in samples]  # NaN / Inf: not measured
     got = [s for s in samples if s is not None and not s.draining]
     if not got:
@@ -276,7 +291,7 @@ def query_prometheus(base_url: str, query: str, *, timeout: float = 5.0) -> list
 
 
 def prometheus_sample(
-    base_url: str, owner: Owner, role: str, warm: list[PodState], now: float, serving: int | None = None
+    base_url: str, owner: Owner, role: str, warm: list[PodState], now: float, serving: float | None = None
 ) -> tuple[Sample, dict[str, PodSample | None]]:
     """Role averages and per-pod KV usage from Prometheus (only pods the API reports warm count)."""
     names = {p.name for p in warm}
@@ -286,7 +301,7 @@ def prometheus_sample(
     queries = {}
     for spec in INTERVAL_MEANS.values():
         queries[spec.gauge] = promql(spec.gauge, owner, role, agg="max by (pod)")
-        queries[spec.counter] = promql(spec.counter, owner, role, agg="max by (pod)", rate_seconds=60)
+        queries[spec.counter] = promql(spec.counter, owner, role, agg="max by (pod)", rate_seconds=RATE_WINDOW_SECONDS)
     for metric, query in queries.items():
         try:
             rows = query_prometheus(base_url, query)
@@ -351,13 +366,12 @@ def _sample_role(
     pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
     warm, starting = classify(pods, now)
     warm_names = {w.name for w in warm}
-    # taking traffic: warm pods (whether their scrape answers or not) and ready pods still warming up
-    warming = sum(1 for st in map(pod_state, pods)
-                  if st.name not in warm_names and not st.leaving and st.ready_since is not None and st.ip)
-    serving = len(warm) + warming
+    auto = parsed.policy.autoscale
+    # the means cover the last interval (a minute from Prometheus)
+    window = RATE_WINDOW_SECONDS if reads_prometheus(auto) else auto.interval_seconds
+    serving = sharing_pods(map(pod_state, pods), now, window)
     # pods that may still be chosen for removal: not warm, not already on their way out
     not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
-    auto = parsed.policy.autoscale
     if reads_prometheus(auto):
         state.readings.clear()  # back on scrapes, a counter from before would average over the whole gap
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)

@@ -10,12 +10,14 @@ import json
 import socket
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from disagg_operator import planner
+from disagg_operator.autoscale import Sample, decide
 from disagg_operator.builders import ANNOTATION_DELETION_COST
 from disagg_operator.metrics import PodSample, parse_worker_metrics
 from disagg_operator.planner import (
@@ -25,11 +27,14 @@ from disagg_operator.planner import (
     deletion_costs,
     interval_averages,
     plan_once,
+    pod_state,
     query_prometheus,
     recover_states,
     scrape_pod,
+    sharing_pods,
 )
 from disagg_operator.spec import parse_spec
+from disagg_worker.policy import RoleAutoscale, Thresholds
 
 NOW = 10_000.0
 
@@ -361,8 +366,26 @@ def test_a_round_records_every_pod_taking_traffic_not_just_those_that_answered()
     plan_once(BODY, parse_spec(SPEC, name="demo"), states, kube=cluster, lock=threading.Lock(), now=NOW,
               scrape=scrape)
     [sample] = states["decode"].history
-    # d0, d1 answered; d2 timed out and "warming" is ready but not sampled yet: both take traffic too
-    assert (sample.pods, sample.serving, sample.sharing) == (2, 4, 4)
+    # d0, d1 answered; d2 timed out and "warming" is ready but not sampled yet: both take traffic too,
+    # "warming" for the 5 s of the 15-s interval it was ready
+    assert sample.pods == 2 and sample.serving == sample.sharing == pytest.approx(3 + 5 / 15)
+
+
+def test_a_pod_that_turned_ready_within_the_interval_shares_only_that_part_of_its_load() -> None:
+    """The means cover the interval; a pod ready for 1 s of 5 took a fifth of a pod's share. Counting it
+    whole read one warm pod's mean as the load of two and sized a scale-up 1 -> 3 that the next
+    scale-down took back (two reversals, seen in the autoscale bench on a morning ramp)."""
+    pods = [pod("old", ready_for=600.0), pod("new", ready_for=1.0), pod("pending", ready_for=None),
+            pod("leaving", ready_for=600.0, terminating=True), pod("no-ip", ready_for=600.0, ip="")]
+    assert sharing_pods(map(pod_state, pods), NOW, window=5.0) == pytest.approx(1.2)
+    assert sharing_pods(map(pod_state, pods), NOW, window=60.0) == pytest.approx(1 + 1 / 60)  # Prometheus
+    history = [Sample(NOW - 5 * i, 1, kv_cache_usage=49.0, serving=1.2) for i in (2, 1, 0)]
+    policy = RoleAutoscale(min_replicas=1, max_replicas=8, scale_up=Thresholds(kv_cache_usage=45),
+                           scale_down=Thresholds(kv_cache_usage=32), scale_up_stabilization_seconds=0,
+                           cooldown_seconds=0)
+    # 49% x 1.2 pods = 59: two pods at the 38.5% target, both there (one still warming up)
+    assert decide(history, policy, 2, 1, NOW, None).direction == "hold"
+    assert decide([replace(s, serving=2) for s in history], policy, 2, 1, NOW, None).desired == 3  # read whole
 
 
 def test_a_role_whose_scale_is_refused_does_not_starve_the_other() -> None:
