@@ -9,10 +9,13 @@ token at a few prompt lengths, decode seconds per step at a few batch sizes).
 Model: a prefill pod serves its FIFO queue one prompt at a time (``prompt x seconds-per-token``),
 the first token is ready when the prompt is done (TTFT); the request then joins the least-loaded
 decode pod, which runs a continuous batch of at most ``--max-batch`` requests, one token per request
-per step, each step taking ``decode_step(batch)``. A new pod serves after ``--startup`` seconds; a
-removed pod first drains (takes no new work, finishes what it has). Every ``intervalSeconds`` the
-planner samples per-pod averages (queue length, busy %, KV %, each a mean over the interval, as the
-workers' time-integral counters give it) and calls ``decide``.
+per step, each step taking ``decode_step(batch)``; a waiting request takes a slot the moment one
+frees. A new pod serves after ``--startup`` seconds; a removed pod first drains (takes no new work,
+finishes what it has). Every ``intervalSeconds`` the planner samples per-pod averages (queue length,
+busy %, KV %, each a mean over the interval, as the workers' time-integral counters give it; a pod
+ready for part of the interval shares its load for that part, as the operator counts it) and calls
+``decide``. Within a simulation step (``--dt``, longer than a short request lives) every request's
+wait, KV and busy time count for the part of the step it was there.
 
 Reported per policy: SLO attainment (TTFT <= SLO and TPOT <= SLO), replica-seconds, scale reversals
 (a change of direction), and p50/p99 TTFT and TPOT. Targets (reported, not asserted): >= 99 %
@@ -34,6 +37,7 @@ import random
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,9 @@ DEFAULT_OUT = Path("benchmarks/out/autoscale")
 # requests per second a decode pod serves over those a prefill pod does, on any host (the balance the
 # stored service times have: measured on the engine on this project's CPU VM on 2026-11-30)
 DECODE_TO_PREFILL_CAPACITY = 1.7
+# The share of a pod's capacity at which the bench's policy scales a role up and down (prefill's busy
+# fraction; for decode, the KV usage it has at that share of its requests per second)
+UP_UTILISATION, DOWN_UTILISATION = 0.58, 0.38
 
 
 # ---- service times ----------------------------------------------------------------------------
@@ -93,7 +100,7 @@ class ServiceTimes:
     def prefill_seconds(self, tokens: int) -> float:
         return tokens * self._interp(self.prefill_seconds_per_token, tokens)
 
-    def decode_step(self, batch: int) -> float:
+    def decode_step(self, batch: float) -> float:
         return max(1e-6, self._interp(self.decode_step_seconds, max(1, batch)))
 
 
@@ -256,16 +263,17 @@ class Cluster:
         for pod in self.pools["prefill"]:
             if not pod.ready(now):
                 continue
-            pod.queue_time += dt * self.waiting(pod, now)
             clock = max(now, pod.ready_at)
             while clock < end - 1e-12:
                 if pod.busy_left <= 0:
                     if not pod.queue:
                         break
-                    clock = max(clock, pod.queue[0].arrival)
+                    head = pod.queue[0]
+                    clock = max(clock, head.arrival)
                     if clock >= end:
                         break
-                    pod.busy_left = self.st.prefill_seconds(pod.queue[0].prompt)
+                    pod.busy_left = self.st.prefill_seconds(head.prompt)
+                    pod.queue_time += clock - max(now, head.arrival)  # its wait within this step
                 used = min(end - clock, pod.busy_left)
                 pod.busy_left -= used
                 pod.busy_time += used
@@ -276,42 +284,77 @@ class Cluster:
                     req.generated = 1
                     pod.busy_left = 0.0
                     self._to_decode(req, now)
+            pod.queue_time += self.seconds_waiting(pod.queue, now, end, skip_head=pod.busy_left > 0,
+                                                   since=lambda req: req.arrival)
         for pod in self.pools["decode"]:
-            if not pod.ready(now):
-                continue
-            while pod.queue and len(pod.running) < self.max_batch:
-                pod.running.append(pod.queue.popleft())
-            pod.queue_time += dt * self.waiting(pod, now)
-            if not pod.running:
-                continue
-            step = self.st.decode_step(len(pod.running))
-            pod.busy_time += dt
-            pod.kv_time += dt * min(1.0, sum(r.prompt + r.generated for r in pod.running) / self.kv_tokens)
-            still = []
-            for req in pod.running:
-                start = max(now, req.first_token or now)  # joined mid-step: decodes from then on
-                left = req.output - req.generated
-                if left * step <= end - start + 1e-12:
-                    req.generated = req.output
-                    req.finished = start + left * step
-                else:
-                    req.generated += (end - start) / step
-                    still.append(req)
-            pod.running = still
+            if pod.ready(now):
+                self._decode(pod, now, end)
         for role in self.pools:  # drained pods leave
             self.pools[role] = [p for p in self.pools[role] if not (p.draining and p.load() == 0)]
 
+    def _decode(self, pod: Pod, now: float, end: float) -> None:
+        """A decode pod's continuous batch from ``now`` to ``end``, event by event: every request
+        decoding makes a token per ``decode_step(b)`` seconds, ``b`` the requests decoding at that
+        moment; a request decodes from its first token, and one waiting for a slot takes it the
+        moment a request finishes (the engine admits waiting requests every step, not every ``dt``).
+        A step is longer than a short request lives here, so one batch size for the whole of it read
+        the step times, and with them the KV usage, of every request that came or went within it."""
+        if not pod.running and not pod.queue:
+            return
+        while pod.queue and len(pod.running) < self.max_batch:
+            pod.running.append(pod.queue.popleft())  # their wait ended by ``now`` (or they came since)
+
+        def begins(req: Request) -> float:
+            return max(now, req.first_token or now)
+
+        clock, waited, busy, token_seconds = now, 0.0, 0.0, 0.0
+        while clock < end - 1e-12:
+            active = [r for r in pod.running if begins(r) <= clock + 1e-12]
+            upcoming = [begins(r) for r in pod.running if begins(r) > clock + 1e-12]
+            if not active:
+                if not upcoming:
+                    break
+                clock = min(min(upcoming), end)
+                continue
+            step = self.st.decode_step(len(active))
+            until = min([end, *upcoming, clock + min(r.output - r.generated for r in active) * step])
+            span = until - clock
+            busy += span
+            for req in active:
+                gained = min(req.output - req.generated, span / step)
+                # the KV it holds grows by a token a step: its mean over the span
+                token_seconds += span * (req.prompt + req.generated + gained / 2)
+                req.generated += gained
+            clock = until
+            for req in [r for r in active if r.output - r.generated <= 1e-9]:
+                req.generated, req.finished = req.output, clock
+                pod.running.remove(req)
+                if pod.queue:  # its slot goes to the longest waiting request
+                    joined = begins(pod.queue[0])
+                    waited += max(0.0, clock - joined)
+                    pod.running.append(pod.queue.popleft())
+        pod.queue_time += waited + self.seconds_waiting(pod.queue, now, end, skip_head=False,
+                                                        since=lambda req: req.first_token or now)
+        pod.busy_time += busy
+        pod.kv_time += min(token_seconds / self.kv_tokens, end - now)
+
     @staticmethod
-    def waiting(pod: Pod, now: float) -> int:
-        """Requests waiting on ``pod`` at ``now``, as the worker's gauge counts them (not the prompt in
-        progress; arrivals are handed to pods at the start of the step they fall in). Counted from the
-        tail, where those arrivals are: a static-min queue holds hundreds of thousands."""
-        later = 0
-        for req in reversed(pod.queue):
-            if req.arrival <= now:
+    def seconds_waiting(queue: deque[Request], now: float, end: float, *, skip_head: bool,
+                        since: Callable[[Request], float]) -> float:
+        """Request-seconds spent waiting in ``queue`` from ``now`` to ``end`` by the requests still in
+        it (not the head when ``skip_head``: the prompt in progress), each from ``since(request)`` if
+        that falls inside the step: the time integral a worker exports, which a planner divides by
+        the interval. Those that joined during the step are at the tail, so only they are visited: a
+        static-min queue holds hundreds of thousands."""
+        first = 1 if skip_head else 0
+        total, count = 0.0, max(0, len(queue) - first)
+        for i in range(len(queue) - 1, first - 1, -1):
+            joined = since(queue[i])
+            if joined <= now:
                 break
-            later += 1
-        return len(pod.queue) - later - (1 if pod.busy_left > 0 else 0)
+            total += max(0.0, end - joined)
+            count -= 1
+        return total + count * (end - now)
 
     def sample(self, role: str, now: float, elapsed: float, warmup: float) -> tuple[Sample, int]:
         """What the operator's planner reads at ``now`` (the end of the step just run), as it reads it:
@@ -333,8 +376,10 @@ class Cluster:
             return Sample(now, 0), starting
         n = len(warm)
         queue, busy, kv = (sum(column) / n for column in zip(*means, strict=True))
+        # each pod for the share of the interval it served, as the operator's ``sharing_pods`` counts it
+        sharing = sum(min(1.0, (now - p.ready_at) / elapsed) if elapsed > 0 else 1.0 for p in serving)
         return Sample(now, n, queue_length=queue, gpu_utilization=100 * busy, kv_cache_usage=100 * kv,
-                      serving=len(serving)), starting
+                      serving=sharing), starting
 
     def resize(self, role: str, desired: int, now: float) -> None:
         pods = [p for p in self.pools[role] if not p.draining]
@@ -469,24 +514,47 @@ def summarize(run: PolicyRun, cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
+def decode_kv_usage(workload: Workload, max_batch: int, st: ServiceTimes, rate: float) -> float:
+    """A decode pod's steady KV usage (a fraction) at ``rate`` requests per second: the batch ``b`` in
+    which each request stays its ``mean_output`` steps of ``decode_step(b)`` (Little's law, solved by
+    bisection), each holding its prompt and half its output on average; 1.0 once no batch keeps up.
+    Not proportional to the rate: a bigger batch makes every step slower, so requests stay longer."""
+    out, prompt = workload.mean_output(), workload.mean_prompt()
+
+    def excess(b: float) -> float:  # > 0: a batch of b cannot hold the requests arriving
+        return rate * out * st.decode_step(max(1.0, b)) - b
+
+    if rate <= 0:
+        return 0.0
+    if excess(max_batch) > 0:
+        return 1.0
+    low, high = 0.0, float(max_batch)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if excess(mid) > 0 else (low, mid)
+    return high * (prompt + out / 2) / (max_batch * (prompt + out))
+
+
 def oracle_ratio(cfg: BenchConfig, st: ServiceTimes) -> float:
     """Replica-seconds of an oracle over static-max's, both over the trace's duration.
 
-    The oracle knows the arrival rate and resizes every second, with no start-up delay, to the pool
-    that runs at the planner's utilisation targets (prefill ``gpuUtilization``, decode
-    ``kvCacheUsage``: the middle of the scale-up and scale-down thresholds). No reactive planner
-    with those targets can use fewer; only higher targets (less burst headroom) can.
+    The oracle knows the arrival rate and resizes every second, with no start-up delay, to the fewest
+    pods that run at the planner's utilisation targets (prefill ``gpuUtilization``, decode
+    ``kvCacheUsage``: the middle of the scale-up and scale-down thresholds; decode's KV usage as
+    ``decode_kv_usage`` has it at each pod's share of the rate). No reactive planner holding those
+    targets can use fewer; only higher targets (less burst headroom) can.
     """
     prefill_s = st.prefill_seconds(int(cfg.workload.mean_prompt()))
-    decode_rate = cfg.max_batch / (st.decode_step(cfg.max_batch) * cfg.workload.mean_output())
     goal_p = (target(cfg.prefill, "gpu_utilization") or 100.0) / 100
     goal_d = (target(cfg.decode, "kv_cache_usage") or 100.0) / 100
+    low_d, high_d = cfg.decode.min_replicas, cfg.decode.max_replicas
     used = 0
     seconds = int(cfg.workload.duration)
     for t in range(seconds):
         rate = cfg.workload.rate(t)
         used += min(cfg.prefill.max_replicas, max(cfg.prefill.min_replicas, math.ceil(rate * prefill_s / goal_p)))
-        used += min(cfg.decode.max_replicas, max(cfg.decode.min_replicas, math.ceil(rate / decode_rate / goal_d)))
+        used += next((n for n in range(max(1, low_d), high_d + 1)
+                      if decode_kv_usage(cfg.workload, cfg.max_batch, st, rate / n) <= goal_d), high_d)
     return used / ((cfg.prefill.max_replicas + cfg.decode.max_replicas) * seconds)
 
 
@@ -518,6 +586,10 @@ def default_config(
     bursts = ((0.22 * duration, 120.0, 0.35 * peak), (0.72 * duration, 150.0, 0.3 * peak))
     workload = replace(shaped, peak_rate=peak, trough_rate=0.08 * peak, bursts=bursts)
 
+    def kv_at(utilisation: float) -> float:
+        """Decode's KV usage (percent, rounded) at this share of a decode pod's requests per second."""
+        return round(100 * decode_kv_usage(workload, max_batch, st, utilisation * capacity_d))
+
     def role(up: Thresholds, down: Thresholds, hi: int) -> RoleAutoscale:
         # Reacting fast matters most: a pod serves only ``startup`` seconds after the decision, and
         # the TTFT SLO is a few prompt-times long. So no scale-up stabilisation (the HPA default) and a
@@ -541,12 +613,17 @@ def default_config(
         # Utilisation targets (between the thresholds) of about half: the headroom that absorbs a burst
         # of a third of the peak rate for the half-minute a new pod needs. The queue thresholds sit
         # above the per-pod noise of a Poisson queue at that utilisation (below them, every scale-down
-        # waited for a sample with nobody queued anywhere).
+        # waited for a sample with nobody queued anywhere). Decode scales on KV usage, which grows
+        # faster than its load (a bigger batch makes every step slower, so each request stays longer)
+        # and by how much depends on the host's step times: its thresholds are the KV usage at the
+        # same shares of its capacity as prefill's busy thresholds (``decode_kv_usage``).
         prefill=role(
-            Thresholds(queue_length=0.8, gpu_utilization=62), Thresholds(queue_length=0.3, gpu_utilization=40), max_p
+            Thresholds(queue_length=0.8, gpu_utilization=round(100 * UP_UTILISATION)),
+            Thresholds(queue_length=0.3, gpu_utilization=round(100 * DOWN_UTILISATION)), max_p,
         ),
         decode=role(
-            Thresholds(queue_length=0.2, kv_cache_usage=52), Thresholds(queue_length=0.05, kv_cache_usage=38), max_d
+            Thresholds(queue_length=0.2, kv_cache_usage=kv_at(UP_UTILISATION)),
+            Thresholds(queue_length=0.05, kv_cache_usage=kv_at(DOWN_UTILISATION)), max_d,
         ),
         interval=5.0,
         startup=startup,
