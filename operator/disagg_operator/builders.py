@@ -68,10 +68,10 @@ THRESHOLD_METRICS: dict[str, tuple[str, int]] = {
     "gpu_utilization": ("disagg_utilization_ratio", 100),
     "kv_cache_usage": ("disagg_kv_cache_usage_ratio", 100),
 }
-# each reading's time integral (a counter): its rate is the reading's mean over a window, which is what
-# the builtin planner and KEDA read (the gauges are snapshots; the utilisation one of the last second)
 # Prometheus reads a time integral as its rate over this window (KEDA's triggers, the planner's queries)
 RATE_WINDOW_SECONDS = 60
+# each reading's time integral (a counter): its rate is the reading's mean over a window, which is what
+# the builtin planner and KEDA read (the gauges are snapshots; the utilisation one of the last second)
 TIME_INTEGRALS: dict[str, str] = {
     "queue_length": "disagg_requests_waiting_seconds_total",
     "gpu_utilization": "disagg_busy_seconds_total",
