@@ -99,6 +99,12 @@ class Sample:
         return getattr(self, metric)
 
 
+def ready_share(ready_since: float, now: float, window: float) -> float:
+    """How much of the load of the last ``window`` seconds a pod ready since ``ready_since`` shared: the
+    share of the window it was ready (one pod in ``Sample.serving``)."""
+    return 1.0 if window <= 0 else min(1.0, max(0.0, now - ready_since) / window)
+
+
 @dataclass(frozen=True)
 class Decision:
     desired: int

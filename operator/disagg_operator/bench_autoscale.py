@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from disagg_operator.autoscale import HISTORY_SECONDS, WARMUP_SECONDS, Sample, decide, target
+from disagg_operator.autoscale import HISTORY_SECONDS, WARMUP_SECONDS, Sample, decide, ready_share, target
 from disagg_worker.argtypes import positive
 from disagg_worker.policy import RoleAutoscale, Thresholds
 
@@ -377,7 +377,7 @@ class Cluster:
         n = len(warm)
         queue, busy, kv = (sum(column) / n for column in zip(*means, strict=True))
         # each pod for the share of the interval it served, as the operator's ``sharing_pods`` counts it
-        sharing = sum(min(1.0, (now - p.ready_at) / elapsed) if elapsed > 0 else 1.0 for p in serving)
+        sharing = sum(ready_share(p.ready_at, now, elapsed) for p in serving)
         return Sample(now, n, queue_length=queue, gpu_utilization=100 * busy, kv_cache_usage=100 * kv,
                       serving=sharing), starting
 

@@ -48,6 +48,7 @@ from disagg_operator.autoscale import (
     Direction,
     Sample,
     decide,
+    ready_share,
 )
 from disagg_operator.builders import (
     ANNOTATION_DELETION_COST,
@@ -160,7 +161,7 @@ def sharing_pods(states: Iterable[PodState], now: float, window: float) -> float
     for state in states:
         if state.leaving or state.ready_since is None or not state.ip:
             continue
-        total += 1.0 if window <= 0 else min(1.0, max(0.0, now - state.ready_since) / window)
+        total += ready_share(state.ready_since, now, window)
     return total
 
 
