@@ -367,12 +367,13 @@ def _sample_role(
     pods = kube.list_pods(owner.namespace, selector_labels(owner, role))
     warm, starting = classify(pods, now)
     warm_names = {w.name for w in warm}
+    states = [pod_state(pod) for pod in pods]
     auto = parsed.policy.autoscale
     # the means cover the last interval (a minute from Prometheus)
     window = RATE_WINDOW_SECONDS if reads_prometheus(auto) else auto.interval_seconds
-    serving = sharing_pods(map(pod_state, pods), now, window)
+    serving = sharing_pods(states, now, window)
     # pods that may still be chosen for removal: not warm, not already on their way out
-    not_warm = [st.name for st in map(pod_state, pods) if st.name not in warm_names and not st.leaving]
+    not_warm = [st.name for st in states if st.name not in warm_names and not st.leaving]
     if reads_prometheus(auto):
         state.readings.clear()  # back on scrapes, a counter from before would average over the whole gap
         sample, per_pod = prometheus_sample(auto.prometheus_url, owner, role, warm, now, serving)
