@@ -22,6 +22,7 @@ import pytest
 from disagg_worker.bench import serve_bench
 from disagg_worker.bench.cluster import UpError, UpProcess, free_port, up_command
 from disagg_worker.bench.latency_stats import SLO, RequestRecord, compare, meets_slo, percentile, summarize
+from disagg_worker.bench.serve_sweep import plot_sweep, sweep_point, sweep_table
 from disagg_worker.bench.sse import SSEParser, interpret
 from disagg_worker.bench.trace import WORDS, LengthDist, TraceConfig, generate_trace, poisson_arrivals
 
@@ -353,6 +354,39 @@ def test_summary_rows_and_plots(tmp_path: Path) -> None:
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
+def _point(rate: float, mono: list[RequestRecord] | None, disagg: list[RequestRecord]) -> dict[str, Any]:
+    slo = SLO()
+    runs: list[dict[str, Any]] = []
+    for label, records in (("monolithic", mono), ("disagg", disagg)):
+        if records is None:
+            runs.append({"label": label, "failed": "cluster did not start"})
+        else:
+            runs.append({"label": label, "summary": summarize(records, slo),
+                         "requests": [r.to_dict() for r in records]})
+    payload: dict[str, Any] = {"runs": runs}
+    if mono is not None:
+        payload["comparison"] = compare(runs[0]["summary"], runs[1]["summary"], mono, disagg)
+    return sweep_point(rate, payload, Path(f"rate-{rate:g}/serve-compare.json"))
+
+
+def test_sweep_table_and_plot(tmp_path: Path) -> None:
+    fast = [rec(i, ttft=0.05, e2e=0.5) for i in range(4)]
+    slow = [rec(i, ttft=0.5, e2e=5.0) for i in range(3)] + [rec(3, "timeout")]
+    points = [_point(2.0, fast, fast), _point(8.0, slow, fast), _point(16.0, None, slow)]
+    columns, rows = sweep_table(points)
+    assert columns == ["rate (req/s)", "2", "8", "16"] and all(len(row) == 4 for row in rows)
+    table = {row[0]: row[1:] for row in rows}
+    assert table["requests"] == [4, 4, 4]
+    assert table["monolithic not served"] == [0, 1, "failed"] and table["disagg not served"] == [0, 0, 1]
+    assert table["monolithic goodput / sent"][2] == "failed"
+    # the slow monolithic run met no SLO at rate 8; at 16 there is nothing to compare
+    assert table["goodput disagg / mono (>= 2x)"][1:] == ["unbounded", "-"]
+    assert table["TPOT p99 mono / disagg (>= 3x)"][0] == pytest.approx(1.0)
+    assert points[2]["failed"] == {"monolithic": "cluster did not start"}
+    path = plot_sweep(points, SLO(), tmp_path / "serve-compare-sweep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------- the client, against a mock transport
 
 
@@ -450,7 +484,9 @@ def test_cli_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in ([], ["--url", "http://x/v1", "--compare"], ["--url", "http://x/v1", "--long-prompt", "9-1"],
                  ["--url", "http://x/v1", "--duration", "1", "--num-requests", "3"],
                  ["--url", "http://x/v1", "--rate", "inf"], ["--url", "http://x/v1", "--duration", "inf"],
-                 ["--url", "http://x/v1", "--timeout", "0"], ["--url", "http://x/v1", "--tpot-slo-ms", "nan"]):
+                 ["--url", "http://x/v1", "--timeout", "0"], ["--url", "http://x/v1", "--tpot-slo-ms", "nan"],
+                 ["--url", "http://x/v1", "--rate", "2,2"], ["--url", "http://x/v1", "--rate", "2,0"],
+                 ["--url", "http://x/v1", "--rate", "2,x"], ["--url", "http://x/v1", "--rate", "2,"]):
         with pytest.raises(SystemExit) as exc:
             serve_bench.main(argv)
         assert exc.value.code == 2
@@ -558,7 +594,17 @@ def test_bench_serve_against_disagg_up(tmp_path: Path) -> None:
            "--prefill", "1", "--decode", "1"]
     with UpProcess(cmd, port, log_path=tmp_path / "up.log", ready_timeout_s=300) as cluster:
         rc = serve_bench.main(["--url", cluster.base_url, *SMALL_TRACE, "--out", str(tmp_path)])
-    assert rc == 0
+        # a load sweep: the same trace at two rates, one run each
+        sweep_rc = serve_bench.main(["--url", cluster.base_url, *SMALL_TRACE, "--rate", "8,16",
+                                     "--out", str(tmp_path / "sweep")])
+    assert rc == 0 and sweep_rc == 0
+    sweep = json.loads((tmp_path / "sweep" / "serve-sweep.json").read_text())
+    assert [p["rate"] for p in sweep["points"]] == [8.0, 16.0] and sweep["mode"] == "sweep"
+    for point in sweep["points"]:
+        assert point["requests"] == 8 and point["summaries"]["endpoint"]["sent"] == 8
+        point_json = json.loads(Path(point["json"]).read_text())
+        assert point_json["trace"]["rate"] == point["rate"] and len(point_json["runs"][0]["requests"]) == 8
+    assert (tmp_path / "sweep" / "serve-sweep.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "serve.json").read_text())
     (run,) = data["runs"]
     assert len(run["requests"]) == 8

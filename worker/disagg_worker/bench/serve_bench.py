@@ -10,6 +10,9 @@ request and the summary, and PNG CDFs of TTFT, TPOT and E2E.
 role-``both`` worker on both cores) and disaggregated (1 prefill + 1 decode, one core each), runs the
 same trace against both and reports the monolithic/disagg TPOT p99 and disagg/monolithic goodput
 ratios (issue targets: >= 3x and >= 2x; reported, never asserted).
+
+``--rate 2,4,6`` (several rates) is a load sweep: one such run per rate, summarised by
+:mod:`.serve_sweep`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from disagg_worker.bench.cluster import UpError, UpProcess, free_port, up_command
 from disagg_worker.bench.latency_stats import SLO, RequestRecord, compare, summarize
 from disagg_worker.bench.report import print_table, write_json
+from disagg_worker.bench.serve_sweep import plot_sweep, sweep_point, sweep_table
 from disagg_worker.bench.sse import SSEParser, interpret
 from disagg_worker.bench.trace import LengthDist, TraceConfig, TraceRequest, generate_trace, warmup_requests
 
@@ -411,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = ap.add_argument_group("trace (seeded, reproducible)")
     d = TraceConfig()  # the defaults live there
     tr.add_argument("--seed", type=int, default=d.seed)
-    tr.add_argument("--rate", type=float, default=d.rate,
-                    help="mean arrival rate, requests/s (Poisson; default %(default)s)")
+    tr.add_argument("--rate", type=_rates, default=(d.rate,), metavar="RATE[,RATE...]",
+                    help=f"mean arrival rate, requests/s (Poisson; default {d.rate:g}); several, comma-separated: "
+                         "a load sweep, one run (in --compare, freshly started clusters) per rate")
     bound = tr.add_mutually_exclusive_group()
     bound.add_argument("--duration", type=float, default=None,
                        help=f"arrivals within this many seconds (default {d.duration_s:g})")
@@ -455,11 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def trace_config(args: argparse.Namespace) -> TraceConfig:
+def trace_config(args: argparse.Namespace, rate: float) -> TraceConfig:
     duration = args.duration
     if duration is None and args.num_requests is None:
         duration = TraceConfig().duration_s
-    return TraceConfig(rate=args.rate, duration_s=duration, num_requests=args.num_requests,
+    return TraceConfig(rate=rate, duration_s=duration, num_requests=args.num_requests,
                        long_fraction=args.long_fraction, low_priority_fraction=args.low_priority_fraction,
                        short_prompt=args.short_prompt, short_output=args.short_output,
                        long_prompt=args.long_prompt, long_output=args.long_output,
@@ -500,42 +505,33 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the clusters --compare started are stopped
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-    if args.compare == bool(args.url):
-        ap.error("give --url URL (an existing endpoint) or --compare (start local clusters), not both")
-    for flag in ("timeout", "ttft_slo_ms", "tpot_slo_ms", "up_timeout"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            ap.error(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}")
-    raise_open_file_limit()
+def _rates(text: str) -> tuple[float, ...]:
     try:
-        cfg = trace_config(args)
-        trace = generate_trace(cfg)
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        ap.error(str(exc))
-    if not trace:
-        ap.error("the trace is empty: raise --rate or --duration")
-    console = Console()
-    out_dir = Path(args.out)
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or a comma-separated list of rates, got {text!r}") from None
+    for rate in rates:
+        if not (math.isfinite(rate) and rate > 0):
+            raise argparse.ArgumentTypeError(f"rates must be positive numbers of requests/s, got {rate:g}")
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"a rate is listed twice: {text!r}")
+    return rates
+
+
+def _run_point(trace: list[TraceRequest], cfg: TraceConfig, args: argparse.Namespace, argv: list[str],
+               console: Console, out_dir: Path) -> tuple[str, dict[str, Any], list[str]]:
+    """Run one trace (against ``--url``, or ``--compare``'s two clusters), print its tables, and return the
+    JSON name, its payload and the failures."""
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     n_long, n_low = sum(r.kind == "long" for r in trace), sum(r.priority == "low" for r in trace)
     console.print(f"trace: {len(trace)} requests ({n_long} long-prompt, {n_low} low priority), "
                   f"Poisson {cfg.rate:g} req/s, seed {cfg.seed}")
-
     failures: list[str] = []
     if args.compare:
         runs, failures = _compare_runs(trace, args, console, out_dir)
         name = "serve-compare"
     else:
-        try:
-            runs = [run_one(trace, args.url, args.model, args, console, "endpoint")]
-        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
-            console.print(f"[red]disagg bench serve: cannot use {args.url}: {exc}[/red]")
-            return 2
+        runs = [run_one(trace, args.url, args.model, args, console, "endpoint")]  # main reports its errors
         name = "serve"
 
     ok_runs = [r for r in runs if "summary" in r]
@@ -544,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": cfg.to_dict(),
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         "timeout_s": args.timeout,
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "argv": argv,
         "runs": runs,
     }
     if ok_runs:
@@ -568,14 +564,84 @@ def main(argv: list[str] | None = None) -> int:
                      ["goodput disagg / monolithic", goodput, ">= 2x"],
                      [f"TTFT p99 monolithic / disagg (the {pairs['ttft_requests']} requests both served)",
                       _v(comp["ttft_p99_mono_over_disagg"]), "-"]], console)
+    return name, payload, failures
+
+
+def _write_point(name: str, payload: dict[str, Any], args: argparse.Namespace, console: Console,
+                 out_dir: Path) -> Path:
     path = write_json(out_dir, name, payload)
     console.print(f"wrote {path}")
+    ok_runs = [r for r in payload["runs"] if "summary" in r]
     if ok_runs and not args.no_plots:
+        slo = SLO(payload["slo"]["ttft_ms"], payload["slo"]["tpot_ms"])
         for p in plot_cdfs(ok_runs, slo, out_dir, name):
             console.print(f"wrote {p}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    if args.compare == bool(args.url):
+        ap.error("give --url URL (an existing endpoint) or --compare (start local clusters), not both")
+    for flag in ("timeout", "ttft_slo_ms", "tpot_slo_ms", "up_timeout"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            ap.error(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}")
+    raise_open_file_limit()
+    try:
+        cfgs = [trace_config(args, rate) for rate in args.rate]
+        traces = [generate_trace(cfg) for cfg in cfgs]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        ap.error(str(exc))
+    if not all(traces):
+        ap.error("the trace is empty: raise --rate or --duration")
+    console = Console()
+    out_dir = Path(args.out)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+
+    try:
+        failures = _run(cfgs, traces, args, argv_list, console, out_dir)
+    except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+        if args.compare:
+            raise
+        console.print(f"[red]disagg bench serve: cannot use {args.url}: {exc}[/red]")
+        return 2
     for f in failures:
         console.print(f"[red]failed: {f}[/red]")
     return 1 if failures else 0
+
+
+def _run(cfgs: list[TraceConfig], traces: list[list[TraceRequest]], args: argparse.Namespace, argv: list[str],
+         console: Console, out_dir: Path) -> list[str]:
+    """One point, or a sweep over the rates; returns the failures."""
+    if len(cfgs) == 1:
+        name, payload, failures = _run_point(traces[0], cfgs[0], args, argv, console, out_dir)
+        _write_point(name, payload, args, console, out_dir)
+    else:
+        points: list[dict[str, Any]] = []
+        failures = []
+        for i, (cfg, trace) in enumerate(zip(cfgs, traces, strict=True)):
+            console.rule(f"rate {cfg.rate:g} req/s ({i + 1} of {len(cfgs)})")
+            point_dir = out_dir / f"rate-{cfg.rate:g}"
+            name, payload, point_failures = _run_point(trace, cfg, args, argv, console, point_dir)
+            points.append(sweep_point(cfg.rate, payload, _write_point(name, payload, args, console, point_dir)))
+            failures += [f"rate {cfg.rate:g}: {f}" for f in point_failures]
+        slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
+        columns, rows = sweep_table(points)
+        print_table(f"disagg bench serve: load sweep, SLO TTFT <= {slo.ttft_ms:g} ms, TPOT <= {slo.tpot_ms:g} ms",
+                    columns, rows, console)
+        name = f"{name}-sweep"
+        path = write_json(out_dir, name, {"mode": "compare-sweep" if args.compare else "sweep",
+                                          "trace": {**cfgs[0].to_dict(), "rate": list(args.rate)},
+                                          "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+                                          "argv": argv, "points": points})
+        console.print(f"wrote {path}")
+        if not args.no_plots:
+            console.print(f"wrote {plot_sweep(points, slo, out_dir / f'{name}.png')}")
+    return failures
 
 
 if __name__ == "__main__":
