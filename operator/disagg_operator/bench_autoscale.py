@@ -52,7 +52,7 @@ DEFAULT_OUT = Path("benchmarks/out/autoscale")
 DECODE_TO_PREFILL_CAPACITY = 1.7
 # The share of a pod's capacity at which the bench's policy scales a role up and down (prefill's busy
 # fraction; for decode, the KV usage it has at that share of its requests per second)
-UP_UTILISATION, DOWN_UTILISATION = 0.58, 0.38
+UP_UTILISATION, DOWN_UTILISATION = 0.59, 0.38
 
 
 # ---- service times ----------------------------------------------------------------------------
