@@ -26,6 +26,22 @@ def test_service_times_interpolate() -> None:
     assert st.decode_step(32) > st.decode_step(16)  # extrapolated, growing
 
 
+def test_the_load_is_sized_by_the_mean_prefill_time_over_the_prompt_lengths() -> None:
+    """Not by the time of the mean prompt: with a per-token cost that depends on the length they differ,
+    and sizing by the mean prompt made the bench's load up to 13% heavier than it meant."""
+    from dataclasses import replace
+
+    flat = ServiceTimes({64: 1e-4}, {1: 0.006})
+    cfg = default_config(flat, minutes=12)
+    workload = replace(cfg.workload, prompt_range=(64, 512))
+    assert workload.mean_prefill_seconds(flat) == pytest.approx(flat.prefill_seconds(288))
+    curved = ServiceTimes({64: 1.6e-4, 256: 0.9e-4, 512: 1.05e-4}, {1: 0.006})  # measured on this CPU
+    exact = sum(curved.prefill_seconds(n) for n in range(64, 513)) / 449
+    assert workload.mean_prefill_seconds(curved) == pytest.approx(exact)
+    assert exact > 1.1 * curved.prefill_seconds(288)
+    assert default_config(curved).ttft_slo == pytest.approx(8 * exact, rel=1e-3)
+
+
 def test_simulator_orders_the_policies(tmp_path: Path) -> None:
     st = ServiceTimes({int(k): v for k, v in FIXED["prefill_seconds_per_token"].items()},
                       {int(k): v for k, v in FIXED["decode_step_seconds"].items()})
