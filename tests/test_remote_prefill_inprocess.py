@@ -31,6 +31,7 @@ from disagg_worker.server.decode_service import DecodeServicer
 from disagg_worker.server.peers import PeerPool
 from disagg_worker.server.prefill_service import PrefillServicer
 from disagg_worker.server.runtime import WorkerRuntime
+from disagg_worker.transfer.grpc_stream import add_prefill_servicer
 from disagg_worker.worker_main import WorkerServicer
 from tests.conftest import hf_greedy
 
@@ -65,7 +66,7 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
         prefill_rt.engine.engine.add_request = spy  # type: ignore[method-assign]
         prefill_server = grpc.aio.server()
         pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), prefill_server)
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), prefill_server)
+        add_prefill_servicer(PrefillServicer(prefill_rt), prefill_server)
         prefill_port = prefill_server.add_insecure_port("127.0.0.1:0")
         servers.append(prefill_server)
         await prefill_server.start()
@@ -158,7 +159,7 @@ async def prefill_peer(prefill: tuple[LoadedModel, EngineConfig], decode: tuple[
             runtimes.append(WorkerRuntime(engine, role, policy, lm.name))
         prefill_rt, decode_rt = runtimes
         pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), server)
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(prefill_rt), server)
+        add_prefill_servicer(PrefillServicer(prefill_rt), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         pool = PeerPool("prefill", f"127.0.0.1:{port}")

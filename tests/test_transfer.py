@@ -8,8 +8,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from disagg_worker.engine.kv_cache import KVLayout
+from disagg_worker.rpc import pb
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks
-from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk, encode_chunk
+from disagg_worker.transfer.grpc_stream import (
+    Coverage,
+    ReceivedChunk,
+    chunk_message,
+    decode_chunk,
+    encode_chunk,
+    read_prefill_response,
+)
 
 LAYOUT = KVLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)
 PER_BLOCK_LAYER = LAYOUT.bytes_per_block // LAYOUT.num_layers
@@ -33,18 +41,87 @@ def kv(blocks: int, layers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(shape), torch.randn(shape)
 
 
+def received(message: bytes) -> ReceivedChunk:
+    chunk = read_prefill_response(message)
+    assert isinstance(chunk, ReceivedChunk)
+    return chunk
+
+
 def test_round_trip_is_exact() -> None:
     k, v = kv(3)
-    chunk = encode_chunk("r", ChunkSpec(0, 5, 3, 0, 4), k, v)
-    k2, v2 = decode_chunk(chunk, LAYOUT, "r")
+    k2, v2 = decode_chunk(received(encode_chunk("r", ChunkSpec(0, 5, 3, 0, 4), k, v)), LAYOUT, "r")
     assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
 def test_bf16_round_trip() -> None:
     layout = KVLayout(2, 16, 2, 32, torch.bfloat16)
     k, v = (t.to(torch.bfloat16) for t in kv(2, layers=2))
-    k2, v2 = decode_chunk(encode_chunk("r", ChunkSpec(0, 0, 2, 0, 2), k, v), layout, "r")
+    k2, v2 = decode_chunk(received(encode_chunk("r", ChunkSpec(0, 0, 2, 0, 2), k, v)), layout, "r")
     assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_a_chunk_message_is_the_protobuf_encoding_of_its_fields() -> None:
+    """The hand-joined message is what protobuf writes for the same fields (any reader parses it), and
+    a chunk that protobuf serialized reads back the same: the proto contract is unchanged."""
+    k, v = kv(2)
+    spec = ChunkSpec(3, 4, 2, 0, 4)
+    message = encode_chunk("req-1", spec, k, v)
+    parsed = pb.PrefillResponse.FromString(message)
+    mine = received(message)
+    assert parsed.HasField("chunk") and parsed.chunk.k == k.numpy().tobytes() and parsed.chunk.v == v.numpy().tobytes()
+    assert (parsed.chunk.request_id, parsed.chunk.seq, parsed.chunk.first_block, parsed.chunk.num_blocks,
+            parsed.chunk.layer_start, parsed.chunk.num_layers, parsed.chunk.dtype, tuple(parsed.chunk.shape),
+            parsed.chunk.checksum) == ("req-1", 3, 4, 2, 0, 4, "float32", tuple(k.shape), mine.checksum)
+    assert parsed.SerializeToString(deterministic=True) == message  # field by field, the same bytes
+    theirs = received(parsed.SerializeToString())
+    assert theirs == mine and bytes(theirs.k) == bytes(mine.k)
+    done = pb.PrefillResponse(done=pb.PrefillDone(first_token=7, num_chunks=1))
+    assert read_prefill_response(done.SerializeToString()) == done.done
+
+
+def test_a_chunk_in_two_parts_or_with_fields_reordered_reads_as_protobuf_reads_it() -> None:
+    k, v = kv(1)
+    full = pb.PrefillResponse.FromString(encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v))
+    head = pb.PrefillResponse(chunk=pb.KvChunk(request_id="r", k=full.chunk.k))
+    tail = pb.PrefillResponse(chunk=full.chunk)
+    tail.chunk.ClearField("k")
+    merged = received(head.SerializeToString() + tail.SerializeToString())  # protobuf merges the two
+    k2, v2 = decode_chunk(merged, LAYOUT, "r")
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    # v before k, the header last: the same chunk
+    body = full.chunk.SerializeToString()
+    reordered = pb.KvChunk(k=full.chunk.k).SerializeToString() + body
+    k3, _ = decode_chunk(received(b"\x0a" + bytes([0x80 | len(reordered) & 0x7F]) + _rest_of_varint(len(reordered))
+                                  + reordered), LAYOUT, "r")
+    assert torch.equal(k, k3)
+
+
+def _rest_of_varint(n: int) -> bytes:
+    n >>= 7
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n >= 0x80 else 0))
+        if n < 0x80:
+            return bytes(out)
+        n >>= 7
+
+
+@pytest.mark.parametrize("message", [
+    b"", b"\x0a", b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x05abc",
+    b"\x0a\x02\x4a\x09", b"\x0b", b"\x0a\x01\x00", b"\xff" * 12, b"\x12\x03\x08",
+])
+def test_malformed_messages_are_a_transfer_error(message: bytes) -> None:
+    with pytest.raises(TransferError):
+        read_prefill_response(message)
+
+
+def test_chunk_message_joins_scattered_parts() -> None:
+    k, v = kv(2)
+    spec = ChunkSpec(0, 0, 2, 0, 4)
+    kb, vb = k.numpy().tobytes(), v.numpy().tobytes()
+    parts = chunk_message("r", spec, [kb[:100], memoryview(kb)[100:]], [vb[:7], vb[7:5000], vb[5000:]],
+                          torch.float32, k.shape)
+    assert parts == encode_chunk("r", spec, k, v)
 
 
 @pytest.mark.parametrize(("mutate", "match"), [
@@ -58,10 +135,10 @@ def test_bf16_round_trip() -> None:
 ])
 def test_corrupt_or_misshapen_chunks_are_refused(mutate, match: str) -> None:  # type: ignore[no-untyped-def]
     k, v = kv(1)
-    chunk = encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v)
+    chunk = pb.PrefillResponse.FromString(encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v)).chunk
     mutate(chunk)
     with pytest.raises(TransferError, match=match):
-        decode_chunk(chunk, LAYOUT, "r")
+        decode_chunk(received(pb.PrefillResponse(chunk=chunk).SerializeToString()), LAYOUT, "r")
 
 
 def test_coverage_refuses_duplicates_and_strays() -> None:

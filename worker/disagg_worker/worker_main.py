@@ -35,6 +35,7 @@ from disagg_worker.server.http import build_app
 from disagg_worker.server.peers import GRPC_OPTIONS, SERVER_PING_OPTIONS, PeerPool
 from disagg_worker.server.prefill_service import PrefillServicer
 from disagg_worker.server.runtime import WorkerRuntime
+from disagg_worker.transfer.grpc_stream import add_prefill_servicer
 from disagg_worker.transfer.tcp import KvReceiver
 
 log = logging.getLogger("disagg.worker")
@@ -151,7 +152,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.role in ("decode", "both"):
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime, prefill_pool, kv_receiver), server)
     if args.role in ("prefill", "both"):
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
+        add_prefill_servicer(PrefillServicer(runtime), server)
     # grpc.health.v1, for Kubernetes gRPC probes and grpc_health_probe. The asyncio servicer: the
     # blocking one holds a thread of the loop's default executor per Watch stream, and a few watchers
     # starved every to_thread call (DNS polling of peers, KV chunk encoding)

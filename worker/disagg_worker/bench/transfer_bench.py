@@ -9,9 +9,10 @@ For each cache size, three ways to move the same bytes between two processes on 
 - disagg "tcp" transport: the production raw-socket data plane (``KvSenderConnection`` sends frames
   straight from a KV pool's blocks into a ``KvReceiver`` that receives them straight into the
   destination pool's blocks and verifies checksums and coverage);
-- disagg "grpc" transport: the production chunk path (``plan_chunks`` + ``encode_chunk`` on a
-  ``Prefill`` response stream; ``decode_chunk`` with checksum, dtype and shape checks and a copy into
-  the destination pool on the receiving side), with and without checksum verification.
+- disagg "grpc" transport: the production chunk path (``plan_chunks`` + ``chunk_message`` straight from
+  the pool's blocks on a ``Prefill`` response stream; ``read_prefill_response`` + ``decode_chunk`` with
+  checksum, dtype and shape checks and a copy into the destination pool's blocks on the receiving
+  side), with and without checksum verification.
 Both disagg rows read from a KV pool on the sending side and end with the KV in a pool.
 """
 
@@ -78,30 +79,30 @@ def bench_memcpy(mib: int, repeats: int) -> list[float]:
 def _grpc_sender(port_queue: Any, num_blocks: int, chunk_bytes: int) -> None:
     import grpc
 
-    from disagg_worker.rpc import pb, pb_grpc
+    from disagg_worker.rpc import pb
     from disagg_worker.server.peers import GRPC_OPTIONS
-    from disagg_worker.transfer.chunks import ChunkSpec, plan_chunks
-    from disagg_worker.transfer.grpc_stream import encode_chunk
+    from disagg_worker.transfer.chunks import plan_chunks
+    from disagg_worker.transfer.grpc_stream import add_prefill_servicer, chunk_message
 
-    k_pool, v_pool = pool(num_blocks, True)
+    kv = kv_pool(num_blocks, True)
+    blocks = list(range(num_blocks))
     per_block_layer = LAYOUT.bytes_per_block // LAYOUT.num_layers
 
-    staging = pool(num_blocks, False)
+    def encode(rid: str, spec: Any) -> bytes:  # as the prefill worker does on a CPU pool
+        k, v = kv.block_views(blocks[spec.first_block:spec.first_block + spec.num_blocks],
+                              range(spec.layer_start, spec.layer_start + spec.num_layers))
+        return chunk_message(rid, spec, k, v, LAYOUT.dtype, LAYOUT.chunk_shape(spec.num_blocks, spec.num_layers))
 
-    def export(spec: ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return export_into(k_pool, v_pool, spec, staging)
-
-    class Sender(pb_grpc.PrefillServicer):
+    class Sender:
         async def Prefill(self, request: Any, context: Any) -> Any:
             specs = plan_chunks(0, num_blocks, LAYOUT.num_layers, per_block_layer, request.chunk_bytes or chunk_bytes)
             for spec in specs:
-                k, v = export(spec)
-                yield pb.PrefillResponse(chunk=encode_chunk(request.request_id, spec, k, v))
+                yield await asyncio.to_thread(encode, request.request_id, spec)
             yield pb.PrefillResponse(done=pb.PrefillDone(first_token=0, num_chunks=len(specs)))
 
     async def serve() -> None:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_PrefillServicer_to_server(Sender(), server)
+        add_prefill_servicer(Sender(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         port_queue.put(port)
@@ -113,9 +114,16 @@ def _grpc_sender(port_queue: Any, num_blocks: int, chunk_bytes: int) -> None:
 def bench_grpc(mib: int, repeats: int, chunk_bytes: int, verify: bool) -> list[float]:
     import grpc
 
-    from disagg_worker.rpc import pb, pb_grpc
+    from disagg_worker.rpc import pb
     from disagg_worker.server.peers import GRPC_OPTIONS
-    from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
+    from disagg_worker.transfer.grpc_stream import (
+        Coverage,
+        ReceivedChunk,
+        decode_chunk,
+        prefill_stream,
+        read_prefill_response,
+    )
+    from disagg_worker.transfer.sinks import PoolSink
 
     n = blocks_for_mib(mib)
     ctx = mp.get_context("spawn")
@@ -123,25 +131,22 @@ def bench_grpc(mib: int, repeats: int, chunk_bytes: int, verify: bool) -> list[f
     proc = ctx.Process(target=_grpc_sender, args=(q, n, chunk_bytes), daemon=True)
     proc.start()
     port = q.get(timeout=120)
-    k_dst, v_dst = pool(n, False)
+    sink = PoolSink(kv_pool(n, False), list(range(n)))
 
     async def run() -> list[float]:
         times = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
-            stub = pb_grpc.PrefillStub(channel)
+            call = prefill_stream(channel)
             for i in range(repeats + 1):  # the first is an untimed warm-up (connection, buffers), as for the others
                 t0 = time.perf_counter()
                 cov = Coverage(0, n, LAYOUT.num_layers)
-                async for resp in stub.Prefill(pb.PrefillRequest(request_id=f"t{i}", chunk_bytes=chunk_bytes)):
-                    if not resp.HasField("chunk"):
+                async for message in call(pb.PrefillRequest(request_id=f"t{i}", chunk_bytes=chunk_bytes)):
+                    c = read_prefill_response(message)
+                    if not isinstance(c, ReceivedChunk):
                         continue
-                    c = resp.chunk
-                    k, v = decode_chunk(c, LAYOUT, f"t{i}", verify)
+                    decode_chunk(c, LAYOUT, f"t{i}", verify)  # as the decode worker does on a CPU pool
                     cov.add(c.first_block, c.num_blocks, c.layer_start, c.num_layers)
-                    sl = (slice(c.layer_start, c.layer_start + c.num_layers),
-                          slice(c.first_block, c.first_block + c.num_blocks))
-                    k_dst[sl].copy_(k)
-                    v_dst[sl].copy_(v)
+                    sink.write(c.spec, c.k, c.v)
                 assert cov.complete
                 if i:
                     times.append(time.perf_counter() - t0)
@@ -152,19 +157,6 @@ def bench_grpc(mib: int, repeats: int, chunk_bytes: int, verify: bool) -> list[f
     finally:
         proc.terminate()
         proc.join(10)
-
-
-def export_into(k_pool: torch.Tensor, v_pool: torch.Tensor, spec: Any, staging: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy one chunk's rectangle into reused staging buffers (as the prefill worker's export does)."""
-    layers = slice(spec.layer_start, spec.layer_start + spec.num_layers)
-    blocks = slice(spec.first_block, spec.first_block + spec.num_blocks)
-    src_k, src_v = k_pool[layers, blocks], v_pool[layers, blocks]
-    k = staging[0].view(-1)[:src_k.numel()].view(src_k.shape)
-    v = staging[1].view(-1)[:src_v.numel()].view(src_v.shape)
-    k.copy_(src_k)
-    v.copy_(src_v)
-    return k, v
 
 
 # ---- raw TCP and the tcp transport, paired --------------------------------------------------
@@ -355,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                          "slow minute on a shared machine hits every method alike")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--no-grpc", action="store_true",
-                    help="leave out the gRPC rows (~0.2-0.3 GB/s: most of the run's time at 256-512 MiB)")
+                    help="leave out the gRPC rows (~1 GB/s here: they take half of the run's time)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]

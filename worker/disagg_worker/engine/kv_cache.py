@@ -33,6 +33,10 @@ class KVLayout:
         """Bytes of K (or of V, the same) for ``num_blocks`` blocks x ``num_layers`` layers."""
         return num_layers * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
 
+    def chunk_shape(self, num_blocks: int, num_layers: int) -> tuple[int, int, int, int, int]:
+        """The shape of K (or of V) for ``num_blocks`` blocks x ``num_layers`` layers, as a pool lays it out."""
+        return num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim
+
     def blocks_for_bytes(self, num_bytes: int) -> int:
         return num_bytes // self.bytes_per_block
 
@@ -41,7 +45,7 @@ class PagedKVCache:
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
-        shape = (layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        shape = layout.chunk_shape(num_blocks, layout.num_layers)
         self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
 

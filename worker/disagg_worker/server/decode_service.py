@@ -37,8 +37,8 @@ from disagg_worker.server.runtime import (
     priority_from_proto,
     priority_to_proto,
 )
-from disagg_worker.transfer.chunks import ChunkSpec, TransferError
-from disagg_worker.transfer.grpc_stream import Coverage, decode_chunk
+from disagg_worker.transfer.chunks import TransferError
+from disagg_worker.transfer.grpc_stream import Coverage, ReceivedChunk, decode_chunk, read_prefill_response
 from disagg_worker.transfer.sinks import KvSink, PoolSink, StagedSink
 from disagg_worker.transfer.tcp import KvReceiver, PendingTransfer
 
@@ -208,24 +208,24 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         imports: deque[asyncio.Future[None]] = deque()
         try:
             # inside the try: a channel that closed meanwhile (the peer left DNS) raises here
-            call = peer.prefill.Prefill(req, timeout=deadline)
-            async for resp in call:
-                if resp.HasField("chunk"):
+            call = peer.prefill_stream(req, timeout=deadline)
+            async for message in call:
+                resp = read_prefill_response(message)
+                if isinstance(resp, ReceivedChunk):
                     t_first_chunk = t_first_chunk or time.monotonic()
-                    chunk = resp.chunk
+                    chunk = resp
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
                     if pool_sink is not None:  # no wait for the engine's current step
-                        pool_sink.write(ChunkSpec(chunk.seq, chunk.first_block, chunk.num_blocks, chunk.layer_start,
-                                                  chunk.num_layers), chunk.k, chunk.v)
+                        pool_sink.write(chunk.spec, chunk.k, chunk.v)
                     else:  # queued, not awaited one by one (at most maxInflightChunks at once)
                         imports.append(asyncio.ensure_future(rt.engine.call(
                             lambda c=chunk, k=k, v=v: eng.import_kv(rid, c.first_block, k, v, c.layer_start))))
                         if len(imports) >= rt.policy.kv_transfer.max_inflight_chunks:
                             await imports.popleft()
                     received += len(chunk.k) + len(chunk.v)
-                elif resp.HasField("done"):
-                    done = resp.done
+                else:
+                    done = resp
             while imports:
                 await imports.popleft()
             if done is None:

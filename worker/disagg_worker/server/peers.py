@@ -14,12 +14,14 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from disagg_worker.routing import WorkerLoad
 from disagg_worker.rpc import pb, pb_grpc
+from disagg_worker.transfer.grpc_stream import prefill_stream
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,13 @@ class Peer:
     worker: pb_grpc.WorkerStub = field(init=False)
     decode: pb_grpc.DecodeStub = field(init=False)
     prefill: pb_grpc.PrefillStub = field(init=False)
+    prefill_stream: Callable[..., grpc.aio.UnaryStreamCall] = field(init=False)  # its messages unparsed
 
     def __post_init__(self) -> None:
         self.worker = pb_grpc.WorkerStub(self.channel)
         self.decode = pb_grpc.DecodeStub(self.channel)
         self.prefill = pb_grpc.PrefillStub(self.channel)
+        self.prefill_stream = prefill_stream(self.channel)
 
 
 class PeerPool:

@@ -33,7 +33,7 @@ from disagg_worker.server.runtime import (
     priority_from_proto,
 )
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks, tensor_bytes
-from disagg_worker.transfer.grpc_stream import dtype_name, encode_chunk
+from disagg_worker.transfer.grpc_stream import chunk_message, dtype_name
 from disagg_worker.transfer.tcp import KvConnectionPool
 
 log = logging.getLogger(__name__)
@@ -134,18 +134,18 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
             corrupt_seq = 0 if self.fault == "corrupt_chunk" else None
             total = 0
+            kv = eng.runner.kv
+            in_place = kv.k.device.type == "cpu"
+            held = await rt.engine.call(lambda: list(eng.held_blocks(rid))) if in_place else []
+
+            def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+                if in_place:  # straight from the pool: the blocks stay held until _release
+                    return kv.block_views(held[spec.first_block:spec.first_block + spec.num_blocks],
+                                          range(spec.layer_start, spec.layer_start + spec.num_layers))
+                k, v = export(spec, slot)
+                return [tensor_bytes(k)], [tensor_bytes(v)]
+
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
-                kv = eng.runner.kv
-                in_place = kv.k.device.type == "cpu"
-                held = await rt.engine.call(lambda: list(eng.held_blocks(rid)))
-
-                def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
-                    if in_place:  # straight from the pool: the blocks stay held until _release
-                        return kv.block_views(held[spec.first_block:spec.first_block + spec.num_blocks],
-                                              range(spec.layer_start, spec.layer_start + spec.num_layers))
-                    k, v = export(spec, slot)
-                    return [tensor_bytes(k)], [tensor_bytes(v)]
-
                 loop = asyncio.get_running_loop()
                 sender = None
                 sent = False
@@ -163,15 +163,22 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                         self.kv_connections.release(sender)
                     elif sender is not None:  # shut first: a sender thread left by a cancelled RPC fails at once
                         sender.close()
-            else:
+            else:  # "grpc" transport: each chunk a message on this stream, serialized here (see grpc_stream)
+                def encode(spec: ChunkSpec) -> tuple[bytes, int]:
+                    k, v = chunk_views(spec, 0)
+                    shape = lay.chunk_shape(spec.num_blocks, spec.num_layers)
+                    message = chunk_message(rid, spec, k, v, lay.dtype, shape)
+                    if spec.seq == corrupt_seq:  # fault injection: a payload byte flipped after the checksum
+                        mid = len(message) // 2  # K and V are all but a few dozen bytes of it
+                        message = message[:mid] + bytes([message[mid] ^ 0xFF]) + message[mid + 1:]
+                    return message, sum(map(len, (*k, *v)))
+
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)
-                    # encoding copies (from a GPU: waits for it) and hashes the chunk: not on the event loop
-                    chunk = await asyncio.to_thread(lambda s=spec: encode_chunk(rid, s, *export(s, 0)))
-                    if spec.seq == corrupt_seq:
-                        chunk.k = bytes([chunk.k[0] ^ 0xFF]) + chunk.k[1:]
-                    total += len(chunk.k) + len(chunk.v)
-                    yield pb.PrefillResponse(chunk=chunk)
+                    # copies the chunk out of the pool (from a GPU: waits for it) and hashes it: not on the event loop
+                    message, size = await asyncio.to_thread(encode, spec)
+                    total += size
+                    yield message
             m.KV_TRANSFER_BYTES.labels("sent").inc(total)
             m.KV_TRANSFER_SECONDS.labels("sent").observe(time.monotonic() - prefill_done)
             queue_s = (first.first_scheduled_time or t0) - first.arrival_time

@@ -83,7 +83,7 @@ class StagedSink:
     def commit(self, spec: ChunkSpec) -> None:
         lay = self.layout
         n = lay.kv_bytes(spec.num_blocks, spec.num_layers)
-        shape = (spec.num_layers, spec.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        shape = lay.chunk_shape(spec.num_blocks, spec.num_layers)
         view = memoryview(self._buf)
         self.install(spec.first_block, spec.layer_start, tensor_from_bytes(view[:n], lay.dtype, shape),
                      tensor_from_bytes(view[n:2 * n], lay.dtype, shape))  # copies into the pool
