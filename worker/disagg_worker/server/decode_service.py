@@ -210,10 +210,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             # inside the try: a channel that closed meanwhile (the peer left DNS) raises here
             call = peer.prefill_stream(req, timeout=deadline)
             async for message in call:
-                resp = read_prefill_response(message)
-                if isinstance(resp, ReceivedChunk):
+                chunk = read_prefill_response(message)
+                if isinstance(chunk, ReceivedChunk):
                     t_first_chunk = t_first_chunk or time.monotonic()
-                    chunk = resp
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
                     if pool_sink is not None:  # no wait for the engine's current step
@@ -225,7 +224,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                             await imports.popleft()
                     received += len(chunk.k) + len(chunk.v)
                 else:
-                    done = resp
+                    done = chunk  # the PrefillDone that ends the stream
             while imports:
                 await imports.popleft()
             if done is None:
