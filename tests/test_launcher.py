@@ -200,6 +200,10 @@ def test_workers_sharing_a_gpu_each_get_a_share_and_a_worker_arg_overrides_it() 
     (["--prefill", "-1"], "--prefill must be at least 0"),
     (["--port", "99999"], "--port must be between 1 and 65535"),  # the router died after the workers loaded
     (["--host", "::1"], "cannot serve on ::1"),  # a socket.gaierror traceback
+    (["--cpu-affinity", "prefill=3-1"], "'3-1' names no CPU"),  # an empty set: EINVAL in the child
+    (["--cpu-affinity", "decode="], "'' is not a CPU number"),  # "invalid literal for int()"
+    (["--cpu-affinity", "decode=0,x"], "'x' is not a CPU number"),
+    (["--cpu-affinity", "gpu=0"], "use ROLE=CPUS"),
 ])
 def test_bad_counts_ports_and_hosts_are_refused_before_anything_starts(
         argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

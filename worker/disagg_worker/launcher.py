@@ -66,7 +66,13 @@ def parse_affinity(items: list[str]) -> dict[str, list[int]]:
         ids: list[int] = []
         for part in cpus.split(","):
             lo, dash, hi = part.partition("-")
-            ids.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+            try:
+                first, last = int(lo), int(hi) if dash else int(lo)
+            except ValueError:
+                raise ValueError(f"--cpu-affinity {item!r}: {part!r} is not a CPU number or a range like 0-3") from None
+            if first < 0 or last < first:
+                raise ValueError(f"--cpu-affinity {item!r}: {part!r} names no CPU")
+            ids.extend(range(first, last + 1))
         out[role] = ids
     return out
 
