@@ -201,7 +201,7 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
         request = pb.PrefillRequest(request_id="x", prompt_token_ids=list(range(40, 90)), layout=layout_message(
             decode_rt), params=pb.SamplingParams(max_tokens=1, temperature=0, top_p=1))
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            async for _ in peer.prefill.Prefill(request, timeout=30):
+            async for _ in peer.prefill_stream(request, timeout=30):
                 pass
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and refusal in exc.value.details()
 
@@ -240,6 +240,32 @@ async def test_kv_for_a_pool_off_the_cpu_is_installed_through_the_engine(pair: P
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert len(imports) > 8
     assert max(imports) > 1  # chunks were queued on the engine together, not awaited one at a time
+
+
+async def test_kv_from_a_pool_off_the_cpu_is_exported_chunk_by_chunk(pair: Pair, llama: LoadedModel,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill worker on a GPU copies each chunk out of its pool (``export_kv``) before sending it: the
+    path a CPU pool, read in place, never takes. Both sides as off the CPU here, with 4 KiB chunks."""
+    from disagg_worker.server import prefill_service
+
+    _staged(pair, monkeypatch)
+    monkeypatch.setattr(prefill_service, "reads_pool_in_place", lambda kv: False)
+    eng = pair.prefill_runtime.engine.engine
+    exports: list[int] = []
+    real = eng.export_kv
+
+    def counted(*args: object, **kwargs: object) -> object:
+        exports.append(args[2])  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(eng, "export_kv", counted)
+    prompt = list(range(40, 340))
+    request = pb.GenerateRequest(request_id="exported", prompt_token_ids=prompt, prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
+    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    assert messages[0].remote_prefill and not messages[0].fallback_reason
+    assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
+    assert len(exports) > 8
 
 
 async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, llama: LoadedModel,

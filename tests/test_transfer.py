@@ -16,6 +16,7 @@ from disagg_worker.transfer.grpc_stream import (
     chunk_message,
     decode_chunk,
     encode_chunk,
+    flip_payload_byte,
     read_prefill_response,
 )
 
@@ -61,58 +62,83 @@ def test_bf16_round_trip() -> None:
 
 
 def test_a_chunk_message_is_the_protobuf_encoding_of_its_fields() -> None:
-    """The hand-joined message is what protobuf writes for the same fields (any reader parses it), and
-    a chunk that protobuf serialized reads back the same: the proto contract is unchanged."""
+    """The hand-joined message is byte for byte what protobuf writes for the same fields, so any reader
+    parses it: the proto contract is unchanged."""
     k, v = kv(2)
     spec = ChunkSpec(3, 4, 2, 0, 4)
     message = encode_chunk("req-1", spec, k, v)
     parsed = pb.PrefillResponse.FromString(message)
-    mine = received(message)
-    assert parsed.HasField("chunk") and parsed.chunk.k == k.numpy().tobytes() and parsed.chunk.v == v.numpy().tobytes()
+    assert parsed.chunk.k == k.numpy().tobytes() and parsed.chunk.v == v.numpy().tobytes()
     assert (parsed.chunk.request_id, parsed.chunk.seq, parsed.chunk.first_block, parsed.chunk.num_blocks,
             parsed.chunk.layer_start, parsed.chunk.num_layers, parsed.chunk.dtype, tuple(parsed.chunk.shape),
-            parsed.chunk.checksum) == ("req-1", 3, 4, 2, 0, 4, "float32", tuple(k.shape), mine.checksum)
-    assert parsed.SerializeToString(deterministic=True) == message  # field by field, the same bytes
-    theirs = received(parsed.SerializeToString())
-    assert theirs == mine and bytes(theirs.k) == bytes(mine.k)
+            parsed.chunk.checksum) == ("req-1", 3, 4, 2, 0, 4, "float32", tuple(k.shape), received(message).checksum)
+    assert parsed.SerializeToString(deterministic=True) == message
+    empty = chunk_message("r", ChunkSpec(0, 0, 0, 0, 4), [b""], [], torch.float32, (4, 0, 16, 2, 32))
+    assert pb.PrefillResponse.FromString(empty).SerializeToString(deterministic=True) == empty  # no k, no v
     done = pb.PrefillResponse(done=pb.PrefillDone(first_token=7, num_chunks=1))
     assert read_prefill_response(done.SerializeToString()) == done.done
 
 
-def test_a_chunk_in_two_parts_or_with_fields_reordered_reads_as_protobuf_reads_it() -> None:
+def _len_field(field: int, payload: bytes, length_bytes: bytes | None = None) -> bytes:
+    """A length-delimited field written by hand: key, length (a given, non-minimal one if asked), payload."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while n >= 0x80:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes(out + bytes([n]))
+    return varint(field << 3 | 2) + (length_bytes or varint(len(payload))) + payload
+
+
+def test_a_chunk_written_any_other_valid_way_reads_as_protobuf_reads_it() -> None:
+    """What another protobuf writer may send: fields in any order, a field twice (the last wins), an
+    unpacked repeated field, unknown fields, a non-minimal length, a chunk in two parts (merged)."""
     k, v = kv(1)
-    full = pb.PrefillResponse.FromString(encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v))
-    head = pb.PrefillResponse(chunk=pb.KvChunk(request_id="r", k=full.chunk.k))
-    tail = pb.PrefillResponse(chunk=full.chunk)
-    tail.chunk.ClearField("k")
-    merged = received(head.SerializeToString() + tail.SerializeToString())  # protobuf merges the two
-    k2, v2 = decode_chunk(merged, LAYOUT, "r")
-    assert torch.equal(k, k2) and torch.equal(v, v2)
-    # v before k, the header last: the same chunk
-    body = full.chunk.SerializeToString()
-    reordered = pb.KvChunk(k=full.chunk.k).SerializeToString() + body
-    k3, _ = decode_chunk(received(b"\x0a" + bytes([0x80 | len(reordered) & 0x7F]) + _rest_of_varint(len(reordered))
-                                  + reordered), LAYOUT, "r")
-    assert torch.equal(k, k3)
-
-
-def _rest_of_varint(n: int) -> bytes:
-    n >>= 7
-    out = bytearray()
-    while True:
-        out.append(n & 0x7F | (0x80 if n >= 0x80 else 0))
-        if n < 0x80:
-            return bytes(out)
-        n >>= 7
+    full = pb.PrefillResponse.FromString(encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v)).chunk
+    header = pb.KvChunk()
+    header.CopyFrom(full)
+    header.ClearField("k")
+    header.ClearField("v")
+    kb, vb = full.k, full.v
+    unpacked_shape = b"".join(bytes([8 << 3]) + bytes([d]) for d in full.shape)  # shape as 5 varint fields
+    header_unpacked = header.SerializeToString().replace(_len_field(8, bytes(full.shape)), unpacked_shape)
+    assert header_unpacked != header.SerializeToString()
+    unknown = _len_field(12, b"from a newer sender") + bytes([13 << 3 | 5]) + b"\x01\x02\x03\x04"
+    bodies = [
+        _len_field(10, vb) + _len_field(9, kb) + header.SerializeToString(),  # v, k, then the rest
+        _len_field(9, b"garbage" * 9) + header_unpacked + _len_field(10, vb) + unknown + _len_field(9, kb),
+        header.SerializeToString() + _len_field(9, kb, b"\x80\x80\x81\x80\x00") + _len_field(10, vb),
+    ]
+    assert len(kb) == 1 << 14  # the non-minimal length above spells 16,384
+    for body in bodies:
+        message = _len_field(1, body)
+        theirs = pb.PrefillResponse.FromString(message).chunk
+        assert theirs.k == kb and theirs.v == vb and theirs.checksum == full.checksum
+        k2, v2 = decode_chunk(received(message), LAYOUT, "r")
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    two_parts = _len_field(1, _len_field(9, kb)) + _len_field(1, header.SerializeToString() + _len_field(10, vb))
+    k3, v3 = decode_chunk(received(two_parts), LAYOUT, "r")
+    assert torch.equal(k, k3) and torch.equal(v, v3)
 
 
 @pytest.mark.parametrize("message", [
     b"", b"\x0a", b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x05abc",
-    b"\x0a\x02\x4a\x09", b"\x0b", b"\x0a\x01\x00", b"\xff" * 12, b"\x12\x03\x08",
+    b"\x0a\x02\x4a\x09", b"\x0b", b"\x0a\x02\x00\x00", b"\xff" * 12, b"\x12\x03\x08",
+    b"\x0a\x03\x0a\x01\xff",  # a request id that is not UTF-8: protobuf's DecodeError
+    b"\x0a\x02\x4b\x00",  # a group start inside the chunk
 ])
 def test_malformed_messages_are_a_transfer_error(message: bytes) -> None:
     with pytest.raises(TransferError):
         read_prefill_response(message)
+
+
+def test_the_fault_injection_flips_a_payload_byte_that_the_checksum_catches() -> None:
+    k, v = kv(1)
+    chunk = received(flip_payload_byte(encode_chunk("r", ChunkSpec(0, 0, 1, 0, 4), k, v)))
+    assert bytes(chunk.k)[0] != k.numpy().tobytes()[0]
+    assert bytes(chunk.k)[1:] == k.numpy().tobytes()[1:] and bytes(chunk.v) == v.numpy().tobytes()
+    with pytest.raises(TransferError, match="checksum"):
+        decode_chunk(chunk, LAYOUT, "r")
 
 
 def test_chunk_message_joins_scattered_parts() -> None:

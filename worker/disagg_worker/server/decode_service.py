@@ -210,8 +210,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             # inside the try: a channel that closed meanwhile (the peer left DNS) raises here
             call = peer.prefill_stream(req, timeout=deadline)
             async for message in call:
-                chunk = read_prefill_response(message)
-                if isinstance(chunk, ReceivedChunk):
+                item = read_prefill_response(message)
+                if isinstance(item, ReceivedChunk):
+                    chunk = item
                     t_first_chunk = t_first_chunk or time.monotonic()
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
@@ -224,7 +225,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                             await imports.popleft()
                     received += len(chunk.k) + len(chunk.v)
                 else:
-                    done = chunk  # the PrefillDone that ends the stream
+                    done = item
             while imports:
                 await imports.popleft()
             if done is None:

@@ -14,7 +14,6 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -87,13 +86,11 @@ class Peer:
     # and being called. A call on a closed channel only raises.
     worker: pb_grpc.WorkerStub = field(init=False)
     decode: pb_grpc.DecodeStub = field(init=False)
-    prefill: pb_grpc.PrefillStub = field(init=False)
-    prefill_stream: Callable[..., grpc.aio.UnaryStreamCall] = field(init=False)  # its messages unparsed
+    prefill_stream: grpc.aio.UnaryStreamMultiCallable = field(init=False)  # Prefill, its messages unparsed
 
     def __post_init__(self) -> None:
         self.worker = pb_grpc.WorkerStub(self.channel)
         self.decode = pb_grpc.DecodeStub(self.channel)
-        self.prefill = pb_grpc.PrefillStub(self.channel)
         self.prefill_stream = prefill_stream(self.channel)
 
 

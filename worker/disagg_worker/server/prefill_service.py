@@ -24,6 +24,7 @@ import torch
 
 from disagg_worker import metrics as m
 from disagg_worker.engine.async_engine import EngineStoppedError
+from disagg_worker.engine.kv_cache import PagedKVCache
 from disagg_worker.engine.request import InvalidRequestError
 from disagg_worker.rpc import pb, pb_grpc
 from disagg_worker.server.runtime import (
@@ -33,7 +34,7 @@ from disagg_worker.server.runtime import (
     priority_from_proto,
 )
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks, tensor_bytes
-from disagg_worker.transfer.grpc_stream import chunk_message, dtype_name
+from disagg_worker.transfer.grpc_stream import chunk_message, dtype_name, flip_payload_byte
 from disagg_worker.transfer.tcp import KvConnectionPool
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             corrupt_seq = 0 if self.fault == "corrupt_chunk" else None
             total = 0
             kv = eng.runner.kv
-            in_place = kv.k.device.type == "cpu"
+            in_place = reads_pool_in_place(kv)
             held = await rt.engine.call(lambda: list(eng.held_blocks(rid))) if in_place else []
 
             def chunk_views(spec: ChunkSpec, slot: int) -> tuple[list[memoryview], list[memoryview]]:
@@ -168,14 +169,15 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                     k, v = chunk_views(spec, 0)
                     shape = lay.chunk_shape(spec.num_blocks, spec.num_layers)
                     message = chunk_message(rid, spec, k, v, lay.dtype, shape)
-                    if spec.seq == corrupt_seq:  # fault injection: a payload byte flipped after the checksum
-                        mid = len(message) // 2  # K and V are all but a few dozen bytes of it
-                        message = message[:mid] + bytes([message[mid] ^ 0xFF]) + message[mid + 1:]
+                    if spec.seq == corrupt_seq:
+                        message = flip_payload_byte(message)
                     return message, sum(map(len, (*k, *v)))
 
                 for spec in specs:
                     await asyncio.to_thread(self._fault_hook, spec)
-                    # copies the chunk out of the pool (from a GPU: waits for it) and hashes it: not on the event loop
+                    # copies the chunk out of the pool (from a GPU: waits for it) and hashes it: not on the event
+                    # loop. Cancelled meanwhile, the blocks are released while the thread may still read them:
+                    # harmless, as the pool stays allocated and the message is dropped.
                     message, size = await asyncio.to_thread(encode, spec)
                     total += size
                     yield message
@@ -189,6 +191,11 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         finally:
             if queued:
                 await _release(rt, rid)
+
+
+def reads_pool_in_place(kv: PagedKVCache) -> bool:
+    """Whether chunks are sent straight from the pool's blocks (a CPU pool) rather than exported first."""
+    return kv.k.device.type == "cpu"
 
 
 def _shape_of(layout: pb.KvLayout) -> pb.KvLayout:

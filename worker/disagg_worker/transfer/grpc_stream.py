@@ -19,9 +19,9 @@ and reads them in place. The ``Prefill`` method is therefore registered with a p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import torch
@@ -69,11 +69,15 @@ def chunk_message(request_id: str, spec: ChunkSpec, k: Sequence[bytes | memoryvi
     header = pb.KvChunk(request_id=request_id, seq=spec.seq, first_block=spec.first_block,
                         num_blocks=spec.num_blocks, layer_start=spec.layer_start, num_layers=spec.num_layers,
                         dtype=dtype_name(dtype), shape=list(shape)).SerializeToString()
-    k_key = _field_header(K_FIELD, sum(len(p) for p in k))
-    v_key = _field_header(V_FIELD, sum(len(p) for p in v))
     trailer = pb.KvChunk(checksum=chunk_checksum(spec, k, v)).SerializeToString()
-    body = len(header) + len(k_key) + len(v_key) + len(trailer) + sum(len(p) for p in (*k, *v))
-    return b"".join([_field_header(CHUNK_FIELD, body), header, k_key, *k, v_key, *v, trailer])
+    parts: list[bytes | memoryview] = [header]
+    for field, payload in ((K_FIELD, k), (V_FIELD, v)):
+        size = sum(memoryview(p).nbytes for p in payload)
+        if size:  # proto3 leaves an empty bytes field out
+            parts += [_field_header(field, size), *payload]
+    parts.append(trailer)
+    body = sum(memoryview(p).nbytes for p in parts)
+    return b"".join([_field_header(CHUNK_FIELD, body), *parts])
 
 
 def encode_chunk(request_id: str, spec: ChunkSpec, k: torch.Tensor, v: torch.Tensor) -> bytes:
@@ -119,9 +123,17 @@ def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
     raise TransferError("malformed KV chunk message (truncated or overlong varint)")
 
 
-def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
-    """(field number, wire type, where its key starts, where its value starts, where it ends) of each
-    field of the message in ``data[start:end]``."""
+class _Field(NamedTuple):
+    number: int
+    wire: int  # wire type
+    key_at: int  # offsets into the message: where the field's key starts,
+    value_at: int  # where its value (after a length, if it has one) starts,
+    end: int  # and where it ends
+
+
+def _fields(data: memoryview, start: int, end: int) -> list[_Field]:
+    """The fields of the message in ``data[start:end]``, in order. Groups (proto2's wire types 3 and 4,
+    which proto3 never writes) are refused."""
     out = []
     pos = start
     while pos < end:
@@ -137,9 +149,11 @@ def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int,
             value_end = pos + (8 if wire == FIXED64 else 4)
         else:
             raise TransferError(f"malformed KV chunk message (wire type {wire})")
-        if value_end > end or field == 0:
+        if field == 0:
+            raise TransferError("malformed KV chunk message (field number 0)")
+        if value_end > end:
             raise TransferError("malformed KV chunk message (a field runs past its end)")
-        out.append((field, wire, key_at, pos, value_end))
+        out.append(_Field(field, wire, key_at, pos, value_end))
         pos = value_end
     return out
 
@@ -152,7 +166,7 @@ def read_prefill_response(data: bytes) -> ReceivedChunk | pb.PrefillDone:
     """
     view = memoryview(data)
     top = _fields(view, 0, len(view))
-    if len(top) != 1 or top[0][:2] != (CHUNK_FIELD, LENGTH_DELIMITED):
+    if len(top) != 1 or (top[0].number, top[0].wire) != (CHUNK_FIELD, LENGTH_DELIMITED):
         try:
             resp = pb.PrefillResponse.FromString(data)
         except DecodeError as exc:
@@ -162,21 +176,29 @@ def read_prefill_response(data: bytes) -> ReceivedChunk | pb.PrefillDone:
         if not resp.HasField("chunk"):
             raise TransferError("prefill response with neither a chunk nor a first token")
         return ReceivedChunk.of(resp.chunk, memoryview(resp.chunk.k), memoryview(resp.chunk.v))
-    *_, body_start, body_end = top[0]
     k = v = view[0:0]
     rest = []
-    for field, wire, key_at, value_at, end in _fields(view, body_start, body_end):
-        if (field, wire) == (K_FIELD, LENGTH_DELIMITED):  # given twice, the last one wins, as in protobuf
-            k = view[value_at:end]
-        elif (field, wire) == (V_FIELD, LENGTH_DELIMITED):
-            v = view[value_at:end]
+    for f in _fields(view, top[0].value_at, top[0].end):
+        if (f.number, f.wire) == (K_FIELD, LENGTH_DELIMITED):  # given twice, the last one wins, as in protobuf
+            k = view[f.value_at:f.end]
+        elif (f.number, f.wire) == (V_FIELD, LENGTH_DELIMITED):
+            v = view[f.value_at:f.end]
         else:
-            rest.append(view[key_at:end])
+            rest.append(view[f.key_at:f.end])
     try:
         header = pb.KvChunk.FromString(b"".join(rest))
     except DecodeError as exc:
         raise TransferError(f"malformed KV chunk: {exc}") from None
     return ReceivedChunk.of(header, k, v)
+
+
+def flip_payload_byte(message: bytes) -> bytes:
+    """Fault injection: a ``chunk_message`` with the first byte of its K payload flipped, so that its
+    checksum no longer matches."""
+    view = memoryview(message)
+    (chunk,) = _fields(view, 0, len(view))
+    k = next(f for f in _fields(view, chunk.value_at, chunk.end) if f.number == K_FIELD)
+    return message[:k.value_at] + bytes([message[k.value_at] ^ 0xFF]) + message[k.value_at + 1:]
 
 
 def decode_chunk(chunk: ReceivedChunk, layout: KVLayout, request_id: str, verify: bool = True
@@ -210,7 +232,7 @@ def add_prefill_servicer(servicer: Any, server: grpc.aio.Server) -> None:
                                                                           {PREFILL_METHOD: handler}),))
 
 
-def prefill_stream(channel: grpc.aio.Channel) -> Callable[..., grpc.aio.UnaryStreamCall]:
+def prefill_stream(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
     """The ``Prefill`` call yielding each message's bytes unparsed, for ``read_prefill_response``."""
     return channel.unary_stream(f"/{PREFILL_SERVICE}/{PREFILL_METHOD}",
                                 request_serializer=pb.PrefillRequest.SerializeToString)
