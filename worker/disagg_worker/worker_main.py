@@ -160,6 +160,11 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", "disagg.v1.Worker", "disagg.v1.Decode", "disagg.v1.Prefill"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    # before the first request can arrive: from then on a SIGTERM drains (earlier, it just ends the load)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await server.start()
     http = _DrainAwareServer(uvicorn.Config(build_app(runtime), host=args.host, port=args.http_port,
                                             log_level="warning", lifespan="off"))
@@ -169,10 +174,6 @@ async def serve(args: argparse.Namespace) -> int:
              engine.runner.kv.nbytes >> 20,
              ", CPU attention kernel" if engine.runner.kernel is not None else "")
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining before exit")
     left = runtime.drain_left(policy.autoscale.drain_timeout_seconds)  # a preStop /drain may have used some
