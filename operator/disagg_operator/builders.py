@@ -217,7 +217,7 @@ def role_replicas(parsed: ParsedSpec, role: str, observed: int | None) -> int:
 # ---- pods -------------------------------------------------------------------------------------
 
 
-def _env(pod: PodSettings) -> list[dict[str, Any]]:
+def _env(pod: PodSettings, platform_assigns_user: bool = False) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
@@ -227,6 +227,8 @@ def _env(pod: PodSettings) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
+    if platform_assigns_user:  # a uid with no passwd entry: getpass.getuser() (torch's caches) reads USER first
+        env.append({"name": "USER", "value": "disagg"})
     for var in pod.env:
         env = [e for e in env if e["name"] != var.name]
         env.append(var.model_dump(by_alias=True, exclude_none=True))
@@ -306,6 +308,14 @@ POD_SECURITY = {
     "fsGroup": RUN_AS_USER,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+PLATFORM_ASSIGNED = ("runAsUser", "runAsGroup", "fsGroup")
+
+
+def pod_security(platform_assigns_user: bool) -> dict[str, Any]:
+    """The pods' securityContext: the image's user 10001, or none named where the platform assigns one."""
+    if not platform_assigns_user:
+        return dict(POD_SECURITY)
+    return {key: value for key, value in POD_SECURITY.items() if key not in PLATFORM_ASSIGNED}
 
 
 def pause_command(seconds: int) -> list[str]:
@@ -389,7 +399,7 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         "command": ["disagg"],
         "args": args,
         "ports": ports,
-        "env": _env(pod),
+        "env": _env(pod, pods.platform_assigns_user),
         **_probes("http", pod.startup_timeout_seconds if isinstance(pod, WorkerSpec) else DEFAULT_STARTUP_SECONDS),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
@@ -398,7 +408,7 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
         container["resources"] = res
     spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
-        "securityContext": dict(POD_SECURITY),
+        "securityContext": pod_security(pods.platform_assigns_user),
         "containers": [container],
         "volumes": volumes,
     }

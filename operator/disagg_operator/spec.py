@@ -193,6 +193,11 @@ class PodFields(_Model):
     service_account_name: str | None = Field(
         None, description="service account of the worker and router pods"
     )
+    platform_assigns_user: bool = Field(
+        False, description="leave runAsUser, runAsGroup and fsGroup out of the pods so that the platform assigns "
+                           "them (OpenShift's restricted SCC refuses any uid outside the namespace's range); "
+                           "false: uid and gid 10001, the image's user"
+    )
     monitoring: Monitoring = Field(default_factory=Monitoring)
     pod_labels: dict[str, str] = Field(default_factory=dict, description="extra labels on every pod")
     pod_annotations: dict[str, str] = Field(

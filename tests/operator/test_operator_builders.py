@@ -37,6 +37,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "small": SMALL_SPEC,
     "production": PRODUCTION,
+    "platform-assigned user": {**SMALL_SPEC, "platformAssignsUser": True},
     "hpa": {**SMALL_SPEC, "autoscale": {"mode": "hpa", "prefill": {"minReplicas": 1, "maxReplicas": 3,
                                         "scaleUp": {"queueLength": 8, "gpuUtilization": 80}},
                                         "decode": {"minReplicas": 2, "maxReplicas": 6,
@@ -155,6 +156,22 @@ def test_probes_security_and_writable_dirs(component: str) -> None:
     assert env["HOME"] == "/tmp" and env["HF_HOME"].startswith("/cache")
     assert "/models" in mounts  # the production example's PVC
     assert c["resources"]["limits"]["memory"] == "96Gi" if component != "router" else True
+
+
+@pytest.mark.parametrize("component", ["prefill", "decode", "router"])
+def test_where_the_platform_assigns_the_user_the_pods_name_none(component: str) -> None:
+    """OpenShift's restricted SCC refuses a pod whose runAsUser/fsGroup lie outside the namespace's range
+    (10001 does); with ``platformAssignsUser`` the pods leave all three to it and stay non-root."""
+    plain = by(children(SMALL_SPEC), "Deployment", f"demo-{component}")["spec"]["template"]["spec"]
+    assert {plain["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == {10001}
+    assert "USER" not in {e["name"] for e in plain["containers"][0]["env"]}
+    objs = children({**copy.deepcopy(SMALL_SPEC), "platformAssignsUser": True})
+    pod = by(objs, "Deployment", f"demo-{component}")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["containers"][0]["securityContext"] == plain["containers"][0]["securityContext"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["USER"] == "disagg"  # getpass.getuser() without a passwd entry for the uid
+    assert "platformAssignsUser" not in str(by(objs, "ConfigMap", "demo-policy")["data"])  # a pod field
 
 
 def test_a_worker_may_take_as_long_to_start_as_its_spec_allows() -> None:

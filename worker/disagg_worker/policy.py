@@ -286,7 +286,7 @@ def load_policy(path: str | Path | None) -> Policy:
 
 
 POD_FIELDS = ("image", "prefill", "decode", "router", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
-              "monitoring", "podLabels", "podAnnotations")
+              "platformAssignsUser", "monitoring", "podLabels", "podAnnotations")
 
 
 def extract_policy(spec: dict[str, Any]) -> dict[str, Any]:
