@@ -156,22 +156,34 @@ def sync_reason(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> str 
     return None
 
 
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
+
+
 def diff(
     desired: Iterable[Mapping[str, Any]], observed: Iterable[Mapping[str, Any]], owner_uid: str
 ) -> list[Action]:
-    """Actions in apply order: creates/updates in the order of ``desired``, then deletes."""
+    """Actions in apply order: deletes of autoscalers no longer wanted, creates/updates in the order of
+    ``desired``, then the other deletes.
+
+    A Deployment takes one autoscaler at a time: KEDA's admission webhook refuses a ScaledObject for a
+    Deployment that an HPA still scales, and two HPAs would fight. So on a switch of
+    ``autoscale.mode`` the old one goes first (the first attempt used to fail with a warning event and
+    succeed on the next reconcile); every other delete waits until what replaces it is in place.
+    """
     have = {key(o): o for o in observed if is_owned_by(o, owner_uid)}
     actions: list[Action] = []
-    want_keys = set()
+    want_keys = {key(obj) for obj in desired}
+    for k, obj in have.items():
+        if k not in want_keys and obj.get("kind") in AUTOSCALER_KINDS:
+            actions.append(Action("delete", obj, "no longer desired"))
     for obj in desired:
         k = key(obj)
-        want_keys.add(k)
         current = have.get(k)
         if current is None:
             actions.append(Action("create", obj, "missing"))
         elif (reason := sync_reason(obj, current)) is not None:
             actions.append(Action("update", obj, reason))
     for k, obj in have.items():
-        if k not in want_keys:
+        if k not in want_keys and obj.get("kind") not in AUTOSCALER_KINDS:
             actions.append(Action("delete", obj, "no longer desired"))
     return actions

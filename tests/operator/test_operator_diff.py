@@ -140,6 +140,22 @@ def test_leaving_hpa_mode_deletes_the_hpas_and_keeps_the_running_replicas() -> N
     assert not [a for a in actions if a.kind == "Deployment"]
 
 
+@pytest.mark.parametrize(("before", "after"), [("hpa", "keda"), ("keda", "hpa")])
+def test_switching_autoscaler_kinds_removes_the_old_ones_before_creating_the_new(before: str, after: str) -> None:
+    """KEDA's admission webhook refuses a ScaledObject for a Deployment an HPA still scales, and two HPAs
+    fight: the old autoscalers go first. Other deletes still come last (after what replaces them)."""
+    def spec(mode: str) -> dict[str, Any]:
+        role = {"minReplicas": 1, "maxReplicas": 4, "scaleUp": {"queueLength": 8}}
+        return {**SMALL_SPEC, "autoscale": {"mode": mode, "prometheusUrl": "http://prometheus:9090",
+                                            "prefill": role, "decode": role}}
+    kinds = {"hpa": "HorizontalPodAutoscaler", "keda": "ScaledObject"}
+    have = observed(applied(spec(before)))
+    actions = diff(desired(spec(after), have), have, OWNER.uid)
+    verbs = [(a.verb, a.kind) for a in actions if a.kind in kinds.values()]
+    assert verbs == [("delete", kinds[before])] * 2 + [("create", kinds[after])] * 2
+    assert [(a.verb, a.kind) for a in actions[:2]] == [("delete", kinds[before])] * 2  # before anything else
+
+
 def test_builtin_mode_leaves_replicas_outside_new_bounds_to_the_planner() -> None:
     """Lowering maxReplicas below what runs: the reconciler scaled decode down itself, skipping the
     planner's deletion costs (pods with KV state went at random), its maxStep and its lastScale."""
