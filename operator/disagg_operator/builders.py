@@ -437,7 +437,8 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
     if pod.priority_class_name:
         spec["priorityClassName"] = pod.priority_class_name
     annotations = {ANNOTATION_POLICY_HASH: data_plane_policy_hash(parsed.policy, component)}
-    if pods.monitoring.prometheus_annotations:
+    # not with a PodMonitor: a Prometheus that reads both would scrape every pod twice (sums doubled)
+    if pods.monitoring.prometheus_annotations and not pods.monitoring.pod_monitor.enabled:
         annotations.update(
             {
                 "prometheus.io/scrape": "true",

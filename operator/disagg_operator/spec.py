@@ -175,7 +175,8 @@ class PodMonitorSpec(_Model):
 
 class Monitoring(_Model):
     prometheus_annotations: bool = Field(
-        True, description="add prometheus.io/scrape|port|path pod annotations"
+        True, description="add prometheus.io/scrape|port|path pod annotations (left out while podMonitor is "
+                          "enabled: a Prometheus that reads both would scrape every pod twice)"
     )
     pod_monitor: PodMonitorSpec = Field(default_factory=PodMonitorSpec)
 

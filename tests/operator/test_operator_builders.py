@@ -241,6 +241,13 @@ def test_monitoring_toggles() -> None:
     clash["monitoring"]["podMonitor"]["labels"] = {"app.kubernetes.io/instance": "x", "release": "prometheus"}
     [mon] = [o for o in children(clash) if o["kind"] == "PodMonitor"]
     assert mon["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+    # a PodMonitor with the annotations left on (their default): one scrape per pod, not two
+    both = {**SMALL_SPEC, "monitoring": {"prometheusAnnotations": True, "podMonitor": {"enabled": True}}}
+    objs = children(both)
+    assert [o for o in objs if o["kind"] == "PodMonitor"]
+    for component in ("prefill", "decode", "router"):
+        meta = by(objs, "Deployment", f"demo-{component}")["spec"]["template"]["metadata"]
+        assert "prometheus.io/scrape" not in meta["annotations"]
 
 
 def test_hpa_maps_thresholds_to_pods_metrics() -> None:

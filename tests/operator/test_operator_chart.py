@@ -121,6 +121,11 @@ def test_monitoring_values_render_service_monitor_and_dashboard() -> None:
     docs = render(values_for("monitoring-values.yaml"))
     kinds = {d["kind"] for d in docs}
     assert "ServiceMonitor" in kinds
+    # one scrape of the operator, not two: no scrape annotations beside the ServiceMonitor
+    [service] = [d for d in docs if d["kind"] == "Service"]
+    assert "prometheus.io/scrape" not in (service["metadata"].get("annotations") or {})
+    [plain] = [d for d in render({}) if d["kind"] == "Service"]
+    assert plain["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     [dash] = [d for d in docs if d["kind"] == "ConfigMap"]
     assert dash["metadata"]["namespace"] == "monitoring"
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
