@@ -45,6 +45,22 @@ def hf_greedy(lm: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs:
     return out[0, len(prompt):].tolist()
 
 
+class OpenAIPenalties:
+    """The oracle's side of OpenAI's presence and frequency penalties, as a Hugging Face logits processor:
+    each token already in the output (not the prompt) loses ``presence + count * frequency``. HF runs
+    it after its own repetition penalty, the order the engine applies them in (vLLM's)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for token, count in zip(*torch.unique(input_ids[0, self.prompt_len:], return_counts=True), strict=True):
+            scores[0, token] -= torch.tensor(self.presence, dtype=scores.dtype) + count.to(scores.dtype) * torch.tensor(
+                self.frequency, dtype=scores.dtype)
+        return scores
+
+
 @pytest.fixture(scope="session")
 def oracle() -> Callable[..., list[int]]:
     return hf_greedy

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from disagg_worker.launcher import LocalCluster, free_port
-from tests.conftest import WORKER_MODEL_ARGS, get_model, hf_greedy, random_prompts
+from tests.conftest import WORKER_MODEL_ARGS, OpenAIPenalties, get_model, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.e2e
 SMALL_POOL = ["--kv-cache-blocks", "1024", *WORKER_MODEL_ARGS]
@@ -94,6 +94,20 @@ def test_repetition_penalty_matches_hf_on_both_paths(cluster: LocalCluster, prom
     expected = hf_greedy(get_model("tiny-llama"), prompt, 24, repetition_penalty=2.0)
     assert body["choices"][0]["text"] == text_of(expected)
     assert expected != hf_greedy(get_model("tiny-llama"), prompt, 24)
+
+
+@pytest.mark.parametrize("prompt_len", [200, 20], ids=["remote-prefill", "local-prefill"])
+def test_presence_and_frequency_penalties_match_hf_on_both_paths(cluster: LocalCluster, prompt_len: int) -> None:
+    """OpenAI's penalties travel with the request to both workers and equal HF ``generate`` with their
+    formula as a logits processor (the first token, sampled before any output, is unpenalised)."""
+    from transformers import LogitsProcessorList
+
+    lm = get_model("tiny-llama")
+    prompt = random_prompts(1, prompt_len, prompt_len, 47)[0]  # one whose output they change
+    body = complete(cluster, prompt, 48, presence_penalty=0.5, frequency_penalty=1.5)
+    expected = hf_greedy(lm, prompt, 48, logits_processor=LogitsProcessorList([OpenAIPenalties(len(prompt), 0.5, 1.5)]))
+    assert body["choices"][0]["text"] == text_of(expected)
+    assert expected != hf_greedy(lm, prompt, 48)
 
 
 def test_local_prefill_matches_hf(cluster: LocalCluster) -> None:
@@ -197,6 +211,9 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
     ({"prompt": "hi", "stop": ["x" * 1025]}, "stop"),
     ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
+    ({"prompt": "hi", "frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty"),
     ({"prompt": "hi", "repetition_penalty": 1e-45}, "repetition_penalty"),  # every seen logit would be inf
     ({"prompt": "hi", "stop_token_ids": list(range(1025))}, "stop_token_ids"),  # copied per prompt and call
     # longer than the context can hold whatever it tokenizes to: refused before it is tokenized

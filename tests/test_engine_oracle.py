@@ -14,7 +14,15 @@ import torch
 
 from disagg_worker.engine.engine import EngineConfig, LLMEngine
 from disagg_worker.models.loader import LoadedModel
-from tests.conftest import FAMILIES, HAVE_COMPILER, TEST_DEVICE, get_model, hf_greedy, random_prompts
+from tests.conftest import (
+    FAMILIES,
+    HAVE_COMPILER,
+    TEST_DEVICE,
+    OpenAIPenalties,
+    get_model,
+    hf_greedy,
+    random_prompts,
+)
 
 
 @functools.cache
@@ -136,6 +144,31 @@ def test_eos_from_generation_config_stops_like_hf(llama: LoadedModel) -> None:
         llama.model.generation_config.eos_token_id = saved
     assert req.output_token_ids == expected == free_run[:free_run.index(eos) + 1]
     assert req.finish_reason.value == "stop"
+
+
+def test_presence_and_frequency_penalties_match_hf_with_the_openai_formula(llama: LoadedModel) -> None:
+    """Mixed in one batch with unpenalised requests and a repetition penalty, with chunked prefill and a
+    prefix-cache hit: each request's greedy output equals HF ``generate`` with OpenAI's formula added."""
+    from transformers import LogitsProcessorList
+
+    prompts, lengths = mixed_workload(seed=23, n=8)
+    lengths = [48] * len(prompts)  # long enough for this model's outputs to repeat a token
+    settings = [(1.5, 0.0, None), (0.0, 2.0, None), (0.0, 0.0, None), (-0.75, 0.5, None),
+                (0.5, 1.0, 1.3), (2.0, -2.0, None), (0.0, 0.0, 1.3), (0.25, 0.75, None)]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=512, max_num_batched_tokens=64), llama)
+    reqs = engine.generate(prompts, [{"max_tokens": n, "temperature": 0, "presence_penalty": pr,
+                                      "frequency_penalty": fr, "repetition_penalty": rp}
+                                     for n, (pr, fr, rp) in zip(lengths, settings, strict=True)])
+    assert engine.block_manager.prefix_hit_ratio > 0
+    changed = 0
+    for prompt, n, (pr, fr, rp), r in zip(prompts, lengths, settings, reqs, strict=True):
+        penalties = LogitsProcessorList([OpenAIPenalties(len(prompt), pr, fr)])
+        expected = hf_greedy(llama, prompt, n, logits_processor=penalties,
+                             **({} if rp is None else {"repetition_penalty": rp}))
+        assert r.output_token_ids == expected, (pr, fr, rp)
+        changed += (pr or fr) and r.output_token_ids != hf_greedy(llama, prompt, n, **(
+            {} if rp is None else {"repetition_penalty": rp}))
+    assert changed >= 3, "the penalties changed too few outputs to test them"
 
 
 def test_repetition_penalty_matches_hf_per_request_and_from_generation_config(llama: LoadedModel) -> None:

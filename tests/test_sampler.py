@@ -15,6 +15,7 @@ from disagg_worker.engine.sampler import (
     batch_temperature_top_k_top_p,
     exact_inverse_cdf_sample,
     inverse_cdf_sample,
+    penalise_occurrences_,
 )
 
 
@@ -82,6 +83,31 @@ def test_greedy_rows_and_penalised_rows_in_one_batch() -> None:
     logits[:, 7] = 1.0
     reqs = [make(0, temperature=0), make(1, temperature=0, repetition_penalty=3.0), make(2, temperature=0)]
     assert Sampler(torch.device("cpu")).sample(logits, reqs) == [4, 7, 4]
+
+
+def test_occurrence_penalties_match_a_dense_count() -> None:
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(4, 30, generator=g)
+    outputs = [torch.randint(0, 30, (n,), generator=g) for n in (0, 5, 40, 12)]  # row 0: no output yet
+    presence, frequency = torch.tensor([1.0, 0.5, -0.25, 2.0]), torch.tensor([2.0, -1.0, 0.75, 0.0])
+    expected = rows.clone()
+    for r, ids in enumerate(outputs):
+        counts = torch.bincount(ids, minlength=30).float()
+        expected[r] -= (counts > 0).float() * presence[r] + counts * frequency[r]
+    row_index = torch.cat([torch.full_like(ids, r) for r, ids in enumerate(outputs)])
+    penalise_occurrences_(rows, row_index, torch.cat(outputs), presence, frequency)
+    assert torch.allclose(rows, expected)
+    penalise_occurrences_(rows, row_index[:0], row_index[:0], presence, frequency)  # nothing seen: no change
+    assert torch.allclose(rows, expected)
+
+
+def test_penalties_apply_to_the_output_not_the_prompt() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 2.0  # token 4 is in every prompt and, for request 1, once in its output
+    logits[:, 7] = 1.0
+    quiet, penalised = make(0, temperature=0, frequency_penalty=1.5), make(1, temperature=0, presence_penalty=1.5)
+    penalised.append_output(4)
+    assert Sampler(torch.device("cpu")).sample(logits, [quiet, penalised]) == [4, 7]
 
 
 def test_non_finite_logits_are_reported_for_their_row_instead_of_sampling_outside_the_vocabulary() -> None:

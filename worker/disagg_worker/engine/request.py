@@ -49,6 +49,10 @@ class SamplingParams(BaseModel):
         None, ge=0.01, le=100.0,  # far below 0.01 the logits of every token seen overflow to inf
         description="Hugging Face's: the logit of every token already in the prompt or the output is divided by "
                     "it (multiplied when negative); None: the model's generation_config value (1: none)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of "
+                                                                      "every token already in the output")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from a token's logit "
+                                                                       "once per time it is already in the output")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -72,6 +76,11 @@ class SamplingParams(BaseModel):
             except UnicodeEncodeError:
                 raise ValueError("stop strings must be valid Unicode (a lone surrogate is not)") from None
         return value
+
+    @property
+    def penalises_repeats(self) -> bool:
+        """Whether the logits depend on what the request has seen (any of the three penalties)."""
+        return (self.repetition_penalty or 1.0) != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:

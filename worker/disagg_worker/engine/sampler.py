@@ -112,6 +112,20 @@ def penalise_rows_(rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch
     rows[row_index, token_ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
 
 
+def penalise_occurrences_(rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch.Tensor,
+                          presence: torch.Tensor, frequency: torch.Tensor) -> None:
+    """OpenAI's presence and frequency penalties for a batch, in place: each (row, token) pair listed
+    ``c`` times (``row_index[i]``, ``token_ids[i]``: the row's output tokens) has its logit lowered by
+    ``presence[row] + c * frequency[row]``. Sparse: one write per distinct pair, not a vocabulary-wide
+    count per row."""
+    if not len(token_ids):
+        return
+    vocab = rows.shape[1]
+    pairs, counts = torch.unique(row_index * vocab + token_ids, return_counts=True)
+    at_row, at_token = pairs // vocab, pairs % vocab
+    rows[at_row, at_token] -= presence.to(rows.dtype)[at_row] + counts.to(rows.dtype) * frequency.to(rows.dtype)[at_row]
+
+
 class Sampler:
     """Draws a step's tokens. Random numbers come from CPU generators whatever the device, one uniform
     per sampled row, so a seeded request draws the same numbers on a CPU and on a GPU (its first token
@@ -164,7 +178,7 @@ class Sampler:
             return []
         dev = logits.device
         tokens = torch.argmax(logits, dim=-1)
-        work = [i for i, r in enumerate(requests) if not r.params.greedy or (r.params.repetition_penalty or 1.0) != 1.0]
+        work = [i for i, r in enumerate(requests) if not r.params.greedy or r.params.penalises_repeats]
         if not work:
             return tokens.tolist()
         reqs = [requests[i] for i in work]
@@ -175,6 +189,14 @@ class Sampler:
             row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(penalised, seen, strict=True)])
             penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
             penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
+        # after the repetition penalty, as vLLM orders them; over the output only, as OpenAI defines them
+        additive = [j for j, r in enumerate(reqs) if r.params.presence_penalty or r.params.frequency_penalty]
+        if additive:
+            outputs = [self._seen_ids(reqs[j])[reqs[j].num_prompt_tokens:] for j in additive]
+            row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(additive, outputs, strict=True)])
+            presence = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
+            frequency = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
+            penalise_occurrences_(rows, row_index, torch.cat(outputs), presence, frequency)
         picks = torch.empty(len(work), dtype=torch.long, device=dev)
         greedy = [j for j, r in enumerate(reqs) if r.params.greedy]  # penalised greedy rows
         if greedy:

@@ -1,7 +1,7 @@
 """OpenAI request bodies the router accepts, and OpenAI-format errors.
 
 Fields the official clients send are accepted; values disagg does not implement (n > 1, logprobs,
-echo, penalties, logit_bias, ...) are refused with a 400 naming the parameter rather than ignored.
+echo, logit_bias, ...) are refused with a 400 naming the parameter rather than ignored.
 ``priority``, ``top_k``, ``ignore_eos``, ``stop_token_ids`` and ``repetition_penalty`` are extensions
 (send them with the client's ``extra_body``).
 """
@@ -79,9 +79,6 @@ class _Common(BaseModel):
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported", param=name)
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.logprobs not in (None, False, 0):
@@ -129,6 +126,8 @@ class _Common(BaseModel):
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": bool(self.ignore_eos),
             "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
         }
 
 
