@@ -61,6 +61,20 @@ class OpenAIPenalties:
         return scores
 
 
+class LogitBias:
+    """The oracle's side of OpenAI's ``logit_bias``: added to the listed tokens' logits, after HF's
+    repetition penalty (and any processor before it in the list), as the engine applies it."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for token, value in self.bias.items():
+            scores[:, token] += torch.tensor(value, dtype=scores.dtype)
+        return scores
+
+
 @pytest.fixture(scope="session")
 def oracle() -> Callable[..., list[int]]:
     return hf_greedy

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from disagg_worker.launcher import LocalCluster, free_port
-from tests.conftest import WORKER_MODEL_ARGS, OpenAIPenalties, get_model, hf_greedy, random_prompts
+from tests.conftest import WORKER_MODEL_ARGS, LogitBias, OpenAIPenalties, get_model, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.e2e
 SMALL_POOL = ["--kv-cache-blocks", "1024", *WORKER_MODEL_ARGS]
@@ -108,6 +108,22 @@ def test_presence_and_frequency_penalties_match_hf_on_both_paths(cluster: LocalC
     expected = hf_greedy(lm, prompt, 48, logits_processor=LogitsProcessorList([OpenAIPenalties(len(prompt), 0.5, 1.5)]))
     assert body["choices"][0]["text"] == text_of(expected)
     assert expected != hf_greedy(lm, prompt, 48)
+
+
+@pytest.mark.parametrize("prompt_len", [200, 20], ids=["remote-prefill", "local-prefill"])
+def test_logit_bias_matches_hf_on_both_paths(cluster: LocalCluster, prompt_len: int) -> None:
+    """The first token too: on the remote path the prefill worker samples it, so the bias must reach it.
+    Banning the greedy first and third tokens changes the output from the first token on."""
+    from transformers import LogitsProcessorList
+
+    lm = get_model("tiny-llama")
+    prompt = random_prompts(1, prompt_len, prompt_len, 48)[0]
+    free = hf_greedy(lm, prompt, 16)
+    bias = {free[0]: -100.0, free[2]: -100.0, 17: 3.5}
+    body = complete(cluster, prompt, 16, logit_bias={str(t): b for t, b in bias.items()})
+    expected = hf_greedy(lm, prompt, 16, logits_processor=LogitsProcessorList([LogitBias(bias)]))
+    assert body["choices"][0]["text"] == text_of(expected)
+    assert expected[0] != free[0] and free[0] not in expected and free[2] not in expected
 
 
 def test_local_prefill_matches_hf(cluster: LocalCluster) -> None:
@@ -214,6 +230,10 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
     ({"prompt": "hi", "frequency_penalty": -2.01}, "frequency_penalty"),
     ({"prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty"),
+    ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),  # not a token id
+    ({"prompt": "hi", "logit_bias": {"5": 100.5}}, "logit_bias"),  # OpenAI's range is [-100, 100]
+    ({"prompt": "hi", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"prompt": "hi", "repetition_penalty": 1e-45}, "repetition_penalty"),  # every seen logit would be inf
     ({"prompt": "hi", "stop_token_ids": list(range(1025))}, "stop_token_ids"),  # copied per prompt and call
     # longer than the context can hold whatever it tokenizes to: refused before it is tokenized
@@ -221,6 +241,7 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     # refused by the worker, which knows the vocabulary: the 400 still names the field
     ({"prompt": [1_000_000], "max_tokens": 2}, "prompt"),
     ({"prompt": "hi", "max_tokens": 2, "stop_token_ids": [1_000_000]}, "stop_token_ids"),
+    ({"prompt": "hi", "max_tokens": 2, "logit_bias": {"1000000": -100}}, "logit_bias"),
 ])
 def test_bad_input_gets_an_openai_error(cluster: LocalCluster, body: dict, param: str | None) -> None:
     r = post_json(f"{cluster.base_url}/v1/completions", {"model": "tiny-llama", **body})

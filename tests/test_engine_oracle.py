@@ -18,6 +18,7 @@ from tests.conftest import (
     FAMILIES,
     HAVE_COMPILER,
     TEST_DEVICE,
+    LogitBias,
     OpenAIPenalties,
     get_model,
     hf_greedy,
@@ -169,6 +170,33 @@ def test_presence_and_frequency_penalties_match_hf_with_the_openai_formula(llama
         changed += (pr or fr) and r.output_token_ids != hf_greedy(llama, prompt, n, **(
             {} if rp is None else {"repetition_penalty": rp}))
     assert changed >= 3, "the penalties changed too few outputs to test them"
+
+
+def test_logit_bias_matches_hf_after_the_penalties(llama: LoadedModel) -> None:
+    """A bias that bans each greedy output's first and fifth token and one that favours a token, alone and
+    with the penalties, in one batch with unbiased requests: equal to HF ``generate`` with the bias added
+    after its repetition penalty and OpenAI's penalties."""
+    from transformers import LogitsProcessorList
+
+    prompts, _ = mixed_workload(seed=29, n=6)
+    free = [reference("tiny-llama", p, 12) for p in prompts]
+    settings = [({free[0][0]: -100.0, free[0][4]: -100.0}, 0.0, None), ({}, 0.0, None),
+                ({free[2][1]: -5.5, 77: 7.25}, 0.0, None), ({free[3][0]: -100.0}, 1.5, 1.3),
+                ({}, 0.5, None), ({5: 100.0}, 0.0, None)]
+    engine = LLMEngine(EngineConfig(num_kv_blocks=512, max_num_batched_tokens=64), llama)
+    reqs = engine.generate(prompts, [{"max_tokens": 12, "temperature": 0, "logit_bias": bias, "frequency_penalty": fr,
+                                      "repetition_penalty": rp} for bias, fr, rp in settings])
+    for prompt, (bias, fr, rp), r, unbiased in zip(prompts, settings, reqs, free, strict=True):
+        processors = LogitsProcessorList([OpenAIPenalties(len(prompt), 0.0, fr), LogitBias(bias)])
+        expected = hf_greedy(llama, prompt, 12, logits_processor=processors,
+                             **({} if rp is None else {"repetition_penalty": rp}))
+        assert r.output_token_ids == expected, bias
+        assert all(r.output_token_ids.count(t) == 0 for t, b in bias.items() if b == -100.0)
+        if bias:  # every bias here bites
+            assert r.output_token_ids != unbiased
+        elif not (fr or rp):
+            assert r.output_token_ids == unbiased
+    assert reqs[5].output_token_ids == [5] * 12  # +100 makes it the only choice
 
 
 def test_repetition_penalty_matches_hf_per_request_and_from_generation_config(llama: LoadedModel) -> None:

@@ -110,6 +110,17 @@ def test_penalties_apply_to_the_output_not_the_prompt() -> None:
     assert Sampler(torch.device("cpu")).sample(logits, [quiet, penalised]) == [4, 7]
 
 
+def test_logit_bias_comes_after_the_penalties_and_bans_with_minus_100() -> None:
+    logits = torch.zeros(3, 10)
+    logits[:, 4], logits[:, 7], logits[:, 2] = 2.0, 1.1, 0.5
+    banned = make(0, temperature=0, logit_bias={4: -100.0})
+    # repetition penalty 2 halves token 4's logit to 1.0; +0.15 after it: 1.15 > 1.1 (before it: 2.15 / 2 < 1.1)
+    after = make(1, temperature=0, repetition_penalty=2.0, logit_bias={4: 0.15})
+    sampled = make(2, temperature=1.0, seed=3, logit_bias={t: -100.0 for t in range(10) if t != 2})
+    assert Sampler(torch.device("cpu")).sample(logits, [banned, after, sampled]) == [7, 4, 2]
+    assert Sampler(torch.device("cpu")).sample(logits[:1], [make(3, temperature=0)]) == [4]
+
+
 def test_non_finite_logits_are_reported_for_their_row_instead_of_sampling_outside_the_vocabulary() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
     logits[1, 7] = float("nan")

@@ -222,6 +222,9 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if not (0 <= t < self.vocab_size)]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids: {bad_stop[0]} is outside the vocabulary", "stop_token_ids")
+        bad_bias = [t for t, _ in params.logit_bias if not (0 <= t < self.vocab_size)]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias: token id {bad_bias[0]} is outside the vocabulary", "logit_bias")
         need = self.block_manager.blocks_for_tokens(n + params.max_tokens - 1)
         if need > self.num_blocks:
             raise InvalidRequestError(

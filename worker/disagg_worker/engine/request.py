@@ -29,6 +29,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # far past any real stop sequence; bounds the text a request holds back
 MAX_STOP_TOKEN_IDS = 1024  # a request's list is copied per prompt and per worker call: it must stay small
+MAX_LOGIT_BIAS = 1024  # as small, for the same reason
 
 
 class SamplingParams(BaseModel):
@@ -53,12 +54,31 @@ class SamplingParams(BaseModel):
                                                                       "every token already in the output")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from a token's logit "
                                                                        "once per time it is already in the output")
+    logit_bias: tuple[tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)],
+                            Annotated[float, Field(ge=-100.0, le=100.0)]], ...] = Field(
+        (), max_length=MAX_LOGIT_BIAS,
+        description="OpenAI's: (token id, added to its logit at every step, after the penalties); -100 bans it. "
+                    "Given as a mapping, kept as pairs (the params stay hashable)")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_tuple(cls, value: object) -> object:
         if isinstance(value, str):
             return (value,)
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_as_pairs(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return tuple(value.items())
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _one_bias_per_token(cls, value: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        if len({token for token, _ in value}) != len(value):
+            raise ValueError("a token id is given more than once")
         return value
 
     @field_validator("stop")
@@ -81,6 +101,11 @@ class SamplingParams(BaseModel):
     def penalises_repeats(self) -> bool:
         """Whether the logits depend on what the request has seen (any of the three penalties)."""
         return (self.repetition_penalty or 1.0) != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether anything but the temperature filters (a penalty or a bias) changes the model's logits."""
+        return self.penalises_repeats or bool(self.logit_bias)
 
     @property
     def greedy(self) -> bool:

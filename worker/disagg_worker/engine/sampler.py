@@ -178,7 +178,7 @@ class Sampler:
             return []
         dev = logits.device
         tokens = torch.argmax(logits, dim=-1)
-        work = [i for i, r in enumerate(requests) if not r.params.greedy or r.params.penalises_repeats]
+        work = [i for i, r in enumerate(requests) if not r.params.greedy or r.params.changes_logits]
         if not work:
             return tokens.tolist()
         reqs = [requests[i] for i in work]
@@ -197,6 +197,11 @@ class Sampler:
             presence = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
             frequency = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
             penalise_occurrences_(rows, row_index, torch.cat(outputs), presence, frequency)
+        biased = [(j, token, bias) for j, r in enumerate(reqs) for token, bias in r.params.logit_bias]
+        if biased:  # last: the caller's word on a token (-100 bans it whatever the penalties did)
+            at_row, at_token, bias = zip(*biased, strict=True)
+            rows[torch.tensor(at_row, device=dev), torch.tensor(at_token, device=dev)] += torch.tensor(
+                bias, dtype=rows.dtype, device=dev)
         picks = torch.empty(len(work), dtype=torch.long, device=dev)
         greedy = [j for j, r in enumerate(reqs) if r.params.greedy]  # penalised greedy rows
         if greedy:

@@ -1,7 +1,7 @@
 """OpenAI request bodies the router accepts, and OpenAI-format errors.
 
 Fields the official clients send are accepted; values disagg does not implement (n > 1, logprobs,
-echo, logit_bias, ...) are refused with a 400 naming the parameter rather than ignored.
+echo, tools, ...) are refused with a 400 naming the parameter rather than ignored.
 ``priority``, ``top_k``, ``ignore_eos``, ``stop_token_ids`` and ``repetition_penalty`` are extensions
 (send them with the client's ``extra_body``).
 """
@@ -79,8 +79,6 @@ class _Common(BaseModel):
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported", param="logprobs")
         extra = self.model_extra or {}
@@ -128,6 +126,7 @@ class _Common(BaseModel):
             "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": self.logit_bias or {},  # token ids as JSON keys: strings, read as ints
         }
 
 

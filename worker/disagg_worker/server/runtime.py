@@ -186,13 +186,14 @@ def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
-        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty)
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, logit_bias=dict(p.logit_bias))
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                             stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty)
+                            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                            logit_bias=dict(p.logit_bias))
     if p.seed is not None:
         msg.seed = p.seed
     if p.repetition_penalty is not None:
