@@ -62,8 +62,8 @@ class OpenAIPenalties:
 
 
 class LogitBias:
-    """The oracle's side of OpenAI's ``logit_bias``: added to the listed tokens' logits, after HF's
-    repetition penalty (and any processor before it in the list), as the engine applies it."""
+    """The oracle's side of OpenAI's ``logit_bias``: added to the listed tokens' logits. The engine adds
+    it first, as vLLM does: put it before a repetition penalty in the processor list."""
 
     def __init__(self, bias: dict[int, float]) -> None:
         self.bias = bias

@@ -23,6 +23,7 @@ from tests.conftest import WORKER_MODEL_ARGS, LogitBias, OpenAIPenalties, get_mo
 
 pytestmark = pytest.mark.e2e
 SMALL_POOL = ["--kv-cache-blocks", "1024", *WORKER_MODEL_ARGS]
+PROMPT_LENGTH_THRESHOLD = 48  # prompts longer than this are prefilled remotely
 
 
 def write_policy(path: Path, **sections: dict) -> str:
@@ -47,7 +48,7 @@ def metric_value(text: str, name: str, labels: str) -> float:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("e2e")
-    policy = write_policy(tmp / "policy.yaml", splitPolicy={"promptLengthThreshold": 48})
+    policy = write_policy(tmp / "policy.yaml", splitPolicy={"promptLengthThreshold": PROMPT_LENGTH_THRESHOLD})
     c = LocalCluster(policy=policy, port=free_port(), log_dir=tmp / "logs", worker_args=SMALL_POOL)
     c.start()
     try:
@@ -90,10 +91,21 @@ def test_repetition_penalty_matches_hf_on_both_paths(cluster: LocalCluster, prom
     prompt = random_prompts(1, prompt_len, prompt_len, 45)[0]
     if prompt_len < 48:  # a prompt that holds its own continuation, so that the penalty bites early
         prompt += hf_greedy(get_model("tiny-llama"), prompt, 24)
-    body = complete(cluster, prompt, 24, repetition_penalty=2.0)
+    body = completed_on_path(cluster, prompt, 24, repetition_penalty=2.0)
     expected = hf_greedy(get_model("tiny-llama"), prompt, 24, repetition_penalty=2.0)
     assert body["choices"][0]["text"] == text_of(expected)
     assert expected != hf_greedy(get_model("tiny-llama"), prompt, 24)
+
+
+def completed_on_path(cluster: LocalCluster, prompt: list[int], n: int, **extra: object) -> dict:
+    """``complete``, checking that the decode worker took the path the prompt's length asks for (remote
+    prefill past ``PROMPT_LENGTH_THRESHOLD``): a test of "both paths" must not run one of them twice."""
+    outcome = "remote" if len(prompt) > PROMPT_LENGTH_THRESHOLD else "local"
+    before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", f'outcome="{outcome}"')
+    body = complete(cluster, prompt, n, **extra)
+    after = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", f'outcome="{outcome}"')
+    assert after == before + 1, outcome
+    return body
 
 
 @pytest.mark.parametrize("prompt_len", [200, 20], ids=["remote-prefill", "local-prefill"])
@@ -104,7 +116,7 @@ def test_presence_and_frequency_penalties_match_hf_on_both_paths(cluster: LocalC
 
     lm = get_model("tiny-llama")
     prompt = random_prompts(1, prompt_len, prompt_len, 47)[0]  # one whose output they change
-    body = complete(cluster, prompt, 48, presence_penalty=0.5, frequency_penalty=1.5)
+    body = completed_on_path(cluster, prompt, 48, presence_penalty=0.5, frequency_penalty=1.5)
     expected = hf_greedy(lm, prompt, 48, logits_processor=LogitsProcessorList([OpenAIPenalties(len(prompt), 0.5, 1.5)]))
     assert body["choices"][0]["text"] == text_of(expected)
     assert expected != hf_greedy(lm, prompt, 48)
@@ -120,7 +132,7 @@ def test_logit_bias_matches_hf_on_both_paths(cluster: LocalCluster, prompt_len: 
     prompt = random_prompts(1, prompt_len, prompt_len, 48)[0]
     free = hf_greedy(lm, prompt, 16)
     bias = {free[0]: -100.0, free[2]: -100.0, 17: 3.5}
-    body = complete(cluster, prompt, 16, logit_bias={str(t): b for t, b in bias.items()})
+    body = completed_on_path(cluster, prompt, 16, logit_bias={str(t): b for t, b in bias.items()})
     expected = hf_greedy(lm, prompt, 16, logits_processor=LogitsProcessorList([LogitBias(bias)]))
     assert body["choices"][0]["text"] == text_of(expected)
     assert expected[0] != free[0] and free[0] not in expected and free[2] not in expected
@@ -233,6 +245,9 @@ def test_official_openai_client(cluster: LocalCluster) -> None:
     ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),  # not a token id
     ({"prompt": "hi", "logit_bias": {"5": 100.5}}, "logit_bias"),  # OpenAI's range is [-100, 100]
     ({"prompt": "hi", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"+5": 1}}, "logit_bias"),  # int() reads these; OpenAI's ids are digits
+    ({"prompt": "hi", "logit_bias": {"1_0": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"\u0663": 1}}, "logit_bias"),  # an Arabic-Indic 3
     ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"prompt": "hi", "repetition_penalty": 1e-45}, "repetition_penalty"),  # every seen logit would be inf
     ({"prompt": "hi", "stop_token_ids": list(range(1025))}, "stop_token_ids"),  # copied per prompt and call

@@ -172,11 +172,11 @@ def test_presence_and_frequency_penalties_match_hf_with_the_openai_formula(llama
     assert changed >= 3, "the penalties changed too few outputs to test them"
 
 
-def test_logit_bias_matches_hf_after_the_penalties(llama: LoadedModel) -> None:
+def test_logit_bias_matches_hf_before_the_penalties(llama: LoadedModel) -> None:
     """A bias that bans each greedy output's first and fifth token and one that favours a token, alone and
     with the penalties, in one batch with unbiased requests: equal to HF ``generate`` with the bias added
-    after its repetition penalty and OpenAI's penalties."""
-    from transformers import LogitsProcessorList
+    before the repetition penalty and OpenAI's penalties (vLLM's order)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     prompts, _ = mixed_workload(seed=29, n=6)
     free = [reference("tiny-llama", p, 12) for p in prompts]
@@ -187,9 +187,9 @@ def test_logit_bias_matches_hf_after_the_penalties(llama: LoadedModel) -> None:
     reqs = engine.generate(prompts, [{"max_tokens": 12, "temperature": 0, "logit_bias": bias, "frequency_penalty": fr,
                                       "repetition_penalty": rp} for bias, fr, rp in settings])
     for prompt, (bias, fr, rp), r, unbiased in zip(prompts, settings, reqs, free, strict=True):
-        processors = LogitsProcessorList([OpenAIPenalties(len(prompt), 0.0, fr), LogitBias(bias)])
-        expected = hf_greedy(llama, prompt, 12, logits_processor=processors,
-                             **({} if rp is None else {"repetition_penalty": rp}))
+        repetition = [] if rp is None else [RepetitionPenaltyLogitsProcessor(rp)]
+        processors = LogitsProcessorList([LogitBias(bias), *repetition, OpenAIPenalties(len(prompt), 0.0, fr)])
+        expected = hf_greedy(llama, prompt, 12, logits_processor=processors)
         assert r.output_token_ids == expected, bias
         assert all(r.output_token_ids.count(t) == 0 for t, b in bias.items() if b == -100.0)
         if bias:  # every bias here bites

@@ -204,6 +204,8 @@ def test_workers_sharing_a_gpu_each_get_a_share_and_a_worker_arg_overrides_it() 
     (["--cpu-affinity", "decode="], "'' is not a CPU number"),  # "invalid literal for int()"
     (["--cpu-affinity", "decode=0,x"], "'x' is not a CPU number"),
     (["--cpu-affinity", "gpu=0"], "use ROLE=CPUS"),
+    (["--cpu-affinity", "prefill=0-99999999999"], "past the kernel's limit"),  # a MemoryError traceback
+    (["--cpu-affinity", "prefill=+1"], "'+1' is not a CPU number"),
 ])
 def test_bad_counts_ports_and_hosts_are_refused_before_anything_starts(
         argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

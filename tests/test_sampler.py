@@ -110,14 +110,17 @@ def test_penalties_apply_to_the_output_not_the_prompt() -> None:
     assert Sampler(torch.device("cpu")).sample(logits, [quiet, penalised]) == [4, 7]
 
 
-def test_logit_bias_comes_after_the_penalties_and_bans_with_minus_100() -> None:
-    logits = torch.zeros(3, 10)
-    logits[:, 4], logits[:, 7], logits[:, 2] = 2.0, 1.1, 0.5
-    banned = make(0, temperature=0, logit_bias={4: -100.0})
-    # repetition penalty 2 halves token 4's logit to 1.0; +0.15 after it: 1.15 > 1.1 (before it: 2.15 / 2 < 1.1)
-    after = make(1, temperature=0, repetition_penalty=2.0, logit_bias={4: 0.15})
+def test_logit_bias_comes_before_the_penalties_and_bans_with_minus_100() -> None:
+    logits = torch.full((3, 10), -10.0)
+    logits[:, 4], logits[:, 7], logits[:, 2] = -1.0, -1.3, -1.2
+    banned = make(0, temperature=0, logit_bias={4: -100.0, 2: -100.0})
+    # token 4 is in the prompt: +0.5 then a repetition penalty of 2 gives -1.0 > -1.3 (vLLM's order);
+    # the other way round it would be -2.0 + 0.5 = -1.5 and token 7 would win
+    before = make(1, temperature=0, repetition_penalty=2.0, logit_bias={4: 0.5})
     sampled = make(2, temperature=1.0, seed=3, logit_bias={t: -100.0 for t in range(10) if t != 2})
-    assert Sampler(torch.device("cpu")).sample(logits, [banned, after, sampled]) == [7, 4, 2]
+    sampler = Sampler(torch.device("cpu"))
+    assert sampler.sample(logits, [banned, before, sampled]) == [7, 4, 2]
+    assert sampler.sample(logits, [banned, before, sampled]) == [7, 4, 2]  # the cached bias, the same
     assert Sampler(torch.device("cpu")).sample(logits[:1], [make(3, temperature=0)]) == [4]
 
 

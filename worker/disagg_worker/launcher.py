@@ -56,6 +56,9 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+MAX_CPUS = 8192  # Linux's largest NR_CPUS
+
+
 def parse_affinity(items: list[str]) -> dict[str, list[int]]:
     """``["prefill=0", "decode=1", "both=0,1"]`` -> ``{"prefill": [0], ...}``; ranges like ``0-3`` work."""
     out: dict[str, list[int]] = {}
@@ -66,12 +69,14 @@ def parse_affinity(items: list[str]) -> dict[str, list[int]]:
         ids: list[int] = []
         for part in cpus.split(","):
             lo, dash, hi = part.partition("-")
-            try:
-                first, last = int(lo), int(hi) if dash else int(lo)
-            except ValueError:
-                raise ValueError(f"--cpu-affinity {item!r}: {part!r} is not a CPU number or a range like 0-3") from None
-            if first < 0 or last < first:
+            numbers = (lo, hi) if dash else (lo,)
+            if not all(n.isascii() and n.isdigit() for n in numbers):
+                raise ValueError(f"--cpu-affinity {item!r}: {part!r} is not a CPU number or a range like 0-3")
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if last < first:
                 raise ValueError(f"--cpu-affinity {item!r}: {part!r} names no CPU")
+            if last >= MAX_CPUS:  # checked before the range is built: 0-99999999999 ran out of memory
+                raise ValueError(f"--cpu-affinity {item!r}: CPU {last} is past the kernel's limit of {MAX_CPUS}")
             ids.extend(range(first, last + 1))
         out[role] = ids
     return out

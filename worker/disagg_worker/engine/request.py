@@ -58,7 +58,7 @@ class SamplingParams(BaseModel):
                             Annotated[float, Field(ge=-100.0, le=100.0)]], ...] = Field(
         (), max_length=MAX_LOGIT_BIAS,
         description="OpenAI's: (token id, added to its logit at every step, after the penalties); -100 bans it. "
-                    "Given as a mapping, kept as pairs (the params stay hashable)")
+                    "Given as a mapping, kept as sorted pairs (the params stay hashable)")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -77,9 +77,10 @@ class SamplingParams(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _one_bias_per_token(cls, value: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
-        if len({token for token, _ in value}) != len(value):
-            raise ValueError("a token id is given more than once")
-        return value
+        tokens = [token for token, _ in value]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"token id {next(t for t in tokens if tokens.count(t) > 1)} is given more than once")
+        return tuple(sorted(value))  # the same bias in any order: equal params
 
     @field_validator("stop")
     @classmethod

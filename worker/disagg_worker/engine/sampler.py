@@ -137,9 +137,22 @@ class Sampler:
         self._default.seed()
         self._seeded = torch.Generator()  # reseeded for every draw of a request with a seed
         self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # request id -> (buffer, ids so far), on the device
+        self._bias: dict[str, tuple[tuple[tuple[int, float], ...], torch.Tensor, torch.Tensor]] = {}
 
     def forget(self, request_id: str) -> None:
         self._seen.pop(request_id, None)
+        self._bias.pop(request_id, None)
+
+    def _bias_of(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's ``logit_bias`` as (token ids, float32 biases) on the device, built once: a
+        thousand-entry bias rebuilt from Python at every step slowed its whole batch."""
+        cached = self._bias.get(req.request_id)
+        if cached is None or cached[0] is not req.params.logit_bias:
+            pairs = req.params.logit_bias
+            cached = (pairs, torch.tensor([t for t, _ in pairs], dtype=torch.long, device=self.device),
+                      torch.tensor([b for _, b in pairs], dtype=torch.float32, device=self.device))
+            self._bias[req.request_id] = cached
+        return cached[1], cached[2]
 
     def _uniform(self, req: Request) -> torch.Tensor:
         if req.params.seed is None:
@@ -183,13 +196,19 @@ class Sampler:
             return tokens.tolist()
         reqs = [requests[i] for i in work]
         rows = logits[torch.tensor(work, device=dev)].float()  # fp16 logits / T overflow; HF works in fp32
+        # vLLM's order: the bias, then the repetition penalty, then presence and frequency
+        biased = [j for j, r in enumerate(reqs) if r.params.logit_bias]
+        if biased:
+            at_token, bias = zip(*(self._bias_of(reqs[j]) for j in biased), strict=True)
+            row_index = torch.cat([torch.full_like(t, j) for j, t in zip(biased, at_token, strict=True)])
+            rows[row_index, torch.cat(at_token)] += torch.cat(bias)  # one entry per token: no repeats to sum
         penalised = [j for j, r in enumerate(reqs) if (r.params.repetition_penalty or 1.0) != 1.0]
         if penalised:
             seen = [self._seen_ids(reqs[j]) for j in penalised]
             row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(penalised, seen, strict=True)])
             penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
             penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
-        # after the repetition penalty, as vLLM orders them; over the output only, as OpenAI defines them
+        # over the output only, as OpenAI defines them
         additive = [j for j, r in enumerate(reqs) if r.params.presence_penalty or r.params.frequency_penalty]
         if additive:
             outputs = [self._seen_ids(reqs[j])[reqs[j].num_prompt_tokens:] for j in additive]
@@ -197,11 +216,6 @@ class Sampler:
             presence = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
             frequency = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
             penalise_occurrences_(rows, row_index, torch.cat(outputs), presence, frequency)
-        biased = [(j, token, bias) for j, r in enumerate(reqs) for token, bias in r.params.logit_bias]
-        if biased:  # last: the caller's word on a token (-100 bans it whatever the penalties did)
-            at_row, at_token, bias = zip(*biased, strict=True)
-            rows[torch.tensor(at_row, device=dev), torch.tensor(at_token, device=dev)] += torch.tensor(
-                bias, dtype=rows.dtype, device=dev)
         picks = torch.empty(len(work), dtype=torch.long, device=dev)
         greedy = [j for j, r in enumerate(reqs) if r.params.greedy]  # penalised greedy rows
         if greedy:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from disagg_worker.engine.request import MAX_STOP_TOKEN_IDS
+from disagg_worker.engine.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own generation)
 
@@ -71,7 +71,8 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     presence_penalty: StrictFloat | None = 0.0
     frequency_penalty: StrictFloat | None = 0.0
-    logit_bias: dict[str, StrictFloat] | None = None
+    # refused before a huge mapping is validated on the event loop (the engine's own limit)
+    logit_bias: Annotated[dict[str, StrictFloat], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     repetition_penalty: StrictFloat | None = None  # extension: Hugging Face's (None: the model's default)
     logprobs: Any = None
     user: StrictStr | None = None
@@ -81,6 +82,9 @@ class _Common(BaseModel):
             raise APIError(400, "only n=1 is supported", param="n")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        bad_key = next((k for k in self.logit_bias or {} if not (k.isascii() and k.isdigit())), None)
+        if bad_key is not None:  # int() would also read " 5", "+5", "1_0" and non-ASCII digits
+            raise APIError(400, f"logit_bias keys are token ids: {bad_key!r} is not one", param="logit_bias")
         extra = self.model_extra or {}
         for name in ("top_logprobs", "min_tokens"):
             if extra.get(name) not in (None, 0):
@@ -186,6 +190,9 @@ class ChatCompletionRequest(_Common):
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
+        bad_key = next((k for k in self.logit_bias or {} if not (k.isascii() and k.isdigit())), None)
+        if bad_key is not None:  # int() would also read " 5", "+5", "1_0" and non-ASCII digits
+            raise APIError(400, f"logit_bias keys are token ids: {bad_key!r} is not one", param="logit_bias")
         extra = self.model_extra or {}
         if extra.get("functions"):
             raise APIError(400, "functions are not supported", param="functions")
