@@ -57,7 +57,7 @@ class SamplingParams(BaseModel):
     logit_bias: tuple[tuple[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)],
                             Annotated[float, Field(ge=-100.0, le=100.0)]], ...] = Field(
         (), max_length=MAX_LOGIT_BIAS,
-        description="OpenAI's: (token id, added to its logit at every step, after the penalties); -100 bans it. "
+        description="OpenAI's: (token id, added to its logit at every step, before the penalties); -100 bans it. "
                     "Given as a mapping, kept as sorted pairs (the params stay hashable)")
 
     @field_validator("stop", mode="before")
