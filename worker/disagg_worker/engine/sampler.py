@@ -102,6 +102,11 @@ def exact_inverse_cdf_sample(probs: torch.Tensor, uniform: float) -> int:
     return int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
 
 
+def rows_of(rows: list[int], ids: list[torch.Tensor]) -> torch.Tensor:
+    """The row of each entry of ``torch.cat(ids)``: ``rows[i]`` repeated once per entry of ``ids[i]``."""
+    return torch.cat([torch.full_like(t, row) for row, t in zip(rows, ids, strict=True)])
+
+
 def penalise_rows_(rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch.Tensor,
                    penalties: torch.Tensor) -> None:
     """Hugging Face's repetition penalty for a batch, in place: the logit ``rows[row_index[i], token_ids[i]]``
@@ -200,19 +205,19 @@ class Sampler:
         biased = [j for j, r in enumerate(reqs) if r.params.logit_bias]
         if biased:
             at_token, bias = zip(*(self._bias_of(reqs[j]) for j in biased), strict=True)
-            row_index = torch.cat([torch.full_like(t, j) for j, t in zip(biased, at_token, strict=True)])
+            row_index = rows_of(biased, at_token)
             rows[row_index, torch.cat(at_token)] += torch.cat(bias)  # one entry per token: no repeats to sum
         penalised = [j for j, r in enumerate(reqs) if (r.params.repetition_penalty or 1.0) != 1.0]
         if penalised:
             seen = [self._seen_ids(reqs[j]) for j in penalised]
-            row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(penalised, seen, strict=True)])
+            row_index = rows_of(penalised, seen)
             penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
             penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
         # over the output only, as OpenAI defines them
         additive = [j for j, r in enumerate(reqs) if r.params.presence_penalty or r.params.frequency_penalty]
         if additive:
             outputs = [self._seen_ids(reqs[j])[reqs[j].num_prompt_tokens:] for j in additive]
-            row_index = torch.cat([torch.full_like(ids, j) for j, ids in zip(additive, outputs, strict=True)])
+            row_index = rows_of(additive, outputs)
             presence = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)
             frequency = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)
             penalise_occurrences_(rows, row_index, torch.cat(outputs), presence, frequency)
