@@ -206,6 +206,14 @@ async def test_a_prefill_worker_on_another_model_or_layout_is_never_used(llama: 
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and refusal in exc.value.details()
 
 
+async def generate_remotely(pair: Pair, request_id: str, prompt: list[int], max_tokens: int = 8
+                            ) -> list[pb.GenerateResponse]:
+    """The decode worker's messages for a greedy request it is asked to prefill remotely."""
+    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, prefill_mode="remote",
+                                 params=pb.SamplingParams(max_tokens=max_tokens, temperature=0, top_p=1))
+    return [m async for m in pair.decode.Generate(request, timeout=60)]
+
+
 def _staged(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the decode worker install KV as it does for a GPU pool (through the engine thread) in 4 KiB
     chunks; returns a list with, per import the engine ran, the engine calls then waiting (itself
@@ -233,9 +241,7 @@ async def test_kv_for_a_pool_off_the_cpu_is_installed_through_the_engine(pair: P
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     imports = _staged(pair, monkeypatch)
     prompt = list(range(40, 340))  # 19 blocks: dozens of 4 KiB chunks, more than the queued window
-    request = pb.GenerateRequest(request_id="staged", prompt_token_ids=prompt, prefill_mode="remote",
-                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
-    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    messages = await generate_remotely(pair, "staged", prompt)
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert len(imports) > 8
@@ -260,9 +266,7 @@ async def test_kv_from_a_pool_off_the_cpu_is_exported_chunk_by_chunk(pair: Pair,
 
     monkeypatch.setattr(eng, "export_kv", counted)
     prompt = list(range(40, 340))
-    request = pb.GenerateRequest(request_id="exported", prompt_token_ids=prompt, prefill_mode="remote",
-                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
-    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    messages = await generate_remotely(pair, "exported", prompt)
     assert messages[0].remote_prefill and not messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert len(exports) > 8
@@ -281,9 +285,7 @@ async def test_a_failed_install_falls_back_after_the_queued_ones(pair: Pair, lla
 
     monkeypatch.setattr(eng, "import_kv", fails_third)
     prompt = list(range(40, 340))
-    request = pb.GenerateRequest(request_id="fails", prompt_token_ids=prompt, prefill_mode="remote",
-                                 params=pb.SamplingParams(max_tokens=8, temperature=0, top_p=1))
-    messages = [m async for m in pair.decode.Generate(request, timeout=60)]
+    messages = await generate_remotely(pair, "fails", prompt)
     assert not messages[0].remote_prefill and messages[0].fallback_reason
     assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
     assert await pair.decode_runtime.engine.call(lambda: eng.block_manager.usage) == 0
