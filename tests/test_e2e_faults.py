@@ -22,10 +22,15 @@ from tests.test_e2e_serving import SMALL_POOL, complete, metric_value, text_of, 
 pytestmark = pytest.mark.e2e
 
 
-def test_tcp_transport_matches_hf(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_port_reachable", [True, False])
+def test_tcp_transport_matches_hf(tmp_path: Path, kv_port_reachable: bool) -> None:
+    """Unreachable: the decode worker advertises its KV port at an address where nothing listens (as a
+    NetworkPolicy that lets only gRPC through would look), so the KV comes on the Prefill stream."""
     policy = write_policy(tmp_path / "p.yaml", splitPolicy={"promptLengthThreshold": 48},
                           kvTransfer={"backend": "tcp", "chunkBytes": 65536})
-    cluster = LocalCluster(policy=policy, port=free_port(), log_dir=tmp_path / "logs", worker_args=SMALL_POOL)
+    advertise = [] if kv_port_reachable else ["--advertise-host", "127.0.0.2"]  # the receiver binds 127.0.0.1
+    cluster = LocalCluster(policy=policy, port=free_port(), log_dir=tmp_path / "logs",
+                           worker_args=[*SMALL_POOL, *advertise])
     cluster.start()
     try:
         lm = get_model("tiny-llama")
@@ -37,6 +42,9 @@ def test_tcp_transport_matches_hf(tmp_path: Path) -> None:
         assert metric_value(metrics, "disagg_prefill_decisions_total", 'outcome="remote"') >= 1
         assert metric_value(metrics, "disagg_prefill_decisions_total", 'outcome="fallback"') == 0
         assert metric_value(metrics, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
+        on_stream = metric_value(worker_metrics(cluster, "prefill-0"), "disagg_kv_transfer_on_stream_total")
+        assert on_stream == (0 if kv_port_reachable else metric_value(
+            metrics, "disagg_prefill_decisions_total", 'outcome="remote"'))
     finally:
         cluster.stop()
 

@@ -38,9 +38,10 @@ def worker_metrics(cluster: LocalCluster, name: str) -> str:
     return httpx.get(url, timeout=5).text
 
 
-def metric_value(text: str, name: str, labels: str) -> float:
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """A sample's value from Prometheus text (the first of ``name`` whose labels contain ``labels``); 0 if none."""
     for line in text.splitlines():
-        if line.startswith(f"{name}{{") and labels in line:
+        if (line.startswith(f"{name}{{") and labels in line) or (not labels and line.startswith(f"{name} ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from disagg_worker.server.peers import PeerPool
 from disagg_worker.server.prefill_service import PrefillServicer
 from disagg_worker.server.runtime import WorkerRuntime
 from disagg_worker.transfer.grpc_stream import add_prefill_servicer
+from disagg_worker.transfer.tcp import KvReceiver
 from disagg_worker.worker_main import WorkerServicer
 from tests.conftest import hf_greedy
 
@@ -43,11 +45,14 @@ class Pair:
     prefill_pool: PeerPool
     prefill_runtime: WorkerRuntime
     decode_runtime: WorkerRuntime
+    prefill_servicer: PrefillServicer
 
 
-@pytest.fixture
-async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
-    policy = Policy()  # the default kvTransfer backend (gRPC stream)
+@contextlib.asynccontextmanager
+async def served_pair(llama: LoadedModel, policy: Policy, kv_receiver: KvReceiver | None = None
+                      ) -> AsyncIterator[Pair]:
+    """A prefill and a decode servicer, each on its own gRPC server on 127.0.0.1, the decode one with
+    ``kv_receiver`` (the "tcp" transport) if given; everything stopped afterwards."""
     runtimes, servers = [], []
     prefill_pool = None
     try:
@@ -66,19 +71,20 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
         prefill_rt.engine.engine.add_request = spy  # type: ignore[method-assign]
         prefill_server = grpc.aio.server()
         pb_grpc.add_WorkerServicer_to_server(WorkerServicer(prefill_rt), prefill_server)
-        add_prefill_servicer(PrefillServicer(prefill_rt), prefill_server)
+        prefill_servicer = PrefillServicer(prefill_rt)
+        add_prefill_servicer(prefill_servicer, prefill_server)
         prefill_port = prefill_server.add_insecure_port("127.0.0.1:0")
         servers.append(prefill_server)
         await prefill_server.start()
         prefill_pool = PeerPool("prefill", f"127.0.0.1:{prefill_port}")
         await prefill_pool.start()
         decode_server = grpc.aio.server()
-        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(decode_rt, prefill_pool), decode_server)
+        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(decode_rt, prefill_pool, kv_receiver), decode_server)
         decode_port = decode_server.add_insecure_port("127.0.0.1:0")
         servers.append(decode_server)
         await decode_server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}") as channel:
-            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool, prefill_rt, decode_rt)
+            yield Pair(pb_grpc.DecodeStub(channel), seen, prefill_pool, prefill_rt, decode_rt, prefill_servicer)
     finally:
         for server in servers:
             await server.stop(grace=None)
@@ -86,6 +92,12 @@ async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
             await prefill_pool.stop()
         for rt in runtimes:
             await rt.engine.stop()
+
+
+@pytest.fixture
+async def pair(llama: LoadedModel) -> AsyncIterator[Pair]:
+    async with served_pair(llama, Policy()) as served:  # the default kvTransfer backend (gRPC stream)
+        yield served
 
 
 @pytest.mark.parametrize(("priority", "queued_as"),
@@ -364,3 +376,28 @@ async def test_a_prefill_worker_whose_context_cannot_hold_the_prompt_is_not_aske
         decode = DecodeServicer(decode_rt, pool)
         assert decode._decide("remote", list(range(40, 120)))[0] is None  # 80 tokens: local
         assert decode._decide("remote", list(range(40, 90)))[0] is not None  # 50 tokens fit
+
+
+async def test_an_unreachable_kv_port_gets_the_kv_on_the_stream(llama: LoadedModel) -> None:
+    """"tcp" transport with the decode worker's KV port out of the prefill worker's reach (a NetworkPolicy
+    that lets only gRPC through, a wrong --advertise-host): every request fell back to local prefill, and
+    where the port dropped connections rather than refused them, only after waiting out its transfer
+    deadline (30 s). Now the KV comes on the Prefill stream, and the next transfer does not try the port."""
+    receiver = KvReceiver("127.0.0.1")
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        dead_port = gone.getsockname()[1]
+    receiver.endpoint = f"127.0.0.1:{dead_port}"  # what it advertises: a port nobody listens on (refused)
+    policy = Policy.model_validate({"kvTransfer": {"backend": "tcp"}})
+    on_stream = metrics.KV_TRANSFER_ON_STREAM._value.get()
+    try:
+        async with served_pair(llama, policy, receiver) as pair:
+            for i, prompt in enumerate([list(range(40, 340)), list(range(60, 130))]):
+                messages = await generate_remotely(pair, f"on-stream-{i}", prompt)
+                assert messages[0].remote_prefill and not messages[0].fallback_reason
+                assert [t for m in messages for t in m.token_ids] == hf_greedy(llama, prompt, 8)
+            assert receiver.endpoint in pair.prefill_servicer.kv_connections._unreachable
+        assert metrics.KV_TRANSFER_ON_STREAM._value.get() - on_stream == 2
+        assert not receiver._pending  # no registration left behind
+    finally:
+        receiver.close()
+

@@ -558,3 +558,46 @@ def test_a_connection_that_sends_nothing_is_closed_and_a_pooled_one_still_works(
                             receiver=receiver) == len(SRC_BLOCKS) * LAYOUT.bytes_per_block  # the listener lives on
     finally:
         receiver.close()
+
+
+def test_an_unreachable_kv_port_is_refused_at_once_until_it_is_retried() -> None:
+    """A port that refuses connections fails the take with ``KvPortUnreachable`` (the prefill worker's cue to
+    send on the stream), and so does every take for ``retry_seconds`` without a connect; then it is tried
+    again."""
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        port = gone.getsockname()[1]
+    endpoint = f"127.0.0.1:{port}"
+    pool = KvConnectionPool(retry_seconds=0.5)
+    listener = None
+    try:
+        with pytest.raises(tcp.KvPortUnreachable, match="refused"):
+            pool.acquire(endpoint, 10)
+        listener = socket.create_server(("127.0.0.1", port))  # it answers now...
+        with pytest.raises(tcp.KvPortUnreachable, match="ago"):
+            pool.acquire(endpoint, 10)  # ...but is not tried before retry_seconds
+        time.sleep(0.6)
+        conn = pool.acquire(endpoint, 10)
+        assert conn._sock.gettimeout() == 10  # the transfer's deadline, not the connect timeout
+        conn.close()
+        with pytest.raises(tcp.KvPortUnreachable):
+            pool.acquire("no-port-here", 10)  # a malformed endpoint from a peer: the same, not a crash
+    finally:
+        pool.close()
+        if listener is not None:
+            listener.close()
+
+
+def test_a_connect_waits_no_longer_than_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port behind a firewall that drops the SYN used to hold each transfer for its whole deadline."""
+    asked: list[float] = []
+
+    def unanswered(address: tuple[str, int], timeout: float) -> socket.socket:
+        asked.append(timeout)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(tcp.socket, "create_connection", unanswered)
+    with pytest.raises(tcp.KvPortUnreachable, match="timed out"):
+        KvSenderConnection("10.0.0.1:7000", 30)
+    with pytest.raises(tcp.KvPortUnreachable):
+        KvSenderConnection("10.0.0.1:7000", 0.5)
+    assert asked == [tcp.CONNECT_TIMEOUT_SECONDS, 0.5]

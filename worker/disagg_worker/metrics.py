@@ -91,6 +91,9 @@ KV_TRANSFER_SECONDS = Histogram("disagg_kv_transfer_seconds", "Duration of one r
                                 ["direction"], buckets=LATENCY_BUCKETS)
 KV_TRANSFER_FAILURES = Counter("disagg_kv_transfer_failures_total", "KV transfers that failed (decode fell back)",
                                ["reason"])
+KV_TRANSFER_ON_STREAM = Counter("disagg_kv_transfer_on_stream_total",
+                                "tcp transport: transfers sent on the Prefill stream because the decode worker's KV "
+                                "port could not be reached (prefill side)")
 REQUESTS_FINISHED = Counter("disagg_requests_finished_total", "Requests finished by reason", ["role", "reason"])
 
 # ---- router ----------------------------------------------------------------------------------

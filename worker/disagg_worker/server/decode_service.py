@@ -189,7 +189,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                                 chunk_bytes=rt.policy.kv_transfer.chunk_bytes, priority=priority_to_proto(priority))
         deadline = rt.policy.kv_transfer.timeout_seconds
         t_start = time.monotonic()
-        received = 0
+        received = chunks_on_stream = 0
         coverage = Coverage(first_block, prompt_blocks - first_block, lay.num_layers)
         verify = rt.policy.kv_transfer.verify_checksums
         done: pb.PrefillDone | None = None
@@ -213,6 +213,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 item = read_prefill_response(message)
                 if isinstance(item, ReceivedChunk):
                     chunk = item
+                    chunks_on_stream += 1
                     t_first_chunk = t_first_chunk or time.monotonic()
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
@@ -230,7 +231,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 await imports.popleft()
             if done is None:
                 raise TransferError("prefill stream ended without a first token")
-            if side is not None:
+            if side is not None and done.kv_on_stream:  # the prefill worker could not reach our KV port
+                if side.attached:
+                    raise TransferError("KV came on the KV port for a transfer said to be on the stream")
+            elif side is not None:
+                if chunks_on_stream:
+                    raise TransferError("KV chunks came on the stream for a transfer on the KV port")
                 received = await asyncio.wait_for(asyncio.shield(side.finished),
                                                   max(0.1, deadline - (time.monotonic() - t_start)))
                 t_first_chunk = side.first_frame_at or t_start

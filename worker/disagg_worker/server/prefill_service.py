@@ -35,7 +35,7 @@ from disagg_worker.server.runtime import (
 )
 from disagg_worker.transfer.chunks import ChunkSpec, TransferError, plan_chunks, tensor_bytes
 from disagg_worker.transfer.grpc_stream import chunk_message, dtype_name, flip_payload_byte
-from disagg_worker.transfer.tcp import KvConnectionPool
+from disagg_worker.transfer.tcp import KvConnectionPool, KvPortUnreachable
 
 log = logging.getLogger(__name__)
 MAX_CONCURRENT_SENDS = 16  # tcp transfers in flight from one prefill worker; more wait their turn
@@ -146,13 +146,17 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 k, v = export(spec, slot)
                 return [tensor_bytes(k)], [tensor_bytes(v)]
 
+            loop = asyncio.get_running_loop()
+            sender = None
             if request.kv_endpoint:  # "tcp" transport: bulk bytes on a raw socket, done on this stream
-                loop = asyncio.get_running_loop()
-                sender = None
-                sent = False
                 try:
                     sender = await loop.run_in_executor(self._senders, self.kv_connections.acquire,
                                                         request.kv_endpoint, rt.policy.kv_transfer.timeout_seconds)
+                except KvPortUnreachable:  # nothing sent: the chunks go on this stream, as with "grpc"
+                    m.KV_TRANSFER_ON_STREAM.inc()
+            if sender is not None:
+                sent = False
+                try:
                     total = await loop.run_in_executor(self._senders, sender.send_all, request.transfer_token, specs,
                                                        chunk_views, self._fault_hook, corrupt_seq)
                     sent = True
@@ -162,9 +166,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 finally:
                     if sent:
                         self.kv_connections.release(sender)
-                    elif sender is not None:  # shut first: a sender thread left by a cancelled RPC fails at once
+                    else:  # shut first: a sender thread left by a cancelled RPC fails at once
                         sender.close()
-            else:  # "grpc" transport: each chunk a message on this stream, serialized here (see grpc_stream)
+            else:  # "grpc" transport, or "tcp" with the KV port out of reach: each chunk a message on this stream
                 def encode(spec: ChunkSpec) -> tuple[bytes, int]:
                     k, v = chunk_views(spec, 0)
                     shape = lay.chunk_shape(spec.num_blocks, spec.num_layers)
@@ -187,7 +191,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             prefill_s = (first.first_token_time or prefill_done) - (first.first_scheduled_time or t0)
             yield pb.PrefillResponse(done=pb.PrefillDone(
                 first_token=first.new_token_ids[0], num_chunks=len(specs), total_bytes=total,
-                prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens))
+                prefill_seconds=prefill_s, queue_seconds=queue_s, prefill_cached_tokens=first.num_cached_tokens,
+                kv_on_stream=bool(request.kv_endpoint) and sender is None))
         finally:
             if queued:
                 await _release(rt, rid)

@@ -18,6 +18,10 @@ u32 layer_start, u32 num_layers, u64 k_bytes, u64 v_bytes`` and the checksum ``c
 placement fields, then K, then V); a header with ``num_blocks == 0`` ends the transfer, and the
 receiver answers a transfer it verified and installed with one byte ``0x00`` (a failed one: end of
 stream). Only an acknowledged connection goes back to the sender's pool.
+
+A prefill worker that cannot connect to the receiver (``KvPortUnreachable``: nothing was sent) sends
+that transfer's chunks on the ``Prefill`` stream instead, as the "grpc" transport does, and flags it
+in ``PrefillDone.kv_on_stream``; the pool refuses that endpoint at once for ``UNREACHABLE_RETRY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import select
 import socket
@@ -59,6 +64,12 @@ RECEIVER_IDLE_SECONDS = 180.0
 # to local prefill) instead of a port scan or a runaway sender exhausting the decode worker's threads.
 # Prefill workers keep at most 4 idle connections each, so this allows ~250 prefill workers.
 MAX_RECEIVER_CONNECTIONS = 1024
+# A decode worker's KV port that does not answer within this (a firewall or NetworkPolicy that lets
+# only the gRPC port through drops the SYN) costs a transfer no more than this before the chunks go on
+# the Prefill stream instead; the transfer's own deadline (30 s by default) would have been spent whole.
+CONNECT_TIMEOUT_SECONDS = 2.0
+# ...and the port is not tried again for this long: the transfers meanwhile go on the stream at once.
+UNREACHABLE_RETRY_SECONDS = 30.0
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -362,13 +373,23 @@ class KvReceiver:
 ChunkViews = Callable[[ChunkSpec, int], tuple[list[memoryview], list[memoryview]]]
 
 
+class KvPortUnreachable(OSError):
+    """No connection to the decode worker's KV receiver: nothing was sent, so the chunks can go on the
+    Prefill stream instead."""
+
+
 class KvSenderConnection:
     """Prefill side: a connection to a decode worker's receiver, carrying one transfer at a time."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
         host, _, port = endpoint.rpartition(":")
         self.endpoint = endpoint
-        self._sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        try:
+            self._sock = socket.create_connection((host.strip("[]"), int(port)),
+                                                  timeout=min(timeout, connect_timeout))
+        except (OSError, ValueError) as exc:  # refused, dropped, no route, or an endpoint that is no host:port
+            raise KvPortUnreachable(f"cannot connect to the KV port {endpoint}: {exc}") from None
+        self._sock.settimeout(timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
@@ -440,12 +461,16 @@ class KvConnectionPool:
     A reused connection skips the handshake and keeps the window TCP has grown, which is most of the
     fixed cost of a small transfer. Only a connection whose transfer the receiver acknowledged comes
     back; one the receiver has closed since (a restart) is dropped when next taken, and one idle for
-    ``idle_seconds`` is closed.
+    ``idle_seconds`` is closed. An endpoint that could not be connected to is refused at once
+    (``KvPortUnreachable``) for ``retry_seconds``, rather than each transfer waiting for its connect
+    to fail.
     """
 
-    def __init__(self, max_idle_per_endpoint: int = 4, idle_seconds: float = 60.0) -> None:
-        self.max_idle, self.idle_seconds = max_idle_per_endpoint, idle_seconds
+    def __init__(self, max_idle_per_endpoint: int = 4, idle_seconds: float = 60.0,
+                 retry_seconds: float = UNREACHABLE_RETRY_SECONDS) -> None:
+        self.max_idle, self.idle_seconds, self.retry_seconds = max_idle_per_endpoint, idle_seconds, retry_seconds
         self._idle: dict[str, list[tuple[float, KvSenderConnection]]] = {}
+        self._unreachable: dict[str, tuple[float, str]] = {}  # endpoint -> (when its connect failed, why)
         self._lock = threading.Lock()
 
     def _take_expired(self, now: float) -> list[KvSenderConnection]:
@@ -460,19 +485,35 @@ class KvConnectionPool:
         return expired
 
     def acquire(self, endpoint: str, timeout: float) -> KvSenderConnection:
+        """A connection to ``endpoint``; raises ``KvPortUnreachable`` when none can be had (nothing sent)."""
         while True:
             with self._lock:
-                stale = self._take_expired(time.monotonic())
+                now = time.monotonic()
+                stale = self._take_expired(now)
                 idle = self._idle.get(endpoint)
                 conn = idle.pop()[1] if idle else None
+                self._unreachable = {e: f for e, f in self._unreachable.items() if now - f[0] < self.retry_seconds}
+                failed_at, why = self._unreachable.get(endpoint, (-math.inf, ""))
             for old in stale:
                 old.close()
             if conn is None:
-                return KvSenderConnection(endpoint, timeout)
+                if now - failed_at < self.retry_seconds:
+                    raise KvPortUnreachable(f"{why} ({now - failed_at:.0f} s ago; retried after "
+                                            f"{self.retry_seconds:.0f} s)")
+                return self._connect(endpoint, timeout)
             if conn.alive():
                 conn.settimeout(timeout)
                 return conn
             conn.close()
+
+    def _connect(self, endpoint: str, timeout: float) -> KvSenderConnection:
+        try:
+            return KvSenderConnection(endpoint, timeout)
+        except KvPortUnreachable as exc:
+            with self._lock:
+                self._unreachable[endpoint] = (time.monotonic(), str(exc))
+            log.warning("%s: KV transfers to it go on the Prefill stream for %.0f s", exc, self.retry_seconds)
+            raise
 
     def release(self, conn: KvSenderConnection) -> None:
         """Give back a connection whose transfer was acknowledged; others must be closed instead."""
