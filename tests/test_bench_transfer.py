@@ -35,6 +35,10 @@ def test_bench_transfer_writes_every_method(tmp_path: Path) -> None:
     first = transport["pair_transport_first"]
     assert len(first) == len(pairs) and first.count(True) == first.count(False)
     assert result["timed_per_round"] == {"1": repeats_for(1, 1)}
+    # each transport row says whether it met issue 3's target; the baselines say nothing
+    assert result["target_vs_raw_tcp"] == 0.8
+    assert {m for m, r in methods.items() if "meets_target" in r} == set(methods) - {"memcpy", "raw TCP"}
+    assert all(r["meets_target"] == (r["vs_raw_tcp"] >= 0.8) for r in methods.values() if "meets_target" in r)
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
 
 
