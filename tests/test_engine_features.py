@@ -366,3 +366,15 @@ def test_warm_up_runs_a_request_and_leaves_no_trace(llama: LoadedModel) -> None:
 def test_warm_up_fits_the_smallest_context(llama: LoadedModel) -> None:
     engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=2), llama)
     assert engine.warm_up() > 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(("bias", "named"), [
+    ({"7": 1.0, "5": 200.0}, "logit_bias['5'] (the bias)"),
+    ({3: -100.5}, "logit_bias[3] (the bias)"),
+    ({"-3": 1.0}, "logit_bias['-3'] (the token id)"),
+])
+def test_a_bad_logit_bias_entry_is_named_by_its_token_id(bias: dict[object, float], named: str) -> None:
+    """The message named the pair by its position ("logit_bias.1.1"), which the client never wrote."""
+    with pytest.raises(InvalidRequestError) as exc:
+        SamplingParams.parse(logit_bias=bias)
+    assert named in str(exc.value) and exc.value.param == "logit_bias"

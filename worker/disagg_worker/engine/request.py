@@ -120,13 +120,21 @@ class SamplingParams(BaseModel):
             return cls(**kwargs)
         except ValidationError as exc:
             first = exc.errors()[0]["loc"] if exc.errors() else ()
-            raise InvalidRequestError(_describe_validation_error(exc), str(first[0]) if first else None) from None
+            raise InvalidRequestError(_describe_validation_error(exc, kwargs.get("logit_bias")),
+                                      str(first[0]) if first else None) from None
 
 
-def _describe_validation_error(exc: ValidationError) -> str:
+def _describe_validation_error(exc: ValidationError, logit_bias: object = None) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
+        loc = err["loc"]
+        where = ".".join(str(p) for p in loc) or "request"
+        if loc[:1] == ("logit_bias",) and len(loc) >= 2 and isinstance(loc[1], int):
+            # pydantic names the pair by its position; the client wrote a token id
+            pairs = list(logit_bias.items()) if isinstance(logit_bias, dict) else list(logit_bias or ())
+            if loc[1] < len(pairs) and isinstance(pairs[loc[1]], tuple | list) and pairs[loc[1]]:
+                part = {0: " (the token id)", 1: " (the bias)"}.get(loc[2] if len(loc) > 2 else None, "")
+                where = f"logit_bias[{pairs[loc[1]][0]!r}]{part}"
         parts.append(f"{where}: {err['msg']}")
     return "invalid sampling parameters: " + "; ".join(parts)
 
