@@ -49,6 +49,9 @@ ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 WORKER_GRPC_PORT = 50051
 WORKER_HTTP_PORT = 8081
+# the decode workers' KV receiver under kvTransfer.backend tcp: a fixed, declared port (not the worker's
+# default of any free one), so a NetworkPolicy can let prefill pods reach it
+WORKER_KV_PORT = 50052
 # the router container's port whatever the Service's (router.port): the container runs as non-root with
 # every capability dropped, so it cannot bind below 1024 where runtimes keep those ports privileged
 ROUTER_CONTAINER_PORT = 8000
@@ -352,7 +355,14 @@ def worker_args(parsed: ParsedSpec, owner: Owner, role: str) -> list[str]:
             args += [flag, str(value)]
     if role == "decode":
         args += ["--prefill-workers", f"{service_host(owner, 'prefill')}:{WORKER_GRPC_PORT}"]
+        if receives_kv_on_its_own_port(parsed):
+            args += ["--kv-port", str(WORKER_KV_PORT)]
     return args + list(pod.extra_args)
+
+
+def receives_kv_on_its_own_port(parsed: ParsedSpec) -> bool:
+    """Whether decode workers listen on ``WORKER_KV_PORT`` (the "tcp" KV transport)."""
+    return parsed.policy.kv_transfer.backend == "tcp"
 
 
 def router_args(parsed: ParsedSpec, owner: Owner) -> list[str]:
@@ -385,6 +395,8 @@ def _pod_template(parsed: ParsedSpec, owner: Owner, component: str) -> dict[str,
             {"name": "grpc", "containerPort": WORKER_GRPC_PORT, "protocol": "TCP"},
             {"name": "http", "containerPort": WORKER_HTTP_PORT, "protocol": "TCP"},
         ]
+        if component == "decode" and receives_kv_on_its_own_port(parsed):
+            ports.append({"name": "kv", "containerPort": WORKER_KV_PORT, "protocol": "TCP"})
         args = worker_args(parsed, owner, component)
         metrics_port = WORKER_HTTP_PORT
     else:

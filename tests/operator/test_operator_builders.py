@@ -38,6 +38,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "small": SMALL_SPEC,
     "production": PRODUCTION,
     "platform-assigned user": {**SMALL_SPEC, "platformAssignsUser": True},
+    "tcp kv transport": {**SMALL_SPEC, "kvTransfer": {"backend": "tcp"}},
     "hpa": {**SMALL_SPEC, "autoscale": {"mode": "hpa", "prefill": {"minReplicas": 1, "maxReplicas": 3,
                                         "scaleUp": {"queueLength": 8, "gpuUtilization": 80}},
                                         "decode": {"minReplicas": 2, "maxReplicas": 6,
@@ -110,6 +111,22 @@ def test_worker_and_router_command_lines_follow_the_contract() -> None:
         "--prefill-workers", "demo-prefill.ns.svc:50051", "--stream-idle-timeout", "60", "--shutdown-timeout", "120"]
     assert children({"model": {"name": "x", "path": "/models/x"}})[4]["spec"]["template"]["spec"][
         "containers"][0]["args"][4] == "/models/x"
+
+
+def test_the_tcp_kv_transport_gives_decode_pods_a_declared_kv_port() -> None:
+    """Left to the worker's default (any free port), the KV port could not be named by a NetworkPolicy."""
+    objs = children({**SMALL_SPEC, "kvTransfer": {"backend": "tcp"}})
+    decode = container(objs, "decode")
+    assert decode["args"][-2:] == ["--kv-port", "50052"]
+    assert {"name": "kv", "containerPort": 50052, "protocol": "TCP"} in decode["ports"]
+    assert "--kv-port" not in container(objs, "prefill")["args"]  # only decode workers receive KV
+    assert [p["name"] for p in container(objs, "prefill")["ports"]] == ["grpc", "http"]
+    default = children(SMALL_SPEC)  # grpc: the KV rides the gRPC port
+    assert "--kv-port" not in container(default, "decode")["args"]
+    assert [p["name"] for p in container(default, "decode")["ports"]] == ["grpc", "http"]
+    from disagg_worker.worker_main import build_parser
+
+    assert build_parser().parse_args(decode["args"][1:]).kv_port == 50052
 
 
 def test_the_router_serves_a_model_directory_under_the_name_given_for_it() -> None:
