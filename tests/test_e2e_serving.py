@@ -435,7 +435,11 @@ def test_a_client_that_gives_up_stops_its_generation(cluster: LocalCluster) -> N
     deadline = time.monotonic() + 15
     while aborted() == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert aborted() == before + 1
+    router = httpx.get(f"{cluster.base_url}/metrics", timeout=5).text
+    seen = {line for n in names for line in worker_metrics(cluster, n).splitlines()
+            if line.startswith("disagg_requests_finished_total")}
+    assert aborted() == before + 1, (f"router 499s: {metric_value(router, 'disagg_router_requests_total', '499')}; "
+                                     f"decode finished: {sorted(seen)}")
     assert finished_latencies() == latencies
 
 

@@ -182,3 +182,30 @@ def test_a_400_the_worker_decides_names_the_field_as_the_client_sent_it(prompt_p
 
     error = asyncio.run(run())
     assert (error.status, error.param) == (400, prompt_param)  # chat's prompt is its messages
+
+
+async def test_a_cancel_that_arrives_as_a_message_does_is_not_swallowed() -> None:
+    """The router reads each message under an idle timeout. With ``asyncio.wait_for`` (Python 3.11), a
+    cancel arriving just as a read completed was dropped and the message returned: a router whose
+    client had disconnected read a stream on to max_tokens (reproduced 1 run in ~15 under load), and
+    the decode worker never saw a cancel. Here the message and the cancel land in the same pass of the
+    loop, every time."""
+    from disagg_worker.router.service import read_within
+
+    class OneMessageCall:
+        def __init__(self) -> None:
+            self.ready = asyncio.Event()
+
+        async def read(self) -> str:
+            await self.ready.wait()
+            return "message"
+
+    call = OneMessageCall()
+    reader = asyncio.ensure_future(read_within(call, 30))
+    await asyncio.sleep(0)  # the read is waiting
+    call.ready.set()  # the message arrives...
+    reader.cancel()  # ...and the client leaves, in the same pass of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    with pytest.raises(TimeoutError):  # and the idle timeout still works
+        await read_within(OneMessageCall(), 0.05)

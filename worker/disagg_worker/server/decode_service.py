@@ -237,8 +237,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             elif side is not None:
                 if chunks_on_stream:
                     raise TransferError("KV chunks came on the stream for a transfer on the KV port")
-                received = await asyncio.wait_for(asyncio.shield(side.finished),
-                                                  max(0.1, deadline - (time.monotonic() - t_start)))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that lands as the wait ends
+                async with asyncio.timeout(max(0.1, deadline - (time.monotonic() - t_start))):
+                    received = await asyncio.shield(side.finished)
                 t_first_chunk = side.first_frame_at or t_start
             if not coverage.complete:
                 raise TransferError("KV transfer incomplete: some blocks or layers never arrived")
@@ -253,7 +254,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if side is not None and side.attached and not side.finished.done():
                 left = deadline - (time.monotonic() - t_start)
                 with contextlib.suppress(Exception):  # let the data plane report its side of the failure
-                    await asyncio.wait_for(asyncio.shield(side.finished), min(1.0, max(0.01, left)))
+                    async with asyncio.timeout(min(1.0, max(0.01, left))):
+                        await asyncio.shield(side.finished)
             # the data plane's error explains the control stream's (an ABORTED from a prefill worker whose
             # send failed), unless that one failed first on its own: a deadline or a dead peer cuts the
             # socket too, and its "closed mid-frame" would then be counted as a bad chunk
