@@ -209,3 +209,6 @@ async def test_a_cancel_that_arrives_as_a_message_does_is_not_swallowed() -> Non
         await reader
     with pytest.raises(TimeoutError):  # and the idle timeout still works
         await read_within(OneMessageCall(), 0.05)
+    unlimited = OneMessageCall()  # None (--stream-idle-timeout 0): no limit
+    unlimited.ready.set()
+    assert await read_within(unlimited, None) == "message"
