@@ -99,9 +99,19 @@ class SamplingParams(BaseModel):
         return value
 
     @property
+    def penalises_repetition(self) -> bool:
+        """Whether Hugging Face's repetition penalty applies (over the prompt and the output)."""
+        return (self.repetition_penalty or 1.0) != 1.0
+
+    @property
+    def penalises_occurrences(self) -> bool:
+        """Whether OpenAI's presence or frequency penalty applies (over the output)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
     def penalises_repeats(self) -> bool:
         """Whether the logits depend on what the request has seen (any of the three penalties)."""
-        return (self.repetition_penalty or 1.0) != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+        return self.penalises_repetition or self.penalises_occurrences
 
     @property
     def changes_logits(self) -> bool:

@@ -207,14 +207,14 @@ class Sampler:
             at_token, bias = zip(*(self._bias_of(reqs[j]) for j in biased), strict=True)
             row_index = rows_of(biased, at_token)
             rows[row_index, torch.cat(at_token)] += torch.cat(bias)  # one entry per token: no repeats to sum
-        penalised = [j for j, r in enumerate(reqs) if (r.params.repetition_penalty or 1.0) != 1.0]
+        penalised = [j for j, r in enumerate(reqs) if r.params.penalises_repetition]
         if penalised:
             seen = [self._seen_ids(reqs[j]) for j in penalised]
             row_index = rows_of(penalised, seen)
             penalties = torch.tensor([r.params.repetition_penalty or 1.0 for r in reqs], device=dev)
             penalise_rows_(rows, row_index, torch.cat(seen), penalties)  # rows is this call's own copy
         # over the output only, as OpenAI defines them
-        additive = [j for j, r in enumerate(reqs) if r.params.presence_penalty or r.params.frequency_penalty]
+        additive = [j for j, r in enumerate(reqs) if r.params.penalises_occurrences]
         if additive:
             outputs = [self._seen_ids(reqs[j])[reqs[j].num_prompt_tokens:] for j in additive]
             row_index = rows_of(additive, outputs)
