@@ -32,7 +32,6 @@ from disagg_worker.server.peers import PeerPool
 from disagg_worker.server.runtime import PARAM_METADATA_KEY, params_to_proto
 
 log = logging.getLogger(__name__)
-
 MAX_ATTEMPTS = 3
 # A prompt with more characters than the context's tokens times the longest token's spelling can never
 # fit, and is refused before it is tokenized (a 12 MB prompt took the tokenizer 25 s and 3.4 GB). The
@@ -61,10 +60,11 @@ def _uncount(admitted: list[Admitted]) -> None:
 
 
 async def read_within(call: Any, seconds: float | None) -> Any:
-    """``call.read()``, or TimeoutError after ``seconds`` (None: no limit). Not ``asyncio.wait_for``: on Python 3.11 it
-    swallows a cancellation that arrives just as the read completes and returns the message, so a
-    router whose client had gone away read the stream on to max_tokens (the decode worker never saw
-    the cancel). ``asyncio.timeout`` re-raises it."""
+    """``call.read()``, or TimeoutError after ``seconds`` (None: no limit).
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives just as the read
+    completes and returns the message, so a router whose client had gone away read the stream on to
+    max_tokens (the decode worker never saw the cancel). ``asyncio.timeout`` re-raises it."""
     async with asyncio.timeout(seconds):
         return await call.read()
 

@@ -189,7 +189,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                                 chunk_bytes=rt.policy.kv_transfer.chunk_bytes, priority=priority_to_proto(priority))
         deadline = rt.policy.kv_transfer.timeout_seconds
         t_start = time.monotonic()
-        received = chunks_on_stream = 0
+        received = 0
         coverage = Coverage(first_block, prompt_blocks - first_block, lay.num_layers)
         verify = rt.policy.kv_transfer.verify_checksums
         done: pb.PrefillDone | None = None
@@ -213,7 +213,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 item = read_prefill_response(message)
                 if isinstance(item, ReceivedChunk):
                     chunk = item
-                    chunks_on_stream += 1
                     t_first_chunk = t_first_chunk or time.monotonic()
                     k, v = decode_chunk(chunk, lay, rid, verify)
                     coverage.add(chunk.first_block, chunk.num_blocks, chunk.layer_start, chunk.num_layers)
@@ -235,7 +234,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if side.attached:
                     raise TransferError("KV came on the KV port for a transfer said to be on the stream")
             elif side is not None:
-                if chunks_on_stream:
+                if t_first_chunk is not None:  # set by a chunk on the stream only, so far
                     raise TransferError("KV chunks came on the stream for a transfer on the KV port")
                 # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that lands as the wait ends
                 async with asyncio.timeout(max(0.1, deadline - (time.monotonic() - t_start))):
