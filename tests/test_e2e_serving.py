@@ -76,13 +76,11 @@ def text_of(tokens: list[int]) -> str:
 
 
 def test_remote_prefill_with_kv_transfer_matches_hf(cluster: LocalCluster) -> None:
-    before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="remote"')
     prompt = random_prompts(1, 200, 200, 41)[0]
-    body = complete(cluster, prompt, 24)
+    body = completed_on_path(cluster, prompt, 24)  # remote: one more remote decision
     assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 24))
-    after = worker_metrics(cluster, "decode-0")
-    assert metric_value(after, "disagg_prefill_decisions_total", 'outcome="remote"') == before + 1
-    assert metric_value(after, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
+    decode = worker_metrics(cluster, "decode-0")
+    assert metric_value(decode, "disagg_kv_transfer_bytes_total", 'direction="received"') > 0
 
 
 @pytest.mark.parametrize("prompt_len", [200, 20], ids=["remote-prefill", "local-prefill"])
@@ -140,12 +138,9 @@ def test_logit_bias_matches_hf_on_both_paths(cluster: LocalCluster, prompt_len: 
 
 
 def test_local_prefill_matches_hf(cluster: LocalCluster) -> None:
-    before = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="local"')
     prompt = random_prompts(1, 20, 20, 42)[0]
-    body = complete(cluster, prompt, 30)
+    body = completed_on_path(cluster, prompt, 30)  # local: one more local decision
     assert body["choices"][0]["text"] == text_of(hf_greedy(get_model("tiny-llama"), prompt, 30))
-    after = metric_value(worker_metrics(cluster, "decode-0"), "disagg_prefill_decisions_total", 'outcome="local"')
-    assert after == before + 1
 
 
 def test_prefix_cache_hit_matches_hf(cluster: LocalCluster) -> None:
